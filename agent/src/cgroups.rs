@@ -1,0 +1,128 @@
+//! A container's cgroup: statistics, resource updates, OOM counts.
+//!
+//! libcgroups picks v1 (or hybrid, as on this project's hosts) or the unified v2 hierarchy
+//! (inside the guest); the OOM counter is read directly because libcgroups does not expose it.
+
+use std::path::{Path, PathBuf};
+
+use hull_proto::agent::StatsContainerResponse;
+use libcgroups::common::{
+    create_cgroup_manager, get_cgroup_setup, AnyCgroupManager, CgroupConfig, CgroupManager,
+    CgroupSetup, ControllerOpt,
+};
+use oci_spec::runtime::LinuxResources;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("Cannot open the cgroup {path:?}: {reason}.")]
+    Open { path: PathBuf, reason: String },
+    #[error("Cannot read the statistics of cgroup {path:?}: {reason}.")]
+    Stats { path: PathBuf, reason: String },
+    #[error("Cannot apply resources to cgroup {path:?}: {reason}.")]
+    Apply { path: PathBuf, reason: String },
+    #[error("Cannot list the processes of cgroup {path:?}: {reason}.")]
+    Pids { path: PathBuf, reason: String },
+}
+
+fn manager(path: &Path, id: &str) -> Result<AnyCgroupManager, CgroupError> {
+    create_cgroup_manager(CgroupConfig {
+        cgroup_path: path.to_path_buf(),
+        systemd_cgroup: false,
+        container_name: id.to_string(),
+    })
+    .map_err(|e| CgroupError::Open { path: path.into(), reason: crate::helper::error_chain(&e) })
+}
+
+/// 2 for the unified hierarchy, 1 for v1 or hybrid.
+pub fn version() -> u32 {
+    match get_cgroup_setup() {
+        Ok(CgroupSetup::Unified) => 2,
+        _ => 1,
+    }
+}
+
+pub fn stats(path: &Path, id: &str) -> Result<StatsContainerResponse, CgroupError> {
+    let s = manager(path, id)?
+        .stats()
+        .map_err(|e| CgroupError::Stats { path: path.into(), reason: crate::helper::error_chain(&e) })?;
+    let io_bytes = |op: &str| -> u64 {
+        s.blkio
+            .service_bytes
+            .iter()
+            .filter(|d| d.op_type.as_deref().is_some_and(|t| t.eq_ignore_ascii_case(op)))
+            .map(|d| d.value)
+            .sum()
+    };
+    let mut r = StatsContainerResponse::new();
+    r.cpu_usage_ns = s.cpu.usage.usage_total;
+    r.cpu_user_ns = s.cpu.usage.usage_user;
+    r.cpu_system_ns = s.cpu.usage.usage_kernel;
+    r.memory_usage_bytes = s.memory.memory.usage;
+    r.memory_limit_bytes = s.memory.memory.limit;
+    r.memory_max_usage_bytes = s.memory.memory.max_usage;
+    r.pids_current = s.pids.current;
+    r.pids_limit = s.pids.limit;
+    r.io_read_bytes = io_bytes("read");
+    r.io_write_bytes = io_bytes("write");
+    r.oom_kills = oom_kills(path);
+    Ok(r)
+}
+
+pub fn update(path: &Path, id: &str, resources: &LinuxResources) -> Result<(), CgroupError> {
+    let opt = ControllerOpt {
+        resources,
+        disable_oom_killer: resources.memory().as_ref().and_then(|m| m.disable_oom_killer()).unwrap_or(false),
+        oom_score_adj: None,
+        freezer_state: None,
+    };
+    manager(path, id)?
+        .apply(&opt)
+        .map_err(|e| CgroupError::Apply { path: path.into(), reason: crate::helper::error_chain(&e) })
+}
+
+pub fn pids(path: &Path, id: &str) -> Result<Vec<i32>, CgroupError> {
+    let pids = manager(path, id)?
+        .get_all_pids()
+        .map_err(|e| CgroupError::Pids { path: path.into(), reason: crate::helper::error_chain(&e) })?;
+    Ok(pids.into_iter().map(|p| p.as_raw()).collect())
+}
+
+/// How many processes of the cgroup the OOM killer has killed (0 when unknown).
+pub fn oom_kills(path: &Path) -> u64 {
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let (file, root) = match get_cgroup_setup() {
+        Ok(CgroupSetup::Unified) => ("memory.events", PathBuf::from("/sys/fs/cgroup")),
+        _ => match libcgroups::v1::util::get_subsystem_mount_point(
+            &libcgroups::v1::ControllerType::Memory,
+        ) {
+            Ok(p) => ("memory.oom_control", p),
+            Err(_) => return 0,
+        },
+    };
+    std::fs::read_to_string(root.join(rel).join(file))
+        .ok()
+        .and_then(|text| parse_counter(&text, "oom_kill"))
+        .unwrap_or(0)
+}
+
+/// The value of `key` in a flat-keyed cgroup file ("key value" lines).
+fn parse_counter(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let mut words = line.split_ascii_whitespace();
+        (words.next() == Some(key)).then(|| words.next()?.parse().ok()).flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oom_kill_counter_parses_from_v1_and_v2_files() {
+        let v2 = "low 0\nhigh 0\nmax 12\noom 2\noom_kill 2\noom_group_kill 0\n";
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 5\n";
+        assert_eq!(parse_counter(v2, "oom_kill"), Some(2));
+        assert_eq!(parse_counter(v1, "oom_kill"), Some(5));
+        assert_eq!(parse_counter("oom_kill_disable 0\n", "oom_kill"), None);
+    }
+}

@@ -1,0 +1,70 @@
+//! Init's work when the agent is PID 1 in a guest: the file systems a container runtime needs,
+//! cgroup v2 controllers, and powering the VM off at the end.
+
+use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("Cannot mount {fstype} on {target}: {source}.")]
+    Mount { fstype: &'static str, target: &'static str, source: nix::Error },
+    #[error("Cannot create {path}: {source}.")]
+    Mkdir { path: &'static str, source: std::io::Error },
+}
+
+struct Fs {
+    fstype: &'static str,
+    target: &'static str,
+    flags: MsFlags,
+    data: Option<&'static str>,
+}
+
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC);
+
+const FILESYSTEMS: &[Fs] = &[
+    Fs { fstype: "proc", target: "/proc", flags: NOSUID_NODEV_NOEXEC, data: None },
+    Fs { fstype: "sysfs", target: "/sys", flags: NOSUID_NODEV_NOEXEC, data: None },
+    Fs { fstype: "devtmpfs", target: "/dev", flags: MsFlags::MS_NOSUID, data: Some("mode=0755") },
+    Fs { fstype: "devpts", target: "/dev/pts", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC), data: Some("newinstance,ptmxmode=0666,mode=0620") },
+    Fs { fstype: "tmpfs", target: "/dev/shm", flags: NOSUID_NODEV_NOEXEC, data: Some("mode=1777") },
+    Fs { fstype: "cgroup2", target: "/sys/fs/cgroup", flags: NOSUID_NODEV_NOEXEC, data: None },
+    Fs { fstype: "tmpfs", target: "/run", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), data: Some("mode=0755") },
+    Fs { fstype: "tmpfs", target: "/tmp", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), data: Some("mode=1777") },
+];
+
+/// Mounts what the guest needs. An already-mounted target (EBUSY) is fine.
+pub fn setup() -> Result<(), InitError> {
+    for fs in FILESYSTEMS {
+        std::fs::create_dir_all(fs.target).map_err(|source| InitError::Mkdir { path: fs.target, source })?;
+        match mount(Some(fs.fstype), fs.target, Some(fs.fstype), fs.flags, fs.data) {
+            Ok(()) | Err(nix::Error::EBUSY) => {}
+            Err(source) => return Err(InitError::Mount { fstype: fs.fstype, target: fs.target, source }),
+        }
+    }
+    let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    let _ = std::os::unix::fs::symlink("/proc/self/fd", "/dev/fd");
+    enable_cgroup_controllers(Path::new("/sys/fs/cgroup"));
+    Ok(())
+}
+
+/// Enables every available controller for children of the root cgroup.
+fn enable_cgroup_controllers(root: &Path) {
+    let Ok(available) = std::fs::read_to_string(root.join("cgroup.controllers")) else { return };
+    for c in available.split_ascii_whitespace() {
+        if let Err(e) = std::fs::write(root.join("cgroup.subtree_control"), format!("+{c}")) {
+            tracing::warn!(controller = c, error = %e, "cannot enable cgroup controller");
+        }
+    }
+}
+
+/// Ends the VM. Without ACPI a power-off would hang; a reboot makes both QEMU (-no-reboot)
+/// and hull-vmm (i8042 reset) exit.
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    // reboot() only returns on failure; PID 1 must not exit (the kernel would panic).
+    loop {
+        nix::unistd::pause();
+    }
+}

@@ -1,0 +1,259 @@
+//! hull-agent: the in-guest agent of hull. As PID 1 in a pod VM it sets the guest up and serves
+//! the agent API on vsock; on a host it serves on a unix socket (tests, debugging).
+
+mod agent;
+mod cgroups;
+mod container;
+mod fd;
+mod helper;
+mod init;
+mod launcher;
+mod process;
+mod reaper;
+mod sandbox;
+mod service;
+mod spec;
+mod stdio;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use hull_proto::{agent_ttrpc, health_ttrpc};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::agent::{Agent, AgentConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "hull-agent", version, about = "hull's in-guest agent")]
+struct Cli {
+    /// Where to serve the agent API: `vsock:PORT` (in a guest) or `unix:PATH`.
+    #[arg(long, default_value = "vsock:1024")]
+    listen: String,
+    /// Where to accept stdio stream connections. Default: `vsock:1025`, or PATH.stdio beside a
+    /// unix API socket.
+    #[arg(long)]
+    stdio_listen: Option<String>,
+    /// Bundles and container state.
+    #[arg(long, default_value = "/run/hull-agent")]
+    state_dir: PathBuf,
+    /// Log filter (tracing's env-filter syntax).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+    #[command(subcommand)]
+    cmd: Option<Internal>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Internal {
+    /// Internal: create or exec through libcontainer in a single-threaded process.
+    #[command(hide = true, subcommand)]
+    Helper(helper::HelperCommand),
+    /// Internal: hold a sandbox's namespaces.
+    #[command(hide = true)]
+    SandboxHolder {
+        #[arg(long)]
+        hostname: String,
+        #[arg(long)]
+        new_net: bool,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum MainError {
+    #[error("The address {0:?} is neither vsock:PORT nor unix:PATH.")]
+    BadAddress(String),
+    #[error("Cannot listen on {addr}: {reason}.")]
+    Listen { addr: String, reason: String },
+    #[error(transparent)]
+    Reaper(#[from] reaper::ReaperError),
+    #[error("Cannot find the agent's own executable: {0}.")]
+    Exe(#[source] std::io::Error),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Address {
+    Vsock(u32),
+    Unix(PathBuf),
+}
+
+impl Address {
+    fn parse(s: &str) -> Result<Address, MainError> {
+        if let Some(port) = s.strip_prefix("vsock:") {
+            return port.parse().map(Address::Vsock).map_err(|_| MainError::BadAddress(s.into()));
+        }
+        match s.strip_prefix("unix:") {
+            Some(p) if !p.is_empty() => Ok(Address::Unix(p.into())),
+            _ => Err(MainError::BadAddress(s.into())),
+        }
+    }
+
+    fn ttrpc(&self) -> String {
+        match self {
+            Address::Vsock(port) => format!("vsock://-1:{port}"),
+            Address::Unix(p) => format!("unix://{}", p.display()),
+        }
+    }
+}
+
+fn main() {
+    let init_mode = nix::unistd::getpid().as_raw() == 1;
+    // The kernel hands init the words of its command line it does not know; ignore them.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !init_mode => e.exit(),
+        Err(_) => Cli::parse_from(["hull-agent"]),
+    };
+    match cli.cmd {
+        Some(Internal::Helper(cmd)) => std::process::exit(helper::main(cmd)),
+        Some(Internal::SandboxHolder { hostname, new_net }) => {
+            std::process::exit(sandbox::holder_main(&hostname, new_net))
+        }
+        None => {}
+    }
+    if init_mode {
+        if let Err(e) = init::setup() {
+            eprintln!("hull-agent: {e}");
+        }
+    }
+    init_logging(&cli.log_level, cli.log_json);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build();
+    let result = match runtime {
+        Ok(rt) => rt.block_on(serve(cli, init_mode)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            std::process::exit(1);
+        }
+    };
+    let code = match result {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "hull-agent failed");
+            1
+        }
+    };
+    if init_mode {
+        tracing::info!("powering off");
+        init::power_off();
+    }
+    std::process::exit(code);
+}
+
+fn init_logging(level: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(cli: Cli, init_mode: bool) -> Result<(), MainError> {
+    let api = Address::parse(&cli.listen)?;
+    let stdio_addr = match (&cli.stdio_listen, &api) {
+        (Some(s), _) => Address::parse(s)?,
+        (None, Address::Vsock(_)) => Address::Vsock(hull_proto::STDIO_VSOCK_PORT),
+        (None, Address::Unix(p)) => Address::Unix(hull_proto::stdio_socket_path(p)),
+    };
+    // Reap before anything can start a child.
+    let reaper = reaper::Reaper::start()?;
+    let exe = std::env::current_exe().map_err(MainError::Exe)?;
+    let agent = Agent::new(AgentConfig { state_dir: cli.state_dir.clone(), init_mode, exe }, reaper);
+
+    let service = service::Service { agent: agent.clone() };
+    let listen_err = |addr: &Address, e: &dyn std::fmt::Display| MainError::Listen {
+        addr: format!("{addr:?}"),
+        reason: e.to_string(),
+    };
+    for addr in [&api, &stdio_addr] {
+        if let Address::Unix(p) = addr {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&api.ttrpc())
+        .map_err(|e| listen_err(&api, &e))?
+        .register_service(health_ttrpc::create_health(Arc::new(service.clone())))
+        .register_service(agent_ttrpc::create_agent(Arc::new(service)));
+    spawn_stdio_listener(&stdio_addr, agent.clone()).map_err(|e| listen_err(&stdio_addr, &e))?;
+    server.start().await.map_err(|e| listen_err(&api, &e))?;
+    tracing::info!(api = ?api, stdio = ?stdio_addr, init_mode, version = service::AGENT_VERSION, "agent ready");
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| listen_err(&api, &e))?;
+    tokio::select! {
+        _ = agent.shutdown.notified() => {
+            // Let the DestroySandbox reply leave before the listener goes.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        _ = sigterm.recv() => {
+            tracing::info!("SIGTERM: removing every container");
+            if let Err(e) = agent.destroy_sandbox(Duration::from_secs(2)).await {
+                tracing::error!(error = %e, "teardown incomplete");
+            }
+        }
+    }
+    let _ = server.shutdown().await;
+    for addr in [&api, &stdio_addr] {
+        if let Address::Unix(p) = addr {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+fn spawn_stdio_listener(addr: &Address, agent: Arc<Agent>) -> std::io::Result<()> {
+    match addr {
+        Address::Unix(path) => {
+            let listener = tokio::net::UnixListener::bind(path)?;
+            tokio::spawn(async move {
+                loop {
+                    match listener.accept().await {
+                        Ok((s, _)) => {
+                            tokio::spawn(stdio::handle(s, agent.clone()));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "stdio accept failed"),
+                    }
+                }
+            });
+        }
+        Address::Vsock(port) => {
+            let listener = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, *port))?;
+            tokio::spawn(async move {
+                loop {
+                    match listener.accept().await {
+                        Ok((s, _)) => {
+                            tokio::spawn(stdio::handle(s, agent.clone()));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "stdio accept failed"),
+                    }
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse() {
+        assert_eq!(Address::parse("vsock:1024").unwrap(), Address::Vsock(1024));
+        assert_eq!(Address::parse("unix:/run/a.sock").unwrap(), Address::Unix("/run/a.sock".into()));
+        assert_eq!(Address::parse("unix:/run/a.sock").unwrap().ttrpc(), "unix:///run/a.sock");
+        assert!(Address::parse("tcp:1").is_err());
+        assert!(Address::parse("unix:").is_err());
+        assert!(Address::parse("vsock:x").is_err());
+    }
+}

@@ -1,0 +1,164 @@
+//! The sandbox: the namespaces a pod's containers share.
+//!
+//! A small holder process (`hull-agent sandbox-holder`) creates new UTS and IPC namespaces (and
+//! a network namespace on a host; inside a VM the pod's network is the VM's own) and sleeps;
+//! containers join its namespaces through /proc/<holder>/ns/*. This is what the pause
+//! container does on a runc node.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sched::CloneFlags;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::fd::{pipe, AsyncFdStream};
+use crate::reaper::Reaper;
+use crate::spec::SandboxNamespaces;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("The sandbox {0} already exists; DestroySandbox it first.")]
+    Exists(String),
+    #[error("The hostname {0:?} is not valid (1 to 64 characters of letters, digits, '-', '.').")]
+    BadHostname(String),
+    #[error("Cannot start the sandbox namespace holder: {0}.")]
+    Holder(String),
+    #[error("Cannot write the sandbox's {path:?}: {source}.")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub namespaces: SandboxNamespaces,
+    holder_pid: i32,
+    dir: PathBuf,
+}
+
+fn valid_hostname(h: &str) -> bool {
+    !h.is_empty() && h.len() <= 64 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+impl Sandbox {
+    pub async fn create(
+        id: &str,
+        hostname: &str,
+        dns: &[String],
+        exe: &Path,
+        state_dir: &Path,
+        init_mode: bool,
+        reaper: &Reaper,
+    ) -> Result<Sandbox, SandboxError> {
+        let hostname = if hostname.is_empty() { id } else { hostname };
+        if !valid_hostname(hostname) {
+            return Err(SandboxError::BadHostname(hostname.into()));
+        }
+        let dir = state_dir.join("sandbox");
+        std::fs::create_dir_all(&dir).map_err(|source| SandboxError::Write { path: dir.clone(), source })?;
+        let resolv = dir.join("resolv.conf");
+        let mut text = dns.join("\n");
+        text.push('\n');
+        std::fs::write(&resolv, text).map_err(|source| SandboxError::Write { path: resolv.clone(), source })?;
+        let hosts = dir.join("hosts");
+        std::fs::write(&hosts, format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{hostname}\n"))
+            .map_err(|source| SandboxError::Write { path: hosts.clone(), source })?;
+
+        let (ready_r, ready_w) = pipe().map_err(|e| SandboxError::Holder(e.to_string()))?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["sandbox-holder", "--hostname", hostname]);
+        if !init_mode {
+            cmd.arg("--new-net");
+        }
+        cmd.stdin(std::process::Stdio::null()).stdout(ready_w).stderr(std::process::Stdio::inherit());
+        let child = cmd.spawn().map_err(|e| SandboxError::Holder(e.to_string()))?;
+        drop(cmd);
+        let pid = child.id() as i32;
+        let exited = reaper.watch(pid);
+        let mut line = String::new();
+        let mut reader = BufReader::new(AsyncFdStream::new(ready_r).map_err(|e| SandboxError::Holder(e.to_string()))?);
+        let ok = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await;
+        if !matches!(ok, Ok(Ok(_))) || line.trim() != "ready" {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let status = exited.await.unwrap_or(-1);
+            return Err(SandboxError::Holder(format!("it exited with status {status} before it was ready: {}", line.trim())));
+        }
+        // The holder is reaped by the reaper; its status is of no interest.
+        drop(exited);
+        let ns = |n: &str| PathBuf::from(format!("/proc/{pid}/ns/{n}"));
+        Ok(Sandbox {
+            id: id.into(),
+            namespaces: SandboxNamespaces { net: ns("net"), ipc: ns("ipc"), uts: ns("uts") },
+            holder_pid: pid,
+            dir,
+        })
+    }
+
+    pub async fn destroy(&self, reaper: &Reaper) {
+        let exited = reaper.watch(self.holder_pid);
+        let _ = kill(Pid::from_raw(self.holder_pid), Signal::SIGKILL);
+        let _ = tokio::time::timeout(Duration::from_secs(5), exited).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `hull-agent sandbox-holder`: unshare, set the hostname, say "ready", sleep until killed.
+pub fn holder_main(hostname: &str, new_net: bool) -> i32 {
+    let mut flags = CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
+    if new_net {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    let setup = nix::sched::unshare(flags)
+        .and_then(|()| nix::unistd::sethostname(hostname))
+        .map_err(|e| e.to_string());
+    let mut out = std::io::stdout();
+    match setup {
+        Ok(()) => {
+            if new_net {
+                // Bring up loopback so that a pod on a host has at least 127.0.0.1.
+                if let Err(e) = loopback_up() {
+                    let _ = writeln!(out, "cannot bring up lo: {e}");
+                    return 1;
+                }
+            }
+            let _ = writeln!(out, "ready");
+            let _ = out.flush();
+            loop {
+                nix::unistd::pause();
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(out, "unshare/sethostname failed: {e}");
+            1
+        }
+    }
+}
+
+/// Sets IFF_UP on `lo` in the current network namespace.
+fn loopback_up() -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: socket() takes plain integers; the result is checked before use.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: raw is a fresh descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own for the call.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! Build tooling for hull's guest kernel and initramfs. Not built yet.

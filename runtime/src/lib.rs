@@ -1,0 +1,1 @@
+//! hull's containerd shim v2 and CLI. Not built yet.

@@ -1,0 +1,1 @@
+//! hull's KVM microVM monitor (issue: hull-vmm). Not built yet.
