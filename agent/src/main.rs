@@ -147,7 +147,9 @@ fn main() {
 }
 
 fn init_logging(level: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
+    // libcgroups warns about every v1 controller a host lacks; that is noise, not news.
+    let level = if level.contains("libcgroups") { level.to_string() } else { format!("{level},libcgroups=error") };
+    let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {

@@ -1,1 +1,5 @@
-//! hull's containerd shim v2 and CLI. Not built yet.
+//! hull's runtime side: the client of the in-guest agent, default OCI documents, and (in later
+//! increments) the containerd shim v2.
+
+pub mod agent_client;
+pub mod oci;

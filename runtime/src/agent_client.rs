@@ -1,0 +1,177 @@
+//! A client of hull-agent: the generated ttrpc clients plus the stdio stream connections.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hull_proto::agent::{self, StdioRequest};
+use hull_proto::agent_ttrpc::AgentClient;
+use hull_proto::health_ttrpc::HealthClient;
+use hull_proto::stdio::{StreamHeader, StreamKind};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("Cannot connect to the agent at {path:?}: {reason}.")]
+    Connect { path: PathBuf, reason: String },
+    #[error("The agent refused the {call} call: {message}")]
+    Rpc { call: &'static str, code: ttrpc::Code, message: String },
+    #[error("The {kind} stream of {container} could not be attached: {reason}.")]
+    Attach { container: String, kind: StreamKind, reason: String },
+    #[error("Reading the output of {container} failed: {source}.")]
+    Output { container: String, source: std::io::Error },
+}
+
+impl ClientError {
+    pub fn rpc(call: &'static str, e: ttrpc::Error) -> ClientError {
+        let (code, message) = rpc_status(&e);
+        ClientError::Rpc { call, code, message }
+    }
+
+    /// The ttrpc status code of a refused call.
+    pub fn code(&self) -> Option<ttrpc::Code> {
+        match self {
+            ClientError::Rpc { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// The status code and message of a failed call.
+pub fn rpc_status(e: &ttrpc::Error) -> (ttrpc::Code, String) {
+    match e {
+        ttrpc::Error::RpcStatus(s) => (s.code(), s.message().to_string()),
+        other => (ttrpc::Code::UNKNOWN, other.to_string()),
+    }
+}
+
+/// A ttrpc context with a deadline generous enough for container creation.
+pub fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(Duration::from_secs(120).as_nanos() as i64)
+}
+
+pub fn stdio(stdin: bool, stdout: bool, stderr: bool) -> StdioRequest {
+    let mut s = StdioRequest::new();
+    s.stdin = stdin;
+    s.stdout = stdout;
+    s.stderr = stderr;
+    s
+}
+
+/// What a finished container or exec produced.
+#[derive(Debug)]
+pub struct RunOutput {
+    pub status: i32,
+    pub oom_killed: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A connection to an agent listening on a unix socket (host mode).
+pub struct AgentConn {
+    pub client: AgentClient,
+    pub health: HealthClient,
+    stdio_path: PathBuf,
+}
+
+impl AgentConn {
+    pub async fn connect_unix(api: &Path) -> Result<AgentConn, ClientError> {
+        let c = ttrpc::r#async::Client::connect(&format!("unix://{}", api.display()))
+            .await
+            .map_err(|e| ClientError::Connect { path: api.into(), reason: e.to_string() })?;
+        Ok(AgentConn {
+            client: AgentClient::new(c.clone()),
+            health: HealthClient::new(c),
+            stdio_path: hull_proto::stdio_socket_path(api),
+        })
+    }
+
+    pub async fn create(&self, id: &str, spec: &Value, io: StdioRequest) -> Result<i32, ClientError> {
+        let mut req = agent::CreateContainerRequest::new();
+        req.container_id = id.into();
+        req.oci_spec_json = spec.to_string();
+        req.stdio = Some(io).into();
+        let r = self.client.create_container(ctx(), &req).await;
+        r.map(|r| r.pid).map_err(|e| ClientError::rpc("CreateContainer", e))
+    }
+
+    pub async fn start(&self, id: &str) -> Result<(), ClientError> {
+        let mut req = agent::StartContainerRequest::new();
+        req.container_id = id.into();
+        self.client.start_container(ctx(), &req).await.map(drop).map_err(|e| ClientError::rpc("StartContainer", e))
+    }
+
+    pub async fn exec(&self, id: &str, exec_id: &str, process: &Value, io: StdioRequest) -> Result<i32, ClientError> {
+        let mut req = agent::ExecProcessRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        req.process_json = process.to_string();
+        req.stdio = Some(io).into();
+        let r = self.client.exec_process(ctx(), &req).await;
+        r.map(|r| r.pid).map_err(|e| ClientError::rpc("ExecProcess", e))
+    }
+
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<agent::WaitProcessResponse, ClientError> {
+        let mut req = agent::WaitProcessRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        self.client.wait_process(ctx(), &req).await.map_err(|e| ClientError::rpc("WaitProcess", e))
+    }
+
+    pub async fn signal(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> Result<(), ClientError> {
+        let mut req = agent::SignalProcessRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        req.signal = signal as u32;
+        req.all = all;
+        self.client.signal_process(ctx(), &req).await.map(drop).map_err(|e| ClientError::rpc("SignalProcess", e))
+    }
+
+    pub async fn remove(&self, id: &str) -> Result<(), ClientError> {
+        let mut req = agent::RemoveContainerRequest::new();
+        req.container_id = id.into();
+        req.timeout_secs = 2;
+        self.client.remove_container(ctx(), &req).await.map(drop).map_err(|e| ClientError::rpc("RemoveContainer", e))
+    }
+
+    /// Opens one stdio stream of a process; the returned socket carries its bytes.
+    pub async fn attach(&self, id: &str, exec_id: &str, kind: StreamKind) -> Result<UnixStream, ClientError> {
+        let fail = |reason: String| ClientError::Attach { container: id.into(), kind, reason };
+        let mut s = UnixStream::connect(&self.stdio_path).await.map_err(|e| fail(e.to_string()))?;
+        let header = StreamHeader { kind, container_id: id.into(), exec_id: exec_id.into() };
+        s.write_all(header.to_line().as_bytes()).await.map_err(|e| fail(e.to_string()))?;
+        // Byte by byte: nothing after the reply line may be consumed here.
+        let mut reply = Vec::new();
+        while reply.last() != Some(&b'\n') && reply.len() <= hull_proto::stdio::MAX_HEADER_LEN {
+            reply.push(s.read_u8().await.map_err(|e| fail(format!("no reply: {e}")))?);
+        }
+        match reply.as_slice() {
+            b"OK\n" => Ok(s),
+            other => Err(fail(String::from_utf8_lossy(other).trim().to_string())),
+        }
+    }
+
+    /// Creates a container with stdout and stderr, starts it and collects everything.
+    pub async fn run(&self, id: &str, spec: &Value) -> Result<RunOutput, ClientError> {
+        self.create(id, spec, stdio(false, true, true)).await?;
+        let out = self.attach(id, "", StreamKind::Stdout).await?;
+        let err = self.attach(id, "", StreamKind::Stderr).await?;
+        self.start(id).await?;
+        let (stdout, stderr) = tokio::join!(read_all(out), read_all(err));
+        let output = |source| ClientError::Output { container: id.into(), source };
+        let w = self.wait(id, "").await?;
+        Ok(RunOutput {
+            status: w.exit_status,
+            oom_killed: w.oom_killed,
+            stdout: stdout.map_err(output)?,
+            stderr: stderr.map_err(output)?,
+        })
+    }
+}
+
+pub async fn read_all(mut s: UnixStream) -> std::io::Result<String> {
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
