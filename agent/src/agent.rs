@@ -132,6 +132,11 @@ impl Agent {
         Ok(())
     }
 
+    /// The sandbox id for log lines ("-" outside a sandbox).
+    fn sandbox_label(&self) -> String {
+        self.sandbox_id().unwrap_or_else(|| "-".into())
+    }
+
     pub fn sandbox_id(&self) -> Option<String> {
         self.sandbox.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|s| s.id.clone())
     }
@@ -212,7 +217,7 @@ impl Agent {
                     let _ = std::fs::remove_dir_all(&state_dir);
                 }
                 let _ = std::fs::remove_dir_all(&bundle);
-                tracing::warn!(container_id = id, error = %e, "container create failed");
+                tracing::warn!(sandbox_id = %self.sandbox_label(), container_id = id, error = %e, "container create failed");
                 return Err(e);
             }
         };
@@ -221,7 +226,7 @@ impl Agent {
         self.containers.lock().unwrap_or_else(|e| e.into_inner()).insert(id.into(), container.clone());
         self.watch_exit(&container, init.clone());
         self.watch_oom(&container);
-        tracing::info!(container_id = id, pid = launched.pid, terminal, "container created");
+        tracing::info!(sandbox_id = %self.sandbox_label(), container_id = id, pid = launched.pid, terminal, "container created");
         Ok(launched.pid)
     }
 
@@ -274,7 +279,7 @@ impl Agent {
     }
 
     fn publish_oom(&self, id: &str) {
-        tracing::warn!(container_id = id, "OOM kill in container");
+        tracing::warn!(sandbox_id = %self.sandbox_label(), container_id = id, "OOM kill in container");
         if self.oom_tx.try_send(id.to_string()).is_err() {
             tracing::warn!(container_id = id, "OOM event queue is full; event dropped");
         }
@@ -286,7 +291,7 @@ impl Agent {
 
     pub fn start_container(&self, id: &str) -> Result<(), AgentError> {
         self.container(id)?.start()?;
-        tracing::info!(container_id = id, "container started");
+        tracing::info!(sandbox_id = %self.sandbox_label(), container_id = id, "container started");
         Ok(())
     }
 
@@ -294,7 +299,7 @@ impl Agent {
         let container = self.container(id)?;
         container.destroy(grace).await?;
         self.containers.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
-        tracing::info!(container_id = id, "container removed");
+        tracing::info!(sandbox_id = %self.sandbox_label(), container_id = id, "container removed");
         Ok(())
     }
 
@@ -324,7 +329,7 @@ impl Agent {
         let process = Arc::new(Process::new(id, exec_id, launched.pid, launched.stdio));
         container.add_exec(process.clone());
         self.watch_exit(&container, process);
-        tracing::info!(container_id = id, exec_id, pid = launched.pid, terminal, "exec started");
+        tracing::info!(sandbox_id = %self.sandbox_label(), container_id = id, exec_id, pid = launched.pid, terminal, "exec started");
         Ok(launched.pid)
     }
 
@@ -333,7 +338,7 @@ impl Agent {
         let resources: oci_spec::runtime::LinuxResources = serde_json::from_str(resources_json)
             .map_err(|e| AgentError::BadResources { id: id.into(), reason: e.to_string() })?;
         cgroups::update(&container.cgroup_path, id, &resources)?;
-        tracing::info!(container_id = id, "container resources updated");
+        tracing::info!(sandbox_id = %self.sandbox_label(), container_id = id, "container resources updated");
         Ok(())
     }
 }

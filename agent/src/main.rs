@@ -213,34 +213,46 @@ async fn serve(cli: Cli, init_mode: bool) -> Result<(), MainError> {
     Ok(())
 }
 
+/// A listener of stdio connections: unix (host) or vsock (guest).
+trait StdioListener: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept_stream(&mut self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl StdioListener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_stream(&mut self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl StdioListener for tokio_vsock::VsockListener {
+    type Stream = tokio_vsock::VsockStream;
+    async fn accept_stream(&mut self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+fn accept_stdio<L: StdioListener>(mut listener: L, agent: Arc<Agent>) {
+    tokio::spawn(async move {
+        loop {
+            match listener.accept_stream().await {
+                Ok(s) => {
+                    tokio::spawn(stdio::handle(s, agent.clone()));
+                }
+                Err(e) => tracing::warn!(error = %e, "stdio accept failed"),
+            }
+        }
+    });
+}
+
 fn spawn_stdio_listener(addr: &Address, agent: Arc<Agent>) -> std::io::Result<()> {
     match addr {
-        Address::Unix(path) => {
-            let listener = tokio::net::UnixListener::bind(path)?;
-            tokio::spawn(async move {
-                loop {
-                    match listener.accept().await {
-                        Ok((s, _)) => {
-                            tokio::spawn(stdio::handle(s, agent.clone()));
-                        }
-                        Err(e) => tracing::warn!(error = %e, "stdio accept failed"),
-                    }
-                }
-            });
-        }
-        Address::Vsock(port) => {
-            let listener = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, *port))?;
-            tokio::spawn(async move {
-                loop {
-                    match listener.accept().await {
-                        Ok((s, _)) => {
-                            tokio::spawn(stdio::handle(s, agent.clone()));
-                        }
-                        Err(e) => tracing::warn!(error = %e, "stdio accept failed"),
-                    }
-                }
-            });
-        }
+        Address::Unix(path) => accept_stdio(tokio::net::UnixListener::bind(path)?, agent),
+        Address::Vsock(port) => accept_stdio(
+            tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, *port))?,
+            agent,
+        ),
     }
     Ok(())
 }

@@ -405,3 +405,89 @@ async fn sandbox_containers_share_uts_ipc_and_net_and_destroy_ends_the_agent() {
     assert!(exit.success(), "agent exit: {exit:?}");
     assert!(!cgroup_exists(&c));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seccomp_capabilities_rlimits_sysctls_and_mounts_are_honoured() {
+    require_prerequisites!();
+    let agent = TestAgent::start().await.expect("agent starts");
+    let shared = agent.dir.path().join("shared");
+    std::fs::create_dir_all(&shared).expect("mkdir shared");
+    std::fs::write(shared.join("hello.txt"), "from the host\n").expect("write");
+    let id = unique_id("features");
+    let script = [
+        "mkdir /tmp/denied; echo mkdir=$?",
+        "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status",
+        "ulimit -n",
+        "cat /proc/sys/net/ipv4/ip_forward",
+        "cat /proc/self/oom_score_adj",
+        "cat /mnt/host/hello.txt",
+        "touch /mnt/host/new; echo ro=$?",
+        "grep -c ' /scratch tmpfs' /proc/mounts",
+        "test -e /sys/fs/cgroup/pids.max -o -d /sys/fs/cgroup/pids; echo cgroupfs=$?",
+    ]
+    .join("; ");
+    let mut spec = agent.spec(&["sh", "-c", &script]);
+    spec["process"]["capabilities"] = serde_json::json!({
+        "bounding": ["CAP_KILL", "CAP_SETUID"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"],
+        "inheritable": [], "ambient": []
+    });
+    spec["process"]["rlimits"] = serde_json::json!([{"type": "RLIMIT_NOFILE", "hard": 321, "soft": 321}]);
+    spec["process"]["oomScoreAdj"] = serde_json::json!(423);
+    spec["linux"]["sysctl"] = serde_json::json!({"net.ipv4.ip_forward": "1"});
+    spec["linux"]["seccomp"] = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    let mounts = spec["mounts"].as_array_mut().expect("mounts");
+    mounts.push(serde_json::json!({"destination": "/mnt/host", "type": "bind", "source": shared, "options": ["rbind", "ro"]}));
+    mounts.push(serde_json::json!({"destination": "/scratch", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]}));
+    mounts.push(serde_json::json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["ro"]}));
+    let out = agent.run(&id, &spec).await.expect("runs");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"mkdir=1"), "seccomp denies mkdir: {out:?}");
+    assert!(out.stderr.contains("Operation not permitted"), "{out:?}");
+    // CAP_KILL is bit 5; the bounding set also has CAP_SETUID (bit 7).
+    assert!(lines.contains(&"CapEff:\t0000000000000020"), "{out:?}");
+    assert!(lines.contains(&"CapBnd:\t00000000000000a0"), "{out:?}");
+    assert!(lines.contains(&"NoNewPrivs:\t1"), "{out:?}");
+    let tail = &lines[lines.len() - 7..];
+    assert_eq!(tail, ["321", "1", "423", "from the host", "ro=1", "1", "cgroupfs=0"], "{out:?}");
+    assert!(!shared.join("new").exists());
+    agent.remove(&id).await.expect("remove");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn user_namespace_maps_root_to_an_unprivileged_host_uid() {
+    require_prerequisites!();
+    let agent = TestAgent::start().await.expect("agent starts");
+    let id = unique_id("userns");
+    let mut spec = agent.spec(&["sh", "-c", "id -u; cat /proc/self/uid_map; sleep 1000"]);
+    let ns = spec["linux"]["namespaces"].as_array_mut().expect("namespaces");
+    ns.push(serde_json::json!({"type": "user"}));
+    spec["linux"]["uidMappings"] = serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    spec["linux"]["gidMappings"] = serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    // The sysfs of a user-namespaced container cannot be mounted without its own netns owner;
+    // keep the test to what a rootless-style container needs.
+    spec["mounts"].as_array_mut().expect("mounts").retain(|m| m["type"] != "sysfs");
+    agent.create(&id, &spec, stdio(false, true, false)).await.expect("create");
+    let out = agent.attach(&id, "", StreamKind::Stdout).await.expect("attach");
+    agent.start(&id).await.expect("start");
+    let mut reader = tokio::io::BufReader::new(out);
+    let mut first = String::new();
+    let mut second = String::new();
+    use tokio::io::AsyncBufReadExt;
+    reader.read_line(&mut first).await.expect("read");
+    reader.read_line(&mut second).await.expect("read");
+    assert_eq!(first, "0\n");
+    assert_eq!(second.split_whitespace().collect::<Vec<_>>(), ["0", "100000", "65536"]);
+    // Seen from the host, the container's root is uid 100000.
+    let pid = agent.client.list_processes(ctx(), &{
+        let mut r = hull_proto::agent::ListProcessesRequest::new();
+        r.container_id = id.clone();
+        r
+    }).await.expect("ps").processes.first().expect("a process").pid;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    assert!(status.lines().any(|l| l.starts_with("Uid:\t100000")), "{status}");
+    agent.remove(&id).await.expect("remove");
+}
