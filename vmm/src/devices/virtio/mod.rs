@@ -1,0 +1,6 @@
+//! virtio devices, independent of their transport (virtio-mmio in process, or vhost-user).
+
+pub mod vsock;
+
+#[cfg(test)]
+pub mod test_driver;
