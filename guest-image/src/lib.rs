@@ -1,1 +1,7 @@
-//! Build tooling for hull's guest kernel and initramfs. Not built yet.
+//! Build tooling for hull's guest: the kernel (Debian's linux-source-6.1 with a microVM config
+//! fragment and patches) and the initramfs whose /init is hull-agent.
+
+pub mod build;
+pub mod cpio;
+pub mod elf;
+pub mod kconfig;

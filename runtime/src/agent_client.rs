@@ -68,23 +68,73 @@ pub struct RunOutput {
     pub stderr: String,
 }
 
-/// A connection to an agent listening on a unix socket (host mode).
+/// Where the agent's stdio listener is.
+#[derive(Debug, Clone)]
+enum StdioEndpoint {
+    /// An agent on this host: PATH.stdio beside its API socket.
+    Unix(PathBuf),
+    /// An agent in a VM, behind a hybrid vsock unix socket.
+    HybridVsock(PathBuf),
+}
+
+/// A connection to an agent: on a host (unix socket) or in a VM (hybrid vsock).
 pub struct AgentConn {
     pub client: AgentClient,
     pub health: HealthClient,
-    stdio_path: PathBuf,
+    stdio: StdioEndpoint,
+}
+
+/// Opens a stream to guest vsock `port` through a hybrid vsock unix socket: `CONNECT <port>\n`,
+/// answered by `OK <hostport>\n`.
+pub async fn hybrid_vsock_connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
+    let mut s = UnixStream::connect(uds).await?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+    let mut line = Vec::new();
+    // Byte by byte: the stream's own bytes follow the reply line.
+    while line.last() != Some(&b'\n') {
+        if line.len() > 64 {
+            return Err(std::io::Error::other("hybrid vsock reply line too long"));
+        }
+        line.push(s.read_u8().await?);
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(std::io::Error::other(format!(
+            "hybrid vsock refused port {port}: {:?}",
+            String::from_utf8_lossy(&line)
+        )));
+    }
+    Ok(s)
 }
 
 impl AgentConn {
+    fn from_client(c: ttrpc::r#async::Client, stdio: StdioEndpoint) -> AgentConn {
+        AgentConn { client: AgentClient::new(c.clone()), health: HealthClient::new(c), stdio }
+    }
+
     pub async fn connect_unix(api: &Path) -> Result<AgentConn, ClientError> {
         let c = ttrpc::r#async::Client::connect(&format!("unix://{}", api.display()))
             .await
             .map_err(|e| ClientError::Connect { path: api.into(), reason: e.to_string() })?;
-        Ok(AgentConn {
-            client: AgentClient::new(c.clone()),
-            health: HealthClient::new(c),
-            stdio_path: hull_proto::stdio_socket_path(api),
-        })
+        Ok(AgentConn::from_client(c, StdioEndpoint::Unix(hull_proto::stdio_socket_path(api))))
+    }
+
+    /// Connects to the agent in a VM through the VM's hybrid vsock socket.
+    pub async fn connect_hybrid_vsock(uds: &Path) -> Result<AgentConn, ClientError> {
+        let s = hybrid_vsock_connect(uds, hull_proto::AGENT_VSOCK_PORT)
+            .await
+            .map_err(|e| ClientError::Connect { path: uds.into(), reason: e.to_string() })?;
+        let c = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::from(s));
+        Ok(AgentConn::from_client(c, StdioEndpoint::HybridVsock(uds.into())))
+    }
+
+    /// Asks the agent whether it serves.
+    pub async fn check(&self) -> Result<bool, ClientError> {
+        let r = self
+            .health
+            .check(ttrpc::context::with_timeout(Duration::from_secs(5).as_nanos() as i64), &hull_proto::health::CheckRequest::new())
+            .await
+            .map_err(|e| ClientError::rpc("Check", e))?;
+        Ok(r.status == hull_proto::health::check_response::ServingStatus::SERVING.into())
     }
 
     pub async fn create(&self, id: &str, spec: &Value, io: StdioRequest) -> Result<i32, ClientError> {
@@ -138,7 +188,11 @@ impl AgentConn {
     /// Opens one stdio stream of a process; the returned socket carries its bytes.
     pub async fn attach(&self, id: &str, exec_id: &str, kind: StreamKind) -> Result<UnixStream, ClientError> {
         let fail = |reason: String| ClientError::Attach { container: id.into(), kind, reason };
-        let mut s = UnixStream::connect(&self.stdio_path).await.map_err(|e| fail(e.to_string()))?;
+        let mut s = match &self.stdio {
+            StdioEndpoint::Unix(p) => UnixStream::connect(p).await,
+            StdioEndpoint::HybridVsock(uds) => hybrid_vsock_connect(uds, hull_proto::STDIO_VSOCK_PORT).await,
+        }
+        .map_err(|e| fail(e.to_string()))?;
         let header = StreamHeader { kind, container_id: id.into(), exec_id: exec_id.into() };
         s.write_all(header.to_line().as_bytes()).await.map_err(|e| fail(e.to_string()))?;
         // Byte by byte: nothing after the reply line may be consumed here.

@@ -3,3 +3,4 @@
 
 pub mod agent_client;
 pub mod oci;
+pub mod vm;

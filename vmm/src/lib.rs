@@ -4,3 +4,4 @@
 //! device serves the in-process VMM and, as a vhost-user backend, QEMU.
 
 pub mod devices;
+pub mod vhost_user;
