@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hull_proto::agent::StdioRequest;
+use hull_proto::agent::{StdioRequest, Storage};
 use tokio::sync::{mpsc, Notify};
 
 use crate::cgroups::{self, CgroupError};
@@ -15,6 +15,7 @@ use crate::process::{Exit, Process};
 use crate::reaper::Reaper;
 use crate::sandbox::{Sandbox, SandboxError};
 use crate::spec::{self, SpecError};
+use crate::storage::{self, StorageError};
 
 /// How often a running container's OOM counter is read.
 const OOM_POLL: Duration = Duration::from_millis(100);
@@ -41,6 +42,8 @@ pub enum AgentError {
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 pub struct AgentConfig {
@@ -166,11 +169,33 @@ impl Agent {
         spec_json: &str,
         rootfs: &str,
         stdio: &StdioRequest,
+        storages: &[Storage],
     ) -> Result<i32, AgentError> {
         check_id(id)?;
         if self.containers.lock().unwrap_or_else(|e| e.into_inner()).contains_key(id) {
             return Err(AgentError::DuplicateContainer(id.into()));
         }
+        let mut mounted = storage::mount_all(storages)?;
+        let result = self.create_on_storage(id, spec_json, rootfs, stdio).await;
+        match result {
+            Ok(container) => {
+                container.set_storages(mounted);
+                Ok(container.init.pid)
+            }
+            Err(e) => {
+                mounted.unmount_all();
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_on_storage(
+        self: &Arc<Self>,
+        id: &str,
+        spec_json: &str,
+        rootfs: &str,
+        stdio: &StdioRequest,
+    ) -> Result<Arc<Container>, AgentError> {
         let (sandbox_ns, cgroup_path) = {
             let sb = self.sandbox.lock().unwrap_or_else(|e| e.into_inner());
             match sb.as_ref() {
@@ -227,7 +252,7 @@ impl Agent {
         self.watch_exit(&container, init.clone());
         self.watch_oom(&container);
         tracing::info!(sandbox_id = %self.sandbox_label(), container_id = id, pid = launched.pid, terminal, "container created");
-        Ok(launched.pid)
+        Ok(container)
     }
 
     /// Records the exit of a container process; the init's exit stops the container.

@@ -65,6 +65,8 @@ pub struct Container {
     execs: Mutex<HashMap<String, Arc<Process>>>,
     /// The OOM-kill count already reported.
     oom_seen: AtomicU64,
+    /// File systems mounted for this container, unmounted when it goes.
+    storages: Mutex<crate::storage::Mounted>,
 }
 
 impl Container {
@@ -78,7 +80,12 @@ impl Container {
             init,
             execs: Mutex::new(HashMap::new()),
             oom_seen: AtomicU64::new(0),
+            storages: Mutex::new(Default::default()),
         }
+    }
+
+    pub fn set_storages(&self, mounted: crate::storage::Mounted) {
+        *self.storages.lock().unwrap_or_else(|e| e.into_inner()) = mounted;
     }
 
     pub fn status(&self) -> Status {
@@ -241,6 +248,7 @@ impl Container {
             lc.delete(true).map_err(self.lc_err("delete"))?;
         }
         let _ = std::fs::remove_dir_all(&self.bundle);
+        self.storages.lock().unwrap_or_else(|e| e.into_inner()).unmount_all();
         Ok(())
     }
 

@@ -14,6 +14,7 @@ mod sandbox;
 mod service;
 mod spec;
 mod stdio;
+mod storage;
 
 use std::path::PathBuf;
 use std::sync::Arc;

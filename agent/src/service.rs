@@ -19,6 +19,8 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 fn status(e: AgentError) -> TtrpcError {
     let code = match &e {
         AgentError::InvalidId(_) | AgentError::Spec(_) | AgentError::BadResources { .. } => Code::INVALID_ARGUMENT,
+        AgentError::Storage(crate::storage::StorageError::BadMountPoint(_)) => Code::INVALID_ARGUMENT,
+        AgentError::Storage(_) => Code::FAILED_PRECONDITION,
         AgentError::UnknownContainer(_) => Code::NOT_FOUND,
         AgentError::DuplicateContainer(_) => Code::ALREADY_EXISTS,
         AgentError::Container(c) => match c {
@@ -81,7 +83,7 @@ impl agent_ttrpc::Agent for Service {
     async fn create_container(&self, _ctx: &TtrpcContext, req: CreateContainerRequest) -> Reply<CreateContainerResponse> {
         let pid = self
             .agent
-            .create_container(&req.container_id, &req.oci_spec_json, &req.rootfs, &stdio_of(&req.stdio))
+            .create_container(&req.container_id, &req.oci_spec_json, &req.rootfs, &stdio_of(&req.stdio), &req.storages)
             .await
             .map_err(status)?;
         let mut r = CreateContainerResponse::new();

@@ -138,10 +138,16 @@ impl AgentConn {
     }
 
     pub async fn create(&self, id: &str, spec: &Value, io: StdioRequest) -> Result<i32, ClientError> {
+        self.create_on(id, spec, io, Vec::new()).await
+    }
+
+    /// Creates a container after the agent mounted `storages` (its rootfs disk, say).
+    pub async fn create_on(&self, id: &str, spec: &Value, io: StdioRequest, storages: Vec<agent::Storage>) -> Result<i32, ClientError> {
         let mut req = agent::CreateContainerRequest::new();
         req.container_id = id.into();
         req.oci_spec_json = spec.to_string();
         req.stdio = Some(io).into();
+        req.storages = storages;
         let r = self.client.create_container(ctx(), &req).await;
         r.map(|r| r.pid).map_err(|e| ClientError::rpc("CreateContainer", e))
     }

@@ -491,3 +491,45 @@ async fn user_namespace_maps_root_to_an_unprivileged_host_uid() {
     assert!(status.lines().any(|l| l.starts_with("Uid:\t100000")), "{status}");
     agent.remove(&id).await.expect("remove");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn storages_are_mounted_for_the_container_and_gone_after_it() {
+    require_prerequisites!();
+    let agent = TestAgent::start().await.expect("agent starts");
+    let mount_point = agent.dir.path().join("storage/c1");
+    let storage = |source: &str, fstype: &str, options: &[&str]| {
+        let mut s = hull_proto::agent::Storage::new();
+        s.source = source.into();
+        s.fstype = fstype.into();
+        s.options = options.iter().map(|o| o.to_string()).collect();
+        s.mount_point = mount_point.to_string_lossy().into_owned();
+        s
+    };
+    let id = unique_id("storage");
+    let mut spec = agent.spec(&["sh", "-c", "echo on storage"]);
+    spec["root"]["path"] = serde_json::json!(mount_point);
+    let rootfs = agent.rootfs.to_string_lossy().into_owned();
+    agent
+        .create_on(&id, &spec, stdio(false, true, false), vec![storage(&rootfs, "none", &["rbind"])])
+        .await
+        .expect("create on a bind storage");
+    assert!(agent.mounts().iter().any(|m| m == &mount_point.to_string_lossy()), "mounted: {:?}", agent.mounts());
+    let out = agent.attach(&id, "", StreamKind::Stdout).await.expect("attach");
+    agent.start(&id).await.expect("start");
+    assert_eq!(read_all(out).await.expect("read"), "on storage\n");
+    agent.remove(&id).await.expect("remove");
+    assert_eq!(agent.mounts(), Vec::<String>::new(), "the storage is unmounted");
+    assert!(!mount_point.exists(), "and its mount point removed");
+
+    // A storage that cannot be mounted: named in the error, nothing created or left mounted.
+    let bad = unique_id("badstorage");
+    let err = agent
+        .create_on(&bad, &spec, stdio(false, false, false), vec![storage("/dev/nonexistent-disk", "ext4", &["ro"])])
+        .await
+        .expect_err("bad storage");
+    let (code, msg) = rpc_error(&err);
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION, "{msg}");
+    assert!(msg.contains("/dev/nonexistent-disk") && msg.contains("ext4"), "{msg}");
+    assert_eq!(agent.mounts(), Vec::<String>::new());
+    assert!(!cgroup_exists(&bad));
+}

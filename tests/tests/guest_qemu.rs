@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use hull_runtime::vm::qemu::{QemuConfig, QemuVm};
 use hull_runtime::vm::detect_accel;
+use hull_proto::stdio::StreamKind;
 use hull_tests::*;
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
@@ -90,4 +91,140 @@ async fn guest_agent_answers_over_hull_vsock_and_destroy_powers_off() {
         assert!(Instant::now() < deadline, "the vsock backend outlived its VM");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A busybox root filesystem as an ext4 disk image, with `/data` holding `data`.
+fn rootfs_disk(dir: &std::path::Path, data: &[u8]) -> PathBuf {
+    let root = dir.join("disk-root");
+    busybox_rootfs(&root).expect("busybox rootfs");
+    std::fs::write(root.join("data"), data).expect("write data");
+    let img = dir.join("rootfs.ext4");
+    let size_mib = 16 + data.len() / (1 << 20) * 5 / 4;
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+        .arg(&root)
+        .arg(&img)
+        .arg(format!("{size_mib}M"))
+        .output()
+        .expect("mkfs.ext4 runs (apt-get install e2fsprogs)");
+    assert!(out.status.success(), "mkfs.ext4: {}", String::from_utf8_lossy(&out.stderr));
+    img
+}
+
+fn pseudo_random(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    let mut x: u64 = 0x2545F4914F6CDD1D;
+    for chunk in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_in_the_guest_and_64_mib_each_way_over_vsock() {
+    require_qemu!();
+    use sha2::{Digest, Sha256};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = pseudo_random(64 << 20);
+    let img = rootfs_disk(dir.path(), &data);
+    let mut cfg = config(dir.path());
+    cfg.qemu_extra = vec![
+        "-drive".into(),
+        format!("file={},if=none,id=rootfs,format=raw,readonly=on", img.display()),
+        "-device".into(),
+        "virtio-blk-pci,drive=rootfs".into(),
+    ];
+    let mut vm = QemuVm::start(cfg).expect("QEMU starts");
+    let conn = vm.wait_for_agent(Duration::from_secs(90)).await.expect("agent answers");
+    let mut req = hull_proto::agent::CreateSandboxRequest::new();
+    req.sandbox_id = "pod-guest".into();
+    req.hostname = "pod-guest".into();
+    conn.client.create_sandbox(ctx(), &req).await.expect("CreateSandbox");
+
+    let disk = |mount_point: &str| {
+        let mut s = hull_proto::agent::Storage::new();
+        s.source = "/dev/vda".into();
+        s.fstype = "ext4".into();
+        s.options = vec!["ro".into()];
+        s.mount_point = mount_point.into();
+        s
+    };
+    let spec_on = |root: &str, args: &[&str]| {
+        let mut spec = default_spec(args, root);
+        spec["root"]["readonly"] = serde_json::json!(true);
+        spec
+    };
+
+    // A container on the disk: its output and exit status come back over vsock.
+    let root = "/run/hull/disks/hello";
+    let script = "echo hello from $(hostname) on $(uname -r); echo err >&2; exit 3";
+    conn.create_on("hello", &spec_on(root, &["sh", "-c", script]), stdio(false, true, true), vec![disk(root)])
+        .await
+        .expect("create in the guest");
+    let out = conn.attach("hello", "", StreamKind::Stdout).await.expect("stdout");
+    let err = conn.attach("hello", "", StreamKind::Stderr).await.expect("stderr");
+    conn.start("hello").await.expect("start");
+    let (out, err) = tokio::join!(read_all(out), read_all(err));
+    assert_eq!(out.expect("stdout"), "hello from pod-guest on 6.1.192-hull\n");
+    assert_eq!(err.expect("stderr"), "err\n");
+    assert_eq!(conn.wait("hello", "").await.expect("wait").exit_status, 3);
+    conn.remove("hello").await.expect("remove");
+
+    // 64 MiB guest -> host: the disk's /data, checksummed here.
+    let root = "/run/hull/disks/xfer";
+    conn.create_on("out", &spec_on(root, &["cat", "/data"]), stdio(false, true, false), vec![disk(root)])
+        .await
+        .expect("create");
+    let mut out = conn.attach("out", "", StreamKind::Stdout).await.expect("stdout");
+    let t = Instant::now();
+    conn.start("out").await.expect("start");
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    loop {
+        let n = out.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(total, data.len());
+    assert_eq!(hasher.finalize()[..], Sha256::digest(&data)[..], "guest -> host checksum");
+    assert_eq!(conn.wait("out", "").await.expect("wait").exit_status, 0);
+    eprintln!("guest -> host over vsock: {:.1} MB/s", data.len() as f64 / 1e6 / secs);
+    conn.remove("out").await.expect("remove");
+
+    // 64 MiB host -> guest: the container checksums its stdin.
+    conn.create_on("in", &spec_on(root, &["sha256sum"]), stdio(true, true, false), vec![disk(root)])
+        .await
+        .expect("create");
+    let mut stdin = conn.attach("in", "", StreamKind::Stdin).await.expect("stdin");
+    let out = conn.attach("in", "", StreamKind::Stdout).await.expect("stdout");
+    conn.start("in").await.expect("start");
+    let t = Instant::now();
+    let writer = tokio::spawn(async move {
+        stdin.write_all(&data).await.expect("write stdin");
+        stdin.shutdown().await.expect("close stdin");
+        data
+    });
+    let printed = read_all(out).await.expect("read");
+    let data = writer.await.expect("writer");
+    let secs = t.elapsed().as_secs_f64();
+    let expected: String = Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(printed.split_whitespace().next(), Some(expected.as_str()), "host -> guest checksum");
+    eprintln!("host -> guest over vsock (with the guest hashing): {:.1} MB/s", data.len() as f64 / 1e6 / secs);
+    assert_eq!(conn.wait("in", "").await.expect("wait").exit_status, 0);
+    conn.remove("in").await.expect("remove");
+
+    let mut req = hull_proto::agent::DestroySandboxRequest::new();
+    req.timeout_secs = 1;
+    conn.client.destroy_sandbox(ctx(), &req).await.expect("DestroySandbox");
+    let status = vm.wait_exit(Duration::from_secs(30)).await.expect("the VM exits");
+    assert!(status.success(), "QEMU exit: {status:?}");
 }

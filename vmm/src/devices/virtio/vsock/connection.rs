@@ -49,6 +49,8 @@ pub struct Connection {
     pub peer_shutdown: u32,
     /// The host side reached end of file.
     pub host_eof: bool,
+    /// The host socket reported a hang-up; unread bytes may remain, read until end of file.
+    pub host_hup: bool,
 }
 
 impl Connection {
@@ -68,6 +70,7 @@ impl Connection {
             last_fwd_cnt_sent: Wrapping(0),
             peer_shutdown: 0,
             host_eof: false,
+            host_hup: false,
         }
     }
 

@@ -125,6 +125,12 @@ impl VsockMuxer {
     /// queued for it, writable while guest data waits for the stream.
     fn rearm(&self, key: ConnKey) {
         let Some(c) = self.conns.get(&key) else { return };
+        if c.host_hup {
+            // A hung-up socket reports HUP at every wait; what it still holds is read as credit
+            // allows (see handle_tx), so it leaves the epoll set.
+            self.unwatch(c.stream.as_raw_fd());
+            return;
+        }
         let mut ev = EventSet::empty();
         if c.state == State::Established && !c.wants_rw && !c.host_eof && c.peer_free() > 0 {
             ev |= EventSet::IN;
@@ -236,14 +242,13 @@ impl VsockMuxer {
                 None => {}
             }
         }
-        if events.contains(EventSet::IN) {
-            if let Some(c) = self.conns.get_mut(&key) {
+        let hup = events.intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP);
+        if let Some(c) = self.conns.get_mut(&key) {
+            // Epoll reports a hang-up even when reading was paused for lack of credit: bytes may
+            // still be in the socket. Read on; end of file comes from read() returning 0.
+            c.host_hup |= hup;
+            if (events.contains(EventSet::IN) || hup) && !c.host_eof {
                 c.wants_rw = true;
-                self.queue_rx(key);
-            }
-        } else if events.intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP) {
-            if let Some(c) = self.conns.get_mut(&key) {
-                c.host_shutdown();
                 self.queue_rx(key);
             }
         }
@@ -311,6 +316,12 @@ impl VsockMuxer {
             return;
         };
         c.update_peer_credit(pkt.buf_alloc(), pkt.fwd_cnt());
+        if c.host_hup && !c.host_eof && !c.wants_rw && c.peer_free() > 0 {
+            // Not in the epoll set any more: credit is what resumes reading.
+            c.wants_rw = true;
+            self.queue_rx(key);
+        }
+        let Some(c) = self.conns.get_mut(&key) else { return };
         match pkt.op() {
             OP_RESPONSE if c.state == State::LocalInit => {
                 c.state = State::Established;

@@ -346,3 +346,32 @@ fn an_rx_buffer_too_small_for_a_header_is_returned_empty() {
     // The REQUEST waits for a proper buffer.
     assert_eq!(f.receive_one().0.op, OP_REQUEST);
 }
+
+#[test]
+fn bytes_written_before_the_host_closes_all_reach_the_guest() {
+    let mut f = Fixture::new();
+    let (mut host, local) = f.host_connect(7000);
+    // The guest can take 8 KiB at a time; the host writes 100 KiB and closes at once.
+    f.send(Hdr { buf_alloc: 8192, ..Hdr::guest(7000, local, OP_CREDIT_UPDATE) }, &[]);
+    let payload: Vec<u8> = (0..100 * 1024).map(|i| (i % 251) as u8).collect();
+    host.write_all(&payload).unwrap();
+    drop(host);
+    let mut got = Vec::new();
+    let mut shutdown = false;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !shutdown {
+        assert!(Instant::now() < deadline, "stalled after {} bytes", got.len());
+        for (h, d) in f.receive(Duration::from_millis(5)) {
+            match h.op {
+                OP_RW => got.extend(d),
+                OP_SHUTDOWN => shutdown = true,
+                op => panic!("unexpected op {op}"),
+            }
+        }
+        // The guest consumed everything so far: it says so.
+        let fwd = got.len() as u32;
+        f.send(Hdr { buf_alloc: 8192, fwd_cnt: fwd, ..Hdr::guest(7000, local, OP_CREDIT_UPDATE) }, &[]);
+    }
+    assert_eq!(got.len(), payload.len(), "every byte before the SHUTDOWN");
+    assert!(got == payload, "in order");
+}
