@@ -237,7 +237,8 @@ fn build_agent(opts: &Options) -> Result<PathBuf, BuildError> {
             .args(["build", "--release", "--locked", "-p", "hull-agent", "--target", AGENT_TARGET, "--target-dir"])
             .arg(&target_dir)
             .current_dir(&opts.workspace)
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            // Static (the initramfs has no loader) and stripped (every byte is unpacked at boot).
+            .env("RUSTFLAGS", "-C target-feature=+crt-static -C strip=symbols")
             .env("LIBSECCOMP_LINK_TYPE", "static")
             .env("LIBSECCOMP_LIB_PATH", "/usr/lib/x86_64-linux-gnu"),
         &log,

@@ -1,4 +1,5 @@
-//! `hull run` end to end: the CLI starts a real hull-agent and runs a real container.
+//! `hull run` end to end: a real container in a real microVM (QEMU, hull's vsock device, the
+//! guest image), and through a host agent with `--host`.
 
 use std::path::Path;
 use std::process::Command;
@@ -12,9 +13,16 @@ fn skip_reason() -> Option<&'static str> {
     if !Path::new("/bin/busybox").exists() {
         return Some("needs /bin/busybox (apt-get install busybox-static)");
     }
-    let agent = Path::new(HULL).with_file_name("hull-agent");
-    if !agent.exists() {
-        return Some("needs hull-agent built beside hull (cargo test --workspace builds it)");
+    for bin in ["hull-agent", "hull-vmm"] {
+        if !Path::new(HULL).with_file_name(bin).exists() {
+            return Some("needs hull-agent and hull-vmm built beside hull (cargo test --workspace builds them)");
+        }
+    }
+    if !Path::new("/usr/bin/qemu-system-x86_64").exists() {
+        return Some("needs qemu-system-x86_64 (apt-get install qemu-system-x86)");
+    }
+    if !Path::new(HULL).parent().and_then(Path::parent).map(|t| t.join("guest/bzImage")).is_some_and(|p| p.exists()) {
+        return Some("needs the guest image (cargo run -p hull-guest-image -- build)");
     }
     None
 }
@@ -34,15 +42,22 @@ fn hull_run_prints_output_and_returns_the_exit_status() {
     }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy busybox");
     std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).expect("link");
-    let out = Command::new(HULL)
-        .args(["run", "--hostname", "demo", "--rootfs"])
-        .arg(&rootfs)
-        .args(["--", "sh", "-c", "echo hello from $(busybox hostname); echo oops >&2; exit 4"])
-        .output()
-        .expect("hull runs");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from demo\n");
-    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
-    assert_eq!(out.status.code(), Some(4));
+    for mode in [&[][..], &["--host"][..]] {
+        let out = Command::new(HULL)
+            .args(["run", "--hostname", "demo"])
+            .args(mode)
+            .arg("--rootfs")
+            .arg(&rootfs)
+            .args(["--", "sh", "-c", "echo hello from $(busybox hostname) on $(busybox uname -r); echo oops >&2; exit 4"])
+            .output()
+            .expect("hull runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.starts_with("hello from demo on "), "{mode:?}: {stdout}");
+        // In a microVM the kernel is hull's guest kernel.
+        assert_eq!(stdout.trim_end().ends_with("-hull"), mode.is_empty(), "{mode:?}: {stdout}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n", "{mode:?}");
+        assert_eq!(out.status.code(), Some(4), "{mode:?}");
+    }
 
     let out = Command::new(HULL).args(["run", "--rootfs", "/nonexistent", "--", "true"]).output().expect("hull runs");
     assert_eq!(out.status.code(), Some(125));

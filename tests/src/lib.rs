@@ -214,3 +214,16 @@ pub fn rpc_error(e: &ClientError) -> (ttrpc::Code, String) {
 pub fn unique_id(name: &str) -> String {
     format!("{name}-{}", std::process::id())
 }
+
+/// Deterministic pseudo-random bytes (xorshift64), for transfers checked by checksum.
+pub fn pseudo_random(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    let mut x: u64 = 0x9E3779B97F4A7C15;
+    for chunk in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    v
+}

@@ -217,14 +217,7 @@ async fn one_gib_through_stdout_arrives_intact() {
     use tokio::io::AsyncReadExt;
     let agent = TestAgent::start().await.expect("agent starts");
     // 64 MiB of pseudo-random bytes, written out 16 times by one cat: 1 GiB.
-    let mut block = vec![0u8; 64 << 20];
-    let mut x: u64 = 0x9E3779B97F4A7C15;
-    for chunk in block.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
+    let block = pseudo_random(64 << 20);
     std::fs::write(agent.rootfs.join("data"), &block).expect("write data");
     let mut expected = Sha256::new();
     for _ in 0..16 {

@@ -111,18 +111,6 @@ fn rootfs_disk(dir: &std::path::Path, data: &[u8]) -> PathBuf {
     img
 }
 
-fn pseudo_random(len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    let mut x: u64 = 0x2545F4914F6CDD1D;
-    for chunk in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    v
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_in_the_guest_and_64_mib_each_way_over_vsock() {
     require_qemu!();

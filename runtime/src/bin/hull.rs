@@ -1,9 +1,9 @@
 //! `hull`: hull's command-line tool.
 //!
-//! `hull run` runs one container and prints its output. Until the microVM path lands it
-//! starts a `hull-agent` on this host (the same agent that runs as PID 1 in a pod VM) and runs
-//! the container through its API, so what it shows is the agent's real container set-up:
-//! namespaces, cgroups, pivot_root, stdio streams.
+//! `hull run` runs one container in a fresh microVM and prints its output: the rootfs goes in
+//! as a virtio-blk disk, the VM runs under QEMU (KVM where it can run the guest, TCG
+//! otherwise) with hull's vsock device, and the guest's hull-agent runs the container.
+//! `--host` runs it through a hull-agent on this host instead (no VM), for debugging.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use hull_proto::stdio::StreamKind;
-use hull_runtime::agent_client::{stdio, AgentConn};
+use hull_proto::agent::Storage;
+use hull_runtime::agent_client::{ctx, stdio, AgentConn};
+use hull_runtime::vm::detect_accel;
+use hull_runtime::vm::qemu::{QemuConfig, QemuVm};
 use tokio::io::AsyncReadExt;
 
 #[derive(Debug, Parser)]
@@ -32,6 +35,19 @@ enum Cmd {
         /// The container's hostname.
         #[arg(long, default_value = "hull")]
         hostname: String,
+        /// Run through a hull-agent on this host instead of a microVM.
+        #[arg(long)]
+        host: bool,
+        /// The guest image directory (bzImage, initramfs.cpio); default: target/guest beside
+        /// this binary's directory, or HULL_GUEST_DIR.
+        #[arg(long)]
+        guest: Option<PathBuf>,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory: u32,
+        /// Say how the VM was booted and how long it took.
+        #[arg(short, long)]
+        verbose: bool,
         /// The command and its arguments.
         #[arg(required = true, last = true)]
         command: Vec<String>,
@@ -54,6 +70,12 @@ enum CliError {
     Output(#[source] std::io::Error),
     #[error("Cannot start the async runtime: {0}.")]
     Runtime(#[source] std::io::Error),
+    #[error("Cannot make a disk of the rootfs {rootfs:?}: {reason}.")]
+    Disk { rootfs: PathBuf, reason: String },
+    #[error(transparent)]
+    Vm(#[from] hull_runtime::vm::qemu::QemuError),
+    #[error("The VM did not power off after DestroySandbox.")]
+    NoPowerOff,
 }
 
 /// A hull-agent on this host, stopped (with its containers) when dropped.
@@ -114,29 +136,125 @@ async fn copy_to(mut from: tokio::net::UnixStream, mut to: impl Write) -> std::i
     }
 }
 
-async fn run(rootfs: &Path, hostname: &str, command: &[String]) -> Result<i32, CliError> {
+/// Creates, attaches, starts and waits for a container; returns its exit status.
+async fn run_container(conn: &AgentConn, id: &str, spec: &serde_json::Value, storages: Vec<Storage>) -> Result<i32, CliError> {
+    conn.create_on(id, spec, stdio(false, true, true), storages).await?;
+    let out = conn.attach(id, "", StreamKind::Stdout).await?;
+    let err = conn.attach(id, "", StreamKind::Stderr).await?;
+    conn.start(id).await?;
+    let (o, e) = tokio::join!(copy_to(out, std::io::stdout()), copy_to(err, std::io::stderr()));
+    o.and(e).map_err(CliError::Output)?;
+    let status = conn.wait(id, "").await?.exit_status;
+    conn.remove(id).await?;
+    Ok(status)
+}
+
+fn checked_rootfs(rootfs: &Path) -> Result<PathBuf, CliError> {
     if !rootfs.is_dir() {
         return Err(CliError::NoRootfs(rootfs.into()));
     }
     if !nix::unistd::geteuid().is_root() {
         return Err(CliError::NotRoot);
     }
-    let rootfs = std::fs::canonicalize(rootfs).map_err(|_| CliError::NoRootfs(rootfs.into()))?;
+    std::fs::canonicalize(rootfs).map_err(|_| CliError::NoRootfs(rootfs.into()))
+}
+
+async fn run_on_host(rootfs: &Path, hostname: &str, command: &[String]) -> Result<i32, CliError> {
+    let rootfs = checked_rootfs(rootfs)?;
     let agent = HostAgent::start()?;
     let conn = agent.connect().await?;
     let args: Vec<&str> = command.iter().map(String::as_str).collect();
     let mut spec = hull_runtime::oci::default_spec(&args, &rootfs.to_string_lossy());
     spec["hostname"] = hostname.into();
-    let id = format!("run-{}", std::process::id());
-    conn.create(&id, &spec, stdio(false, true, true)).await?;
-    let out = conn.attach(&id, "", StreamKind::Stdout).await?;
-    let err = conn.attach(&id, "", StreamKind::Stderr).await?;
-    conn.start(&id).await?;
-    let (o, e) = tokio::join!(copy_to(out, std::io::stdout()), copy_to(err, std::io::stderr()));
-    o.and(e).map_err(CliError::Output)?;
-    let status = conn.wait(&id, "").await?.exit_status;
-    conn.remove(&id).await?;
-    Ok(status)
+    run_container(&conn, &format!("run-{}", std::process::id()), &spec, Vec::new()).await
+}
+
+fn dir_size(p: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(p) else { return 0 };
+    if meta.is_dir() {
+        std::fs::read_dir(p).map(|d| d.flatten().map(|e| dir_size(&e.path())).sum()).unwrap_or(0) + 4096
+    } else {
+        meta.len().next_multiple_of(4096)
+    }
+}
+
+/// An ext4 image of the rootfs directory, for the guest to mount from virtio-blk.
+fn rootfs_disk(rootfs: &Path, img: &Path) -> Result<(), CliError> {
+    let size_mib = (dir_size(rootfs) * 5 / 4 >> 20) + 32;
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+        .arg(rootfs)
+        .arg(img)
+        .arg(format!("{size_mib}M"))
+        .output()
+        .map_err(|e| CliError::Disk { rootfs: rootfs.into(), reason: format!("mkfs.ext4: {e}") })?;
+    if !out.status.success() {
+        return Err(CliError::Disk { rootfs: rootfs.into(), reason: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+    }
+    Ok(())
+}
+
+fn beside_exe(name: &str) -> PathBuf {
+    std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join(name))).unwrap_or_else(|| name.into())
+}
+
+async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], guest: Option<PathBuf>, memory: u32, verbose: bool) -> Result<i32, CliError> {
+    let rootfs = checked_rootfs(rootfs)?;
+    let guest = guest
+        .or_else(|| std::env::var_os("HULL_GUEST_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| beside_exe("../guest"));
+    let work = tempfile::Builder::new()
+        .prefix("hull-run-")
+        .tempdir()
+        .map_err(|source| CliError::Agent { path: "tempdir".into(), source })?;
+    let img = work.path().join("rootfs.ext4");
+    rootfs_disk(&rootfs, &img)?;
+    let (accel, why) = detect_accel();
+    let t = Instant::now();
+    let mut vm = QemuVm::start(QemuConfig {
+        qemu: std::env::var_os("HULL_QEMU").map(PathBuf::from).unwrap_or_else(|| "qemu-system-x86_64".into()),
+        vmm: beside_exe("hull-vmm"),
+        kernel: guest.join("bzImage"),
+        initramfs: guest.join("initramfs.cpio"),
+        vcpus: 1,
+        memory_mib: memory,
+        accel,
+        guest_cid: 3,
+        workdir: work.path().into(),
+        cmdline_extra: vec![],
+        qemu_extra: vec![
+            "-drive".into(),
+            format!("file={},if=none,id=rootfs,format=raw", img.display()),
+            "-device".into(),
+            "virtio-blk-pci,drive=rootfs".into(),
+        ],
+    })?;
+    let conn = vm.wait_for_agent(Duration::from_secs(120)).await?;
+    if verbose {
+        eprintln!("hull: microVM ready in {:.2} s under QEMU/{accel:?} ({why})", t.elapsed().as_secs_f64());
+    }
+    let mut sandbox = hull_proto::agent::CreateSandboxRequest::new();
+    sandbox.sandbox_id = format!("run-{}", std::process::id());
+    sandbox.hostname = hostname.into();
+    conn.client
+        .create_sandbox(ctx(), &sandbox)
+        .await
+        .map_err(|e| hull_runtime::agent_client::ClientError::rpc("CreateSandbox", e))?;
+    let root = "/run/hull/rootfs";
+    let mut disk = Storage::new();
+    disk.source = "/dev/vda".into();
+    disk.fstype = "ext4".into();
+    disk.mount_point = root.into();
+    let args: Vec<&str> = command.iter().map(String::as_str).collect();
+    let spec = hull_runtime::oci::default_spec(&args, root);
+    let status = run_container(&conn, "run", &spec, vec![disk]).await;
+    let mut destroy = hull_proto::agent::DestroySandboxRequest::new();
+    destroy.timeout_secs = 1;
+    let _ = conn.client.destroy_sandbox(ctx(), &destroy).await;
+    if vm.wait_exit(Duration::from_secs(30)).await.is_none() {
+        return Err(CliError::NoPowerOff);
+    }
+    status
 }
 
 fn main() -> ExitCode {
@@ -146,7 +264,10 @@ fn main() -> ExitCode {
         .build()
         .map_err(CliError::Runtime)
         .and_then(|rt| match &cli.cmd {
-            Cmd::Run { rootfs, hostname, command } => rt.block_on(run(rootfs, hostname, command)),
+            Cmd::Run { rootfs, hostname, host: true, command, .. } => rt.block_on(run_on_host(rootfs, hostname, command)),
+            Cmd::Run { rootfs, hostname, host: false, guest, memory, verbose, command } => {
+                rt.block_on(run_in_vm(rootfs, hostname, command, guest.clone(), *memory, *verbose))
+            }
         });
     match result {
         Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(255)),
