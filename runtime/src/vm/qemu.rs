@@ -63,6 +63,15 @@ impl QemuVm {
         let uds = config.workdir.join("vsock.sock");
         let console = config.workdir.join("console.log");
         let _ = std::fs::remove_file(&vu);
+        // The VMM's and QEMU's own messages go to files beside the console, not to the
+        // terminal of whoever runs the container (its stdout/stderr are the container's).
+        let log = |name: &str| -> Result<(Stdio, Stdio), QemuError> {
+            let f = std::fs::File::create(config.workdir.join(name))
+                .map_err(|source| QemuError::Spawn { what: "a log file", source })?;
+            let g = f.try_clone().map_err(|source| QemuError::Spawn { what: "a log file", source })?;
+            Ok((Stdio::from(f), Stdio::from(g)))
+        };
+        let (vout, verr) = log("vhost-user-vsock.log")?;
         let mut backend = Command::new(&config.vmm)
             .args(["--log-level", "warn", "vhost-user", "vsock", "--socket"])
             .arg(&vu)
@@ -71,6 +80,8 @@ impl QemuVm {
             .arg("--guest-cid")
             .arg(config.guest_cid.to_string())
             .stdin(Stdio::null())
+            .stdout(vout)
+            .stderr(verr)
             .spawn()
             .map_err(|source| QemuError::Spawn { what: "hull-vmm vhost-user vsock", source })?;
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -92,6 +103,14 @@ impl QemuVm {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
         };
+        let (qout, qerr) = match log("qemu.log") {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = backend.kill();
+                let _ = backend.wait();
+                return Err(e);
+            }
+        };
         let qemu = Command::new(&config.qemu)
             .args(["-machine", &format!("pc,accel={accel},memory-backend=mem")])
             .args(["-cpu", if config.accel == Accel::Kvm { "host" } else { "max" }])
@@ -109,6 +128,8 @@ impl QemuVm {
             .args(["-device", "vhost-user-vsock-pci,chardev=vsock0"])
             .args(&config.qemu_extra)
             .stdin(Stdio::null())
+            .stdout(qout)
+            .stderr(qerr)
             .spawn();
         let qemu = match qemu {
             Ok(q) => q,
@@ -133,7 +154,9 @@ impl QemuVm {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.qemu.try_wait() {
-                return Err(QemuError::QemuExited { status: status.to_string(), console: self.console_text() });
+                let qemu_log = std::fs::read_to_string(self.config.workdir.join("qemu.log")).unwrap_or_default();
+                let console = format!("{}\n{}", qemu_log.trim_end(), self.console_text());
+                return Err(QemuError::QemuExited { status: status.to_string(), console });
             }
             if let Ok(conn) = AgentConn::connect_hybrid_vsock(&self.vsock_uds).await {
                 if conn.check().await.unwrap_or(false) {

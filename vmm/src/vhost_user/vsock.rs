@@ -7,6 +7,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
@@ -33,7 +34,10 @@ impl VsockBackend {
         let Some(atomic) = &self.mem else { return Ok(()) };
         let mem = atomic.memory();
         let (rx, tx) = (&vrings[RX_QUEUE], &vrings[TX_QUEUE]);
-        if event == TX_QUEUE as u16 {
+        // Host sockets can have data before the driver has set the queues up (or after it reset
+        // them); such data waits in the muxer until the queue is ready.
+        let ready = |v: &VringRwLock| v.get_ref().get_queue().ready();
+        if event == TX_QUEUE as u16 && ready(tx) {
             let used = self.device.process_tx(tx.get_mut().get_queue_mut(), &*mem);
             if used {
                 tx.signal_used_queue()?;
@@ -42,7 +46,7 @@ impl VsockBackend {
             self.device.muxer.process_host_events();
         }
         // Whatever happened may have given the guest something to receive.
-        if self.device.muxer.has_rx() && self.device.process_rx(rx.get_mut().get_queue_mut(), &*mem) {
+        if ready(rx) && self.device.muxer.has_rx() && self.device.process_rx(rx.get_mut().get_queue_mut(), &*mem) {
             rx.signal_used_queue()?;
         }
         Ok(())
