@@ -52,6 +52,7 @@ fn config(workdir: &std::path::Path) -> QemuConfig {
         workdir: workdir.into(),
         cmdline_extra: vec![],
         qemu_extra: vec![],
+        shared_dir: None,
     }
 }
 
@@ -215,4 +216,114 @@ async fn a_container_in_the_guest_and_64_mib_each_way_over_vsock() {
     conn.client.destroy_sandbox(ctx(), &req).await.expect("DestroySandbox");
     let status = vm.wait_exit(Duration::from_secs(30)).await.expect("the VM exits");
     assert!(status.success(), "QEMU exit: {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_on_hull_virtio_fs_reads_and_writes_host_files() {
+    require_qemu!();
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let share = dir.path().join("share");
+    busybox_rootfs(&share).expect("busybox rootfs");
+    let data = pseudo_random(8 << 20);
+    std::fs::write(share.join("data"), &data).expect("write data");
+    let mut cfg = config(dir.path());
+    cfg.shared_dir = Some(share.clone());
+    let mut vm = QemuVm::start(cfg).expect("QEMU starts");
+    let conn = vm.wait_for_agent(Duration::from_secs(90)).await.expect("agent answers");
+    let mut req = hull_proto::agent::CreateSandboxRequest::new();
+    req.sandbox_id = "pod-fs".into();
+    conn.client.create_sandbox(ctx(), &req).await.expect("CreateSandbox");
+
+    let root = "/run/hull/shared";
+    let mut fs = hull_proto::agent::Storage::new();
+    fs.source = hull_runtime::vm::qemu::FS_TAG.into();
+    fs.fstype = "virtiofs".into();
+    fs.mount_point = root.into();
+    let script = "cat /late; sha256sum /data; echo written by the guest > /note; mkdir /made; grep -c virtiofs /proc/mounts";
+    conn.create_on("fs", &default_spec(&["sh", "-c", script], root), stdio(false, true, true), vec![fs])
+        .await
+        .expect("create on the share");
+    // Written after the guest mounted the share: the guest must see it anyway.
+    std::fs::write(share.join("late"), "late file\n").expect("write late");
+    let out = conn.attach("fs", "", StreamKind::Stdout).await.expect("stdout");
+    let err = conn.attach("fs", "", StreamKind::Stderr).await.expect("stderr");
+    conn.start("fs").await.expect("start");
+    let (out, err) = tokio::join!(read_all(out), read_all(err));
+    let (out, err) = (out.expect("stdout"), err.expect("stderr"));
+    assert_eq!(conn.wait("fs", "").await.expect("wait").exit_status, 0, "stderr: {err}");
+    let expected: String = Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"late file"), "{out}");
+    assert_eq!(lines.get(1).and_then(|l| l.split_whitespace().next()), Some(expected.as_str()), "{out}");
+    assert_eq!(std::fs::read_to_string(share.join("note")).expect("the host sees the guest's file"), "written by the guest\n");
+    assert!(share.join("made").is_dir());
+    conn.remove("fs").await.expect("remove");
+
+    let mut req = hull_proto::agent::DestroySandboxRequest::new();
+    req.timeout_secs = 1;
+    conn.client.destroy_sandbox(ctx(), &req).await.expect("DestroySandbox");
+    let status = vm.wait_exit(Duration::from_secs(30)).await.expect("the VM exits");
+    assert!(status.success(), "QEMU exit: {status:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm.backends_exited().iter().any(Option::is_none) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(vm.backends_exited().iter().all(|s| s.is_some_and(|s| s.success())), "{:?}", vm.backends_exited());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_guest_mid_transfer_ends_the_backends_cleanly() {
+    require_qemu!();
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let share = dir.path().join("share");
+    busybox_rootfs(&share).expect("busybox rootfs");
+    let mut cfg = config(dir.path());
+    cfg.shared_dir = Some(share.clone());
+    let mut vm = QemuVm::start(cfg).expect("QEMU starts");
+    let conn = vm.wait_for_agent(Duration::from_secs(90)).await.expect("agent answers");
+    let mut req = hull_proto::agent::CreateSandboxRequest::new();
+    req.sandbox_id = "pod-kill".into();
+    conn.client.create_sandbox(ctx(), &req).await.expect("CreateSandbox");
+    let root = "/run/hull/shared";
+    let mut fs = hull_proto::agent::Storage::new();
+    fs.source = hull_runtime::vm::qemu::FS_TAG.into();
+    fs.fstype = "virtiofs".into();
+    fs.mount_point = root.into();
+    // An endless stream: the guest reads through virtio-fs and writes through vsock.
+    conn.create_on("flood", &default_spec(&["sh", "-c", "while true; do cat /bin/busybox; done"], root), stdio(false, true, false), vec![fs])
+        .await
+        .expect("create");
+    let mut out = conn.attach("flood", "", StreamKind::Stdout).await.expect("stdout");
+    conn.start("flood").await.expect("start");
+    let mut buf = vec![0u8; 1 << 16];
+    let mut got = 0usize;
+    while got < 4 << 20 {
+        got += out.read(&mut buf).await.expect("read");
+    }
+    // SIGKILL: the guest disappears mid-transfer.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(vm.qemu_pid() as i32), nix::sys::signal::Signal::SIGKILL).expect("kill QEMU");
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match out.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the host side of the stream must end when the guest dies");
+    assert!(vm.wait_exit(Duration::from_secs(5)).await.is_some());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm.backends_exited().iter().any(Option::is_none) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let statuses = vm.backends_exited();
+    assert!(statuses.iter().all(Option::is_some), "every backend exits when its VM dies: {statuses:?}");
+    for log in ["vhost-user-vsock.log", "vhost-user-fs.log"] {
+        let text = std::fs::read_to_string(dir.path().join(log)).unwrap_or_default();
+        assert!(!text.contains("panicked"), "{log}: {text}");
+    }
+    eprintln!("backend exits after the guest was killed: {statuses:?}");
 }

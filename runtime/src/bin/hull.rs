@@ -70,8 +70,6 @@ enum CliError {
     Output(#[source] std::io::Error),
     #[error("Cannot start the async runtime: {0}.")]
     Runtime(#[source] std::io::Error),
-    #[error("Cannot make a disk of the rootfs {rootfs:?}: {reason}.")]
-    Disk { rootfs: PathBuf, reason: String },
     #[error(transparent)]
     Vm(#[from] hull_runtime::vm::qemu::QemuError),
     #[error("The VM did not power off after DestroySandbox.")]
@@ -169,31 +167,6 @@ async fn run_on_host(rootfs: &Path, hostname: &str, command: &[String]) -> Resul
     run_container(&conn, &format!("run-{}", std::process::id()), &spec, Vec::new()).await
 }
 
-fn dir_size(p: &Path) -> u64 {
-    let Ok(meta) = std::fs::symlink_metadata(p) else { return 0 };
-    if meta.is_dir() {
-        std::fs::read_dir(p).map(|d| d.flatten().map(|e| dir_size(&e.path())).sum()).unwrap_or(0) + 4096
-    } else {
-        meta.len().next_multiple_of(4096)
-    }
-}
-
-/// An ext4 image of the rootfs directory, for the guest to mount from virtio-blk.
-fn rootfs_disk(rootfs: &Path, img: &Path) -> Result<(), CliError> {
-    let size_mib = (dir_size(rootfs) * 5 / 4 >> 20) + 32;
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
-        .arg(rootfs)
-        .arg(img)
-        .arg(format!("{size_mib}M"))
-        .output()
-        .map_err(|e| CliError::Disk { rootfs: rootfs.into(), reason: format!("mkfs.ext4: {e}") })?;
-    if !out.status.success() {
-        return Err(CliError::Disk { rootfs: rootfs.into(), reason: String::from_utf8_lossy(&out.stderr).trim().to_string() });
-    }
-    Ok(())
-}
-
 fn beside_exe(name: &str) -> PathBuf {
     std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join(name))).unwrap_or_else(|| name.into())
 }
@@ -207,8 +180,6 @@ async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], guest: Opt
         .prefix("hull-run-")
         .tempdir()
         .map_err(|source| CliError::Agent { path: "tempdir".into(), source })?;
-    let img = work.path().join("rootfs.ext4");
-    rootfs_disk(&rootfs, &img)?;
     let (accel, why) = detect_accel();
     let t = Instant::now();
     let mut vm = QemuVm::start(QemuConfig {
@@ -222,12 +193,9 @@ async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], guest: Opt
         guest_cid: 3,
         workdir: work.path().into(),
         cmdline_extra: vec![],
-        qemu_extra: vec![
-            "-drive".into(),
-            format!("file={},if=none,id=rootfs,format=raw", img.display()),
-            "-device".into(),
-            "virtio-blk-pci,drive=rootfs".into(),
-        ],
+        qemu_extra: vec![],
+        // The rootfs directory itself, through hull's virtio-fs: nothing is copied.
+        shared_dir: Some(rootfs.clone()),
     })?;
     let conn = vm.wait_for_agent(Duration::from_secs(120)).await?;
     if verbose {
@@ -241,13 +209,13 @@ async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], guest: Opt
         .await
         .map_err(|e| hull_runtime::agent_client::ClientError::rpc("CreateSandbox", e))?;
     let root = "/run/hull/rootfs";
-    let mut disk = Storage::new();
-    disk.source = "/dev/vda".into();
-    disk.fstype = "ext4".into();
-    disk.mount_point = root.into();
+    let mut share = Storage::new();
+    share.source = hull_runtime::vm::qemu::FS_TAG.into();
+    share.fstype = "virtiofs".into();
+    share.mount_point = root.into();
     let args: Vec<&str> = command.iter().map(String::as_str).collect();
     let spec = hull_runtime::oci::default_spec(&args, root);
-    let status = run_container(&conn, "run", &spec, vec![disk]).await;
+    let status = run_container(&conn, "run", &spec, vec![share]).await;
     let mut destroy = hull_proto::agent::DestroySandboxRequest::new();
     destroy.timeout_secs = 1;
     let _ = conn.client.destroy_sandbox(ctx(), &destroy).await;

@@ -1,6 +1,6 @@
-//! A pod VM under QEMU: hull's vsock device runs as a vhost-user backend (`hull-vmm vhost-user
-//! vsock`), QEMU drives it with `vhost-user-vsock-pci`, and the host reaches the guest agent
-//! through the backend's hybrid vsock socket.
+//! A pod VM under QEMU: hull's vsock and fs devices run as vhost-user backends (`hull-vmm
+//! vhost-user vsock|fs`), QEMU drives them with `vhost-user-vsock-pci` and `vhost-user-fs-pci`,
+//! and the host reaches the guest agent through the vsock backend's hybrid socket.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,7 +15,9 @@ pub enum QemuError {
     Missing { what: &'static str, path: PathBuf },
     #[error("Cannot start {what}: {source}.")]
     Spawn { what: &'static str, source: std::io::Error },
-    #[error("The vsock backend did not create {0:?} within 5 s.")]
+    #[error("{what} exited with {status} before it was ready: {log}")]
+    BackendExited { what: &'static str, status: String, log: String },
+    #[error("A device backend did not create {0:?} within 5 s.")]
     BackendTimeout(PathBuf),
     #[error("QEMU exited with {status} before the agent answered; console: {console}")]
     QemuExited { status: String, console: String },
@@ -40,11 +42,25 @@ pub struct QemuConfig {
     pub cmdline_extra: Vec<String>,
     /// Extra QEMU arguments (disks, for instance).
     pub qemu_extra: Vec<String>,
+    /// A host directory shared through hull's virtio-fs backend under the tag `FS_TAG`.
+    pub shared_dir: Option<PathBuf>,
+}
+
+/// The virtio-fs tag of a VM's shared directory.
+pub const FS_TAG: &str = "hull";
+
+/// A log file in `dir` as stdout and stderr of a child: the VMM's and QEMU's own messages go
+/// beside the console, not to the terminal of whoever runs the container.
+fn log_files(dir: &Path, name: &str) -> Result<(Stdio, Stdio), QemuError> {
+    let f = std::fs::File::create(dir.join(name)).map_err(|source| QemuError::Spawn { what: "a log file", source })?;
+    let g = f.try_clone().map_err(|source| QemuError::Spawn { what: "a log file", source })?;
+    Ok((Stdio::from(f), Stdio::from(g)))
 }
 
 pub struct QemuVm {
     pub config: QemuConfig,
-    backend: Child,
+    /// The vhost-user backends: vsock first, then fs if a directory is shared.
+    backends: Vec<Child>,
     qemu: Child,
     pub vsock_uds: PathBuf,
     pub console: PathBuf,
@@ -54,44 +70,74 @@ fn exists(what: &'static str, p: &Path) -> Result<(), QemuError> {
     if p.exists() { Ok(()) } else { Err(QemuError::Missing { what, path: p.into() }) }
 }
 
+/// Kills and reaps children started so far when a later step fails.
+fn reap(children: &mut [Child]) {
+    for c in children.iter_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 impl QemuVm {
+    /// Starts one `hull-vmm vhost-user ...` backend whose messages go to `log` in the workdir,
+    /// and waits for its vhost-user socket.
+    fn start_backend(config: &QemuConfig, what: &'static str, args: &[&std::ffi::OsStr], socket: &Path, log: &str) -> Result<Child, QemuError> {
+        let _ = std::fs::remove_file(socket);
+        let (out, err) = log_files(&config.workdir, log)?;
+        let mut child = Command::new(&config.vmm)
+            .args(["--log-level", "warn", "vhost-user"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|source| QemuError::Spawn { what, source })?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !socket.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(config.workdir.join(log)).unwrap_or_default();
+                return Err(QemuError::BackendExited { what, status: status.to_string(), log: log.trim().into() });
+            }
+            if Instant::now() > deadline {
+                reap(std::slice::from_mut(&mut child));
+                return Err(QemuError::BackendTimeout(socket.into()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(child)
+    }
+
     pub fn start(config: QemuConfig) -> Result<QemuVm, QemuError> {
         exists("The guest kernel", &config.kernel)?;
         exists("The guest initramfs", &config.initramfs)?;
         exists("hull-vmm", &config.vmm)?;
+        if let Some(dir) = &config.shared_dir {
+            exists("The shared directory", dir)?;
+        }
         let vu = config.workdir.join("vhost-vsock.sock");
+        let fs_sock = config.workdir.join("vhost-fs.sock");
         let uds = config.workdir.join("vsock.sock");
         let console = config.workdir.join("console.log");
-        let _ = std::fs::remove_file(&vu);
-        // The VMM's and QEMU's own messages go to files beside the console, not to the
-        // terminal of whoever runs the container (its stdout/stderr are the container's).
-        let log = |name: &str| -> Result<(Stdio, Stdio), QemuError> {
-            let f = std::fs::File::create(config.workdir.join(name))
-                .map_err(|source| QemuError::Spawn { what: "a log file", source })?;
-            let g = f.try_clone().map_err(|source| QemuError::Spawn { what: "a log file", source })?;
-            Ok((Stdio::from(f), Stdio::from(g)))
-        };
-        let (vout, verr) = log("vhost-user-vsock.log")?;
-        let mut backend = Command::new(&config.vmm)
-            .args(["--log-level", "warn", "vhost-user", "vsock", "--socket"])
-            .arg(&vu)
-            .arg("--uds")
-            .arg(&uds)
-            .arg("--guest-cid")
-            .arg(config.guest_cid.to_string())
-            .stdin(Stdio::null())
-            .stdout(vout)
-            .stderr(verr)
-            .spawn()
-            .map_err(|source| QemuError::Spawn { what: "hull-vmm vhost-user vsock", source })?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !vu.exists() {
-            if Instant::now() > deadline {
-                let _ = backend.kill();
-                let _ = backend.wait();
-                return Err(QemuError::BackendTimeout(vu));
+        let cid = config.guest_cid.to_string();
+        let vsock_args = [
+            "vsock".as_ref(),
+            "--socket".as_ref(),
+            vu.as_os_str(),
+            "--uds".as_ref(),
+            uds.as_os_str(),
+            "--guest-cid".as_ref(),
+            cid.as_ref(),
+        ];
+        let mut backends = vec![Self::start_backend(&config, "hull-vmm vhost-user vsock", &vsock_args, &vu, "vhost-user-vsock.log")?];
+        if let Some(dir) = &config.shared_dir {
+            let args = ["fs".as_ref(), "--socket".as_ref(), fs_sock.as_os_str(), "--shared-dir".as_ref(), dir.as_os_str(), "--tag".as_ref(), FS_TAG.as_ref()];
+            match Self::start_backend(&config, "hull-vmm vhost-user fs", &args, &fs_sock, "vhost-user-fs.log") {
+                Ok(c) => backends.push(c),
+                Err(e) => {
+                    reap(&mut backends);
+                    return Err(e);
+                }
             }
-            std::thread::sleep(Duration::from_millis(5));
         }
         let mem = config.memory_mib;
         let mut cmdline = vec!["console=ttyS0", "panic=-1", "reboot=k", "loglevel=4"]
@@ -103,19 +149,18 @@ impl QemuVm {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
         };
-        let (qout, qerr) = match log("qemu.log") {
+        let (qout, qerr) = match log_files(&config.workdir, "qemu.log") {
             Ok(l) => l,
             Err(e) => {
-                let _ = backend.kill();
-                let _ = backend.wait();
+                reap(&mut backends);
                 return Err(e);
             }
         };
-        let qemu = Command::new(&config.qemu)
-            .args(["-machine", &format!("pc,accel={accel},memory-backend=mem")])
+        let mut cmd = Command::new(&config.qemu);
+        cmd.args(["-machine", &format!("pc,accel={accel},memory-backend=mem")])
             .args(["-cpu", if config.accel == Accel::Kvm { "host" } else { "max" }])
             .args(["-smp", &config.vcpus.to_string(), "-m", &format!("{mem}M")])
-            // vhost-user needs guest memory the backend can map.
+            // vhost-user needs guest memory the backends can map.
             .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")])
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
             .args(["-serial", &format!("file:{}", console.display())])
@@ -125,21 +170,20 @@ impl QemuVm {
             .arg(&config.initramfs)
             .args(["-append", &cmdline.join(" ")])
             .args(["-chardev", &format!("socket,id=vsock0,path={}", vu.display())])
-            .args(["-device", "vhost-user-vsock-pci,chardev=vsock0"])
-            .args(&config.qemu_extra)
-            .stdin(Stdio::null())
-            .stdout(qout)
-            .stderr(qerr)
-            .spawn();
+            .args(["-device", "vhost-user-vsock-pci,chardev=vsock0"]);
+        if config.shared_dir.is_some() {
+            cmd.args(["-chardev", &format!("socket,id=fs0,path={}", fs_sock.display())])
+                .args(["-device", &format!("vhost-user-fs-pci,chardev=fs0,tag={FS_TAG}")]);
+        }
+        let qemu = cmd.args(&config.qemu_extra).stdin(Stdio::null()).stdout(qout).stderr(qerr).spawn();
         let qemu = match qemu {
             Ok(q) => q,
             Err(source) => {
-                let _ = backend.kill();
-                let _ = backend.wait();
+                reap(&mut backends);
                 return Err(QemuError::Spawn { what: "qemu", source });
             }
         };
-        Ok(QemuVm { config, backend, qemu, vsock_uds: uds, console })
+        Ok(QemuVm { config, backends, qemu, vsock_uds: uds, console })
     }
 
     pub fn console_text(&self) -> String {
@@ -182,23 +226,34 @@ impl QemuVm {
         None
     }
 
-    /// Whether the vsock backend is still running.
+    /// Whether the vsock backend has exited (and how).
     pub fn backend_exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.backend.try_wait().ok().flatten()
+        self.backends[0].try_wait().ok().flatten()
+    }
+
+    /// How each backend (vsock first, then fs) has exited, if it has.
+    pub fn backends_exited(&mut self) -> Vec<Option<std::process::ExitStatus>> {
+        self.backends.iter_mut().map(|c| c.try_wait().ok().flatten()).collect()
     }
 
     pub fn qemu_pid(&self) -> u32 {
         self.qemu.id()
     }
 
+    /// The vsock backend's pid.
     pub fn backend_pid(&self) -> u32 {
-        self.backend.id()
+        self.backends[0].id()
+    }
+
+    /// Every backend's pid (vsock first).
+    pub fn backend_pids(&self) -> Vec<u32> {
+        self.backends.iter().map(Child::id).collect()
     }
 }
 
 impl Drop for QemuVm {
     fn drop(&mut self) {
-        for child in [&mut self.qemu, &mut self.backend] {
+        for child in std::iter::once(&mut self.qemu).chain(self.backends.iter_mut()) {
             if let Ok(None) = child.try_wait() {
                 let _ = child.kill();
             }

@@ -1,4 +1,5 @@
-//! hull-vmm: hull's microVM monitor. Today: hull's devices as vhost-user backends for QEMU.
+//! hull-vmm: hull's microVM monitor. Today: hull's devices (vsock, fs) as vhost-user
+//! backends for QEMU.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +38,19 @@ enum VhostUserCmd {
         #[arg(long, default_value_t = 3)]
         guest_cid: u64,
     },
+    /// virtio-fs sharing one host directory (FUSE passthrough); QEMU's
+    /// `vhost-user-fs-pci,tag=...` names the tag the guest mounts.
+    Fs {
+        /// The vhost-user socket QEMU connects to.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The host directory the guest sees.
+        #[arg(long)]
+        shared_dir: PathBuf,
+        /// The tag (for the log; QEMU tells the guest).
+        #[arg(long, default_value = "hull")]
+        tag: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -47,6 +61,9 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::VhostUser(VhostUserCmd::Vsock { socket, uds, guest_cid }) => {
             hull_vmm::vhost_user::vsock::serve(&socket, &uds, guest_cid)
+        }
+        Cmd::VhostUser(VhostUserCmd::Fs { socket, shared_dir, tag }) => {
+            hull_vmm::vhost_user::fs::serve(&socket, &shared_dir, &tag)
         }
     };
     match result {

@@ -1,10 +1,13 @@
-//! hull's devices as vhost-user backends, for QEMU (`vhost-user-vsock-device`/`-pci`): the same
+//! hull's devices as vhost-user backends, for QEMU (`vhost-user-vsock-pci`, `vhost-user-fs-pci`): the same
 //! device logic the in-process VMM uses, behind the vhost-user protocol.
 
+pub mod fs;
 pub mod vsock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
+    #[error(transparent)]
+    Fs(#[from] crate::devices::virtio::fs::FsError),
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     #[error("Cannot create the vhost-user daemon: {0}.")]

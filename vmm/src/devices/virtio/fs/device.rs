@@ -1,0 +1,92 @@
+//! The virtio-fs device's queue processing, shared by every transport.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{FsError, TAG_LEN};
+
+pub struct FsDevice {
+    server: Arc<Server<Arc<PassthroughFs>>>,
+    tag: String,
+    /// Requests rejected as malformed, for tests and the log.
+    pub rejected: u64,
+}
+
+impl FsDevice {
+    /// Shares `dir` under `tag`.
+    pub fn new(dir: &Path, tag: &str) -> Result<FsDevice, FsError> {
+        if tag.is_empty() || tag.len() > TAG_LEN {
+            return Err(FsError::Tag(tag.into()));
+        }
+        if !dir.is_dir() {
+            return Err(FsError::SharedDir(dir.into()));
+        }
+        let cfg = Config {
+            root_dir: dir.to_string_lossy().into_owned(),
+            // Containers' rootfs change underneath only through the guest; let the guest
+            // cache what it reads (the "auto" policy: revalidate on open).
+            cache_policy: CachePolicy::Auto,
+            do_import: true,
+            xattr: true,
+            writeback: false,
+            ..Default::default()
+        };
+        let passthrough = |source| FsError::Passthrough { dir: dir.into(), source };
+        let fs = PassthroughFs::<()>::new(cfg).map_err(passthrough)?;
+        fs.import().map_err(passthrough)?;
+        Ok(FsDevice { server: Arc::new(Server::new(Arc::new(fs))), tag: tag.into(), rejected: 0 })
+    }
+
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The config space: the tag (NUL-padded to 36 bytes), then num_request_queues (LE u32).
+    pub fn config(&self) -> [u8; TAG_LEN + 4] {
+        let mut c = [0u8; TAG_LEN + 4];
+        c[..self.tag.len()].copy_from_slice(self.tag.as_bytes());
+        c[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
+        c
+    }
+
+    /// Serves every request the guest queued on `queue` (either queue: FORGETs on the
+    /// high-priority one get no reply, which the server knows). Returns whether buffers were
+    /// used. A request the server cannot parse is returned with nothing written and counted;
+    /// the device keeps serving the others.
+    pub fn process_queue(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let written = match self.serve(mem, chain) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.rejected += 1;
+                    tracing::warn!(error = %e, tag = %self.tag, "virtio-fs: request rejected");
+                    0
+                }
+            };
+            if let Err(e) = queue.add_used(mem, head, written as u32) {
+                tracing::error!(error = %e, tag = %self.tag, "virtio-fs: cannot return a buffer");
+                return used;
+            }
+            used = true;
+        }
+        used
+    }
+
+    fn serve(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    ) -> Result<usize, String> {
+        let reader = Reader::from_descriptor_chain(mem, chain.clone()).map_err(|e| e.to_string())?;
+        let writer = VirtioFsWriter::new(mem, chain).map_err(|e| e.to_string())?;
+        self.server.handle_message(reader, writer.into(), None, None).map_err(|e| e.to_string())
+    }
+}
