@@ -42,6 +42,9 @@ pub fn version() -> u32 {
 }
 
 pub fn stats(path: &Path, id: &str) -> Result<StatsContainerResponse, CgroupError> {
+    if version() == 2 {
+        return stats_v2(path);
+    }
     let s = manager(path, id)?
         .stats()
         .map_err(|e| CgroupError::Stats { path: path.into(), reason: crate::helper::error_chain(&e) })?;
@@ -64,6 +67,41 @@ pub fn stats(path: &Path, id: &str) -> Result<StatsContainerResponse, CgroupErro
     r.pids_limit = s.pids.limit;
     r.io_read_bytes = io_bytes("read");
     r.io_write_bytes = io_bytes("write");
+    r.oom_kills = oom_kills(path);
+    Ok(r)
+}
+
+/// cgroup v2 statistics read from the interface files directly: libcgroups insists on the
+/// pressure files, which a kernel without CONFIG_PSI (hull's guest) does not have.
+fn stats_v2(path: &Path) -> Result<StatsContainerResponse, CgroupError> {
+    let dir = Path::new("/sys/fs/cgroup").join(path.strip_prefix("/").unwrap_or(path));
+    let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+    let single = |file: &str| -> u64 { read(file).trim().parse().unwrap_or(0) };
+    // "max" means no limit; reported as u64::MAX like libcgroups does.
+    let limit = |file: &str| -> u64 {
+        let t = read(file);
+        if t.trim() == "max" { u64::MAX } else { t.trim().parse().unwrap_or(0) }
+    };
+    let cpu = std::fs::read_to_string(dir.join("cpu.stat"))
+        .map_err(|e| CgroupError::Stats { path: path.into(), reason: e.to_string() })?;
+    let cpu_us = |key: &str| parse_counter(&cpu, key).unwrap_or(0).saturating_mul(1000);
+    let io = read("io.stat");
+    let io_sum = |key: &str| -> u64 {
+        io.split_ascii_whitespace()
+            .filter_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse::<u64>().ok())
+            .sum()
+    };
+    let mut r = StatsContainerResponse::new();
+    r.cpu_usage_ns = cpu_us("usage_usec");
+    r.cpu_user_ns = cpu_us("user_usec");
+    r.cpu_system_ns = cpu_us("system_usec");
+    r.memory_usage_bytes = single("memory.current");
+    r.memory_limit_bytes = limit("memory.max");
+    r.memory_max_usage_bytes = single("memory.peak");
+    r.pids_current = single("pids.current");
+    r.pids_limit = limit("pids.max");
+    r.io_read_bytes = io_sum("rbytes");
+    r.io_write_bytes = io_sum("wbytes");
     r.oom_kills = oom_kills(path);
     Ok(r)
 }

@@ -204,7 +204,9 @@ async fn serve(cli: Cli, init_mode: bool) -> Result<(), MainError> {
             }
         }
     }
-    let _ = server.shutdown().await;
+    // Long-poll calls (GetOOMEvent) never finish on their own; do not let them hold the
+    // power-off.
+    let _ = tokio::time::timeout(Duration::from_millis(300), server.shutdown()).await;
     for addr in [&api, &stdio_addr] {
         if let Address::Unix(p) = addr {
             let _ = std::fs::remove_file(p);

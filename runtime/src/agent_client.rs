@@ -51,6 +51,12 @@ pub fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(Duration::from_secs(120).as_nanos() as i64)
 }
 
+/// A context without a deadline, for calls that last as long as a process (WaitProcess) or
+/// until an event happens (GetOOMEvent).
+pub fn ctx_unbounded() -> ttrpc::context::Context {
+    ttrpc::context::Context::default()
+}
+
 pub fn stdio(stdin: bool, stdout: bool, stderr: bool) -> StdioRequest {
     let mut s = StdioRequest::new();
     s.stdin = stdin;
@@ -172,7 +178,7 @@ impl AgentConn {
         let mut req = agent::WaitProcessRequest::new();
         req.container_id = id.into();
         req.exec_id = exec_id.into();
-        self.client.wait_process(ctx(), &req).await.map_err(|e| ClientError::rpc("WaitProcess", e))
+        self.client.wait_process(ctx_unbounded(), &req).await.map_err(|e| ClientError::rpc("WaitProcess", e))
     }
 
     pub async fn signal(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> Result<(), ClientError> {

@@ -2,5 +2,7 @@
 //! increments) the containerd shim v2.
 
 pub mod agent_client;
+pub mod config;
+pub mod shim;
 pub mod oci;
 pub mod vm;

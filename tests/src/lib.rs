@@ -1,6 +1,8 @@
 //! Helpers shared by hull's integration suites: a real `hull-agent` on a unix socket, a busybox
 //! root filesystem built from Debian's busybox-static, OCI specs, and stdio streams.
 
+pub mod containerd;
+
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};

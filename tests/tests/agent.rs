@@ -118,7 +118,17 @@ async fn pause_stops_the_counter_and_resume_restarts_it() {
     agent.create(&id, &spec, stdio(false, false, false)).await.expect("create");
     agent.start(&id).await.expect("start");
     let counter = agent.rootfs.join("tmp/counter");
-    let read = || std::fs::read_to_string(&counter).unwrap_or_default().trim().parse::<u64>().unwrap_or(0);
+    // `echo > file` truncates before it writes: a read can land in between and see nothing,
+    // so take the largest of a few reads.
+    let read = || {
+        (0..5)
+            .map(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                std::fs::read_to_string(&counter).unwrap_or_default().trim().parse::<u64>().unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0)
+    };
     let sleep = || tokio::time::sleep(std::time::Duration::from_millis(400));
     sleep().await;
     assert!(read() > 0, "the counter runs");

@@ -236,6 +236,21 @@ impl QemuVm {
         self.backends.iter_mut().map(|c| c.try_wait().ok().flatten()).collect()
     }
 
+    /// QEMU's exit status, if it has exited.
+    pub fn qemu_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.qemu.try_wait().ok().flatten()
+    }
+
+    /// Kills QEMU and the backends and reaps them.
+    pub fn kill(&mut self) {
+        for child in std::iter::once(&mut self.qemu).chain(self.backends.iter_mut()) {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+
     pub fn qemu_pid(&self) -> u32 {
         self.qemu.id()
     }
@@ -253,11 +268,6 @@ impl QemuVm {
 
 impl Drop for QemuVm {
     fn drop(&mut self) {
-        for child in std::iter::once(&mut self.qemu).chain(self.backends.iter_mut()) {
-            if let Ok(None) = child.try_wait() {
-                let _ = child.kill();
-            }
-            let _ = child.wait();
-        }
+        self.kill();
     }
 }

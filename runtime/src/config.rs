@@ -1,0 +1,148 @@
+//! hull's configuration: one TOML file, `/etc/hull/config.toml` by default, overridden by the
+//! runtime option `ConfigPath` (containerd's runtime options) or `HULL_CONFIG`. Every key is
+//! optional; a missing file means all defaults. An unknown key is an error (a typo should not
+//! silently fall back to a default).
+//!
+//! ```toml
+//! # builtin | qemu | auto. auto: builtin where KVM can run the guest, else QEMU with KVM,
+//! # else QEMU with TCG.
+//! hypervisor = "auto"
+//! # The guest kernel and initramfs (hull-guest-image build output).
+//! kernel = "/usr/share/hull/bzImage"
+//! initramfs = "/usr/share/hull/initramfs.cpio"
+//! # QEMU binary and hull-vmm binary (the device backends).
+//! qemu = "qemu-system-x86_64"
+//! vmm = "<directory of the shim>/hull-vmm"
+//! # Pod VM size before the containers' limits are added.
+//! vcpus = 1
+//! memory_mib = 256
+//! # Seconds for the VM to boot and the agent to answer.
+//! boot_timeout_secs = 60
+//! # Keep the guest console in <state dir>/<sandbox>/console.log.
+//! debug_console = false
+//! # tracing filter for the shim's log.
+//! log_level = "info"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_PATH: &str = "/etc/hull/config.toml";
+pub const ENV_PATH: &str = "HULL_CONFIG";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("Cannot read the hull config {path:?}: {source}.")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("The hull config {path:?} is not valid: {reason}")]
+    Parse { path: PathBuf, reason: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Hypervisor {
+    #[default]
+    Auto,
+    Builtin,
+    Qemu,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub hypervisor: Hypervisor,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub qemu: PathBuf,
+    pub vmm: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub boot_timeout_secs: u64,
+    pub debug_console: bool,
+    pub log_level: String,
+}
+
+/// The directory of the running executable: binaries installed side by side find each other.
+pub fn exe_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        // Next to the binaries in a cargo target dir (target/<profile>/ -> target/guest), else
+        // the installed location.
+        let guest = exe_dir().join("../guest");
+        let guest = if guest.join("bzImage").exists() { guest } else { PathBuf::from("/usr/share/hull") };
+        Config {
+            hypervisor: Hypervisor::Auto,
+            kernel: guest.join("bzImage"),
+            initramfs: guest.join("initramfs.cpio"),
+            qemu: "qemu-system-x86_64".into(),
+            vmm: exe_dir().join("hull-vmm"),
+            vcpus: 1,
+            memory_mib: 256,
+            boot_timeout_secs: 60,
+            debug_console: false,
+            log_level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), reason: e.to_string() })?;
+        if cfg.vcpus == 0 || cfg.memory_mib < 64 {
+            return Err(ConfigError::Parse { path: path.into(), reason: "vcpus must be at least 1 and memory_mib at least 64".into() });
+        }
+        Ok(cfg)
+    }
+
+    /// Loads `explicit` (the runtime option), else `$HULL_CONFIG`, else the default path. Only
+    /// the default path may be missing.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let env = std::env::var_os(ENV_PATH).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let (path, required) = match (explicit, env) {
+            (Some(p), _) => (p.to_path_buf(), true),
+            (None, Some(p)) => (p, true),
+            (None, None) => (PathBuf::from(DEFAULT_PATH), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Config::parse(&path, &text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read { path, source }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_parses_and_missing_keys_keep_their_defaults() {
+        let cfg = Config::parse(Path::new("t.toml"), "hypervisor = \"qemu\"\nvcpus = 2\nmemory_mib = 512\nboot_timeout_secs = 5\ndebug_console = true\nlog_level = \"debug\"\nkernel = \"/k\"\ninitramfs = \"/i\"\nqemu = \"/q\"\nvmm = \"/v\"\n").unwrap();
+        assert_eq!(cfg.hypervisor, Hypervisor::Qemu);
+        assert_eq!((cfg.vcpus, cfg.memory_mib, cfg.boot_timeout_secs), (2, 512, 5));
+        assert!(cfg.debug_console);
+        assert_eq!(cfg.kernel, Path::new("/k"));
+        let cfg = Config::parse(Path::new("t.toml"), "").unwrap();
+        assert_eq!(cfg.hypervisor, Hypervisor::Auto);
+        assert_eq!((cfg.vcpus, cfg.memory_mib), (1, 256));
+    }
+
+    #[test]
+    fn typos_bad_values_and_unreadable_files_are_named() {
+        let err = Config::parse(Path::new("/etc/hull/x.toml"), "vcpu = 2").unwrap_err().to_string();
+        assert!(err.contains("/etc/hull/x.toml") && err.contains("vcpu"), "{err}");
+        let err = Config::parse(Path::new("x.toml"), "hypervisor = \"xen\"").unwrap_err().to_string();
+        assert!(err.contains("xen"), "{err}");
+        let err = Config::parse(Path::new("x.toml"), "vcpus = 0").unwrap_err().to_string();
+        assert!(err.contains("vcpus"), "{err}");
+        let err = Config::load(Some(Path::new("/nonexistent/hull.toml"))).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/hull.toml"), "{err}");
+    }
+}

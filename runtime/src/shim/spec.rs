@@ -1,0 +1,174 @@
+//! The container's OCI spec, rewritten for the guest: the rootfs is the container's directory
+//! in the pod's virtio-fs share, host files the spec bind-mounts (CRI's /etc/hosts,
+//! resolv.conf, hostname, termination log) are shared in beside it, and host-only fields go.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, MsFlags};
+use serde_json::{json, Value};
+
+use super::pod::GUEST_SHARE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("The OCI spec of container {id} is not an object with a process.")]
+    Shape { id: String },
+    #[error("Cannot share {source_path:?} (mount {destination}) of container {id} with the guest: {reason}.")]
+    Share { id: String, source_path: PathBuf, destination: String, reason: String },
+}
+
+/// The guest path of container `id`'s share mount and of its rootfs.
+pub fn guest_paths(id: &str) -> (String, String) {
+    let mount = format!("{GUEST_SHARE}/{id}");
+    let rootfs = format!("{mount}/{id}/rootfs");
+    (mount, rootfs)
+}
+
+fn is_bind(m: &Value) -> bool {
+    m.get("type").and_then(Value::as_str) == Some("bind")
+        || m.get("options").and_then(Value::as_array).is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+/// Rewrites `spec` for the guest. Host bind sources are bind-mounted under `host_share`
+/// (the container's directory in the pod share) so that the guest sees them.
+pub fn for_guest(id: &str, mut spec: Value, host_share: &Path) -> Result<Value, SpecError> {
+    if !spec.is_object() || spec.get("process").is_none() {
+        return Err(SpecError::Shape { id: id.into() });
+    }
+    let (_, guest_root) = guest_paths(id);
+    spec["root"]["path"] = json!(guest_root);
+    let obj = spec.as_object_mut().expect("checked above");
+    // Hooks name host binaries; they cannot run in the guest.
+    obj.remove("hooks");
+    if let Some(process) = obj.get_mut("process").and_then(Value::as_object_mut) {
+        // The guest has neither AppArmor nor SELinux.
+        process.remove("apparmorProfile");
+        process.remove("selinuxLabel");
+    }
+    if let Some(linux) = obj.get_mut("linux").and_then(Value::as_object_mut) {
+        linux.remove("mountLabel");
+        // Namespace paths (CRI's network namespace, the sandbox's) are host paths; the agent
+        // joins the guest sandbox's namespaces itself.
+        if let Some(ns) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
+            for n in ns.iter_mut().filter_map(Value::as_object_mut) {
+                n.remove("path");
+            }
+        }
+    }
+    let (_, guest_root) = guest_paths(id);
+    let guest_mounts = Path::new(&guest_root).parent().map(|p| p.join("mounts")).unwrap_or_default();
+    if let Some(mounts) = obj.get_mut("mounts").and_then(Value::as_array_mut) {
+        for (i, m) in mounts.iter_mut().enumerate() {
+            if !is_bind(m) {
+                continue;
+            }
+            let source = PathBuf::from(m.get("source").and_then(Value::as_str).unwrap_or_default());
+            let destination = m.get("destination").and_then(Value::as_str).unwrap_or_default().to_string();
+            if destination == "/dev/shm" {
+                // CRI shares the sandbox's /dev/shm from the host; in the guest each pod VM
+                // is the sandbox, so a tmpfs serves.
+                *m = json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]});
+                continue;
+            }
+            let share_err = |reason: String| SpecError::Share { id: id.into(), source_path: source.clone(), destination: destination.clone(), reason };
+            let meta = std::fs::metadata(&source).map_err(|e| share_err(e.to_string()))?;
+            let host = host_share.join("mounts").join(i.to_string());
+            if meta.is_dir() {
+                std::fs::create_dir_all(&host).map_err(|e| share_err(e.to_string()))?;
+            } else {
+                std::fs::create_dir_all(host_share.join("mounts")).map_err(|e| share_err(e.to_string()))?;
+                std::fs::write(&host, b"").map_err(|e| share_err(e.to_string()))?;
+            }
+            mount(Some(&source), &host, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+                .map_err(|e| share_err(e.to_string()))?;
+            m["source"] = json!(guest_mounts.join(i.to_string()));
+        }
+    }
+    Ok(spec)
+}
+
+/// The `ConfigPath` of containerd's runtime options (`runtimeoptions.v1.Options`: field 1
+/// type_url, field 2 config_path), from the serialized Any containerd passes. Hand-decoded:
+/// the protos crate has no type for it.
+pub fn config_path_from_options(any_bytes: &[u8]) -> Option<String> {
+    use containerd_shim_protos::protobuf::Message;
+    let any = containerd_shim_protos::protobuf::well_known_types::any::Any::parse_from_bytes(any_bytes).ok()?;
+    config_path_from_any(&any)
+}
+
+pub fn config_path_from_any(any: &containerd_shim_protos::protobuf::well_known_types::any::Any) -> Option<String> {
+    if !any.type_url.ends_with("runtimeoptions.v1.Options") {
+        return None;
+    }
+    // Two length-delimited string fields; walk them by hand.
+    let mut b = any.value.as_slice();
+    let mut path = None;
+    while let Some((&tag, rest)) = b.split_first() {
+        let (len, used) = varint(rest)?;
+        let end = used.checked_add(usize::try_from(len).ok()?)?;
+        let value = rest.get(used..end)?;
+        if tag == 0x12 {
+            path = Some(String::from_utf8(value.to_vec()).ok()?);
+        } else if tag & 7 != 2 {
+            return path;
+        }
+        b = &rest[end..];
+    }
+    path.filter(|p| !p.is_empty())
+}
+
+fn varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, &byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_only_fields_go_and_the_root_moves_to_the_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = json!({"ociVersion": "1.0.2", "process": {"args": ["sh"], "apparmorProfile": "x", "cwd": "/"},
+            "root": {"path": "rootfs"}, "hooks": {"prestart": []},
+            "linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/cni-1"}, {"type": "pid"}]},
+            "mounts": [{"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/x/shm", "options": ["rbind"]},
+                       {"destination": "/proc", "type": "proc", "source": "proc"}]});
+        let out = for_guest("c1", spec, dir.path()).unwrap();
+        assert_eq!(out["root"]["path"], "/run/hull/share/c1/c1/rootfs");
+        assert!(out.get("hooks").is_none());
+        assert!(out["process"].get("apparmorProfile").is_none());
+        assert!(out["linux"]["namespaces"][0].get("path").is_none());
+        assert_eq!(out["mounts"][0]["type"], "tmpfs");
+        assert_eq!(out["mounts"][1]["type"], "proc");
+        let err = for_guest("c2", json!({"root": {}}), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("c2"), "{err}");
+        let missing = json!({"process": {}, "mounts": [{"destination": "/etc/hosts", "type": "bind", "source": "/nonexistent/hosts"}]});
+        let err = for_guest("c3", missing, dir.path()).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/hosts") && err.contains("c3"), "{err}");
+    }
+
+    #[test]
+    fn config_path_comes_out_of_runtime_options() {
+        // runtimeoptions.v1.Options{type_url: "x", config_path: "/etc/hull/a.toml"}
+        let mut value = vec![0x0a, 1, b'x', 0x12, 16];
+        value.extend(b"/etc/hull/a.toml");
+        let any = containerd_shim_protos::protobuf::well_known_types::any::Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value,
+            ..Default::default()
+        };
+        assert_eq!(config_path_from_any(&any).as_deref(), Some("/etc/hull/a.toml"));
+        let other = containerd_shim_protos::protobuf::well_known_types::any::Any { type_url: "containerd.runc.v1.Options".into(), ..Default::default() };
+        assert_eq!(config_path_from_any(&other), None);
+        assert_eq!(config_path_from_options(b"\xff\xff"), None);
+        assert_eq!(config_path_from_options(b""), None);
+    }
+}

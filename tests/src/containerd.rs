@@ -1,0 +1,209 @@
+//! A private containerd for end-to-end tests: its own root, state, sockets and network
+//! namespace, hull's shim on its PATH, and OCI images built here (there is no registry).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+pub const CONTAINERD: &str = "/usr/bin/containerd";
+pub const CTR: &str = "/usr/bin/ctr";
+pub const IMAGE: &str = "localhost/hull/busybox:test";
+
+/// Why the containerd suites cannot run here, or None.
+pub fn missing() -> Option<String> {
+    if let Some(why) = crate::missing_prerequisite() {
+        return Some(why);
+    }
+    for (p, pkg) in [(CONTAINERD, "containerd"), (CTR, "containerd"), ("/usr/bin/qemu-system-x86_64", "qemu-system-x86")] {
+        if !Path::new(p).exists() {
+            return Some(format!("needs {p} (apt-get install {pkg})"));
+        }
+    }
+    let guest = crate::binary("hull-vmm").parent().and_then(Path::parent).map(|t| t.join("guest/manifest.json"));
+    if !guest.as_ref().is_some_and(|g| g.exists()) {
+        return Some("needs the guest image (cargo run -p hull-guest-image -- build)".into());
+    }
+    None
+}
+
+#[macro_export]
+macro_rules! require_containerd {
+    () => {
+        if let Some(why) = $crate::containerd::missing() {
+            if std::env::var_os("HULL_REQUIRE_ALL").is_some() {
+                panic!("prerequisite missing under HULL_REQUIRE_ALL: {why}");
+            }
+            eprintln!("SKIP {}: {why}", module_path!());
+            return;
+        }
+    };
+}
+
+pub struct Containerd {
+    /// A namespace of its own (tests run in parallel): hull's per-pod state lives under
+    /// /run/hull/shim/<namespace>/.
+    pub namespace: String,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    child: Child,
+}
+
+impl Containerd {
+    /// Starts containerd (CRI off unless `cri_config` adds it) and waits for its socket.
+    pub fn start(extra_config: &str) -> Result<Containerd> {
+        let dir = tempfile::Builder::new().prefix("hull-ctrd-").tempdir()?;
+        let socket = dir.path().join("containerd.sock");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n{extra_config}\n[grpc]\n  address = \"{sock}\"\n[plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{opt}\"\n",
+                root = dir.path().join("root").display(),
+                state = dir.path().join("state").display(),
+                sock = socket.display(),
+                opt = dir.path().join("opt").display(),
+            ),
+        )?;
+        let bin_dir = crate::binary("containerd-shim-hull-v2").parent().map(Path::to_path_buf).context("target dir")?;
+        let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+        let log = std::fs::File::create(dir.path().join("containerd.log"))?;
+        // Its own network namespace: test bridges never touch the host's network.
+        let child = Command::new("unshare")
+            .args(["--net", CONTAINERD, "--config"])
+            .arg(&config)
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start containerd")?;
+        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let namespace = format!("hulltest-{}-{}", std::process::id(), COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let mut c = Containerd { namespace, dir, socket, child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !c.socket.exists() || !c.ctr(&["version"]).is_ok_and(|o| o.status.success()) {
+            if Instant::now() > deadline {
+                bail!("containerd did not serve within 20 s: {}", c.log());
+            }
+            if let Ok(Some(status)) = c.child.try_wait() {
+                bail!("containerd exited with {status}: {}", c.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(c)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    pub fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(CTR);
+        c.arg("--address").arg(&self.socket).args(["--namespace", &self.namespace]).args(args).stdin(Stdio::null());
+        c
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> std::io::Result<Output> {
+        self.ctr_cmd(args).output()
+    }
+
+    /// Builds a busybox OCI image here and imports it as `IMAGE`.
+    pub fn import_busybox(&self) -> Result<()> {
+        let tar = self.dir.path().join("busybox-oci.tar");
+        oci_image_tar(&self.dir.path().join("image"), IMAGE, &tar)?;
+        let out = self.ctr(&["images", "import", &tar.to_string_lossy()])?;
+        if !out.status.success() {
+            bail!("ctr images import: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+}
+
+impl Containerd {
+    /// Processes (QEMU, device backends) of this containerd's pods.
+    pub fn pod_processes(&self) -> Vec<String> {
+        let pattern = format!("/run/hull/shim/{}/", self.namespace);
+        let out = Command::new("pgrep").args(["-a", "-f", &pattern]).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).lines().map(String::from).collect()).unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Tasks first, so that their VMs go with them.
+        if let Ok(out) = self.ctr(&["tasks", "ls", "-q"]) {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+                std::thread::sleep(Duration::from_millis(200));
+                let _ = self.ctr(&["tasks", "delete", "-f", id]);
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // A test that failed midway may leave a shim and its VM: end them too.
+        let _ = Command::new("pkill").args(["-9", "-f", &format!("containerd-shim-hull-v2 -namespace {} ", self.namespace)]).status();
+        let _ = Command::new("pkill").args(["-9", "-f", &format!("/run/hull/shim/{}/", self.namespace)]).status();
+        std::thread::sleep(Duration::from_millis(100));
+        hull_runtime::shim::pod::umount_tree(&Path::new("/run/hull/shim").join(&self.namespace));
+        let _ = std::fs::remove_dir_all(Path::new("/run/hull/shim").join(&self.namespace));
+        crate::containerd::umount_below(self.dir.path());
+    }
+}
+
+/// Unmounts whatever containerd left below `dir` (snapshots, bundles), deepest first.
+pub fn umount_below(dir: &Path) {
+    hull_runtime::shim::pod::umount_tree(dir);
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An OCI image layout tarball with one layer: a busybox root filesystem.
+pub fn oci_image_tar(work: &Path, name: &str, out: &Path) -> Result<()> {
+    let rootfs = work.join("rootfs");
+    crate::busybox_rootfs(&rootfs)?;
+    let layout = work.join("layout");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    let layer_path = work.join("layer.tar");
+    let st = Command::new("tar").arg("-C").arg(&rootfs).arg("-cf").arg(&layer_path).arg(".").status()?;
+    if !st.success() {
+        bail!("tar of the rootfs failed");
+    }
+    let layer = std::fs::read(&layer_path)?;
+    let layer_digest = sha256_hex(&layer);
+    std::fs::write(blobs.join(&layer_digest), &layer)?;
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]}
+    })
+    .to_string();
+    let config_digest = sha256_hex(config.as_bytes());
+    std::fs::write(blobs.join(&config_digest), &config)?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{config_digest}"), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{layer_digest}"), "size": layer.len()}]
+    })
+    .to_string();
+    let manifest_digest = sha256_hex(manifest.as_bytes());
+    std::fs::write(blobs.join(&manifest_digest), &manifest)?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": format!("sha256:{manifest_digest}"),
+                       "size": manifest.len(), "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name}}]
+    });
+    std::fs::write(layout.join("index.json"), index.to_string())?;
+    std::fs::File::create(layout.join("oci-layout"))?.write_all(br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let st = Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(out).arg(".").status()?;
+    if !st.success() {
+        bail!("tar of the image layout failed");
+    }
+    Ok(())
+}
