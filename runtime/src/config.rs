@@ -94,7 +94,15 @@ impl Default for Config {
 
 impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), reason: e.to_string() })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            // One line: the TOML crate's own message draws the source over several.
+            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let reason = match line {
+                Some(l) => format!("line {l}: {}", e.message()),
+                None => e.message().to_string(),
+            };
+            ConfigError::Parse { path: path.into(), reason }
+        })?;
         if cfg.vcpus == 0 || cfg.memory_mib < 64 {
             return Err(ConfigError::Parse { path: path.into(), reason: "vcpus must be at least 1 and memory_mib at least 64".into() });
         }

@@ -63,3 +63,24 @@ fn hull_run_prints_output_and_returns_the_exit_status() {
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent"));
 }
+
+#[test]
+fn hull_check_says_what_runs_here_and_names_a_broken_config() {
+    if !nix::unistd::geteuid().is_root() || !std::path::Path::new("/usr/bin/qemu-system-x86_64").exists() {
+        assert!(std::env::var_os("HULL_REQUIRE_ALL").is_none(), "hull check needs root and QEMU under HULL_REQUIRE_ALL");
+        eprintln!("SKIP hull_check: needs root and qemu-system-x86_64");
+        return;
+    }
+    let out = Command::new(HULL).arg("check").env_remove("HULL_CONFIG").output().expect("hull runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("pods here run under: QEMU with"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("ok   QEMU: ")), "{text}");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("hull.toml");
+    std::fs::write(&bad, "vcpu = 2\n").unwrap();
+    let out = Command::new(HULL).args(["check", "--config"]).arg(&bad).output().expect("hull runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("FAIL config") && l.contains("hull.toml") && l.contains("vcpu")), "{text}");
+}

@@ -1,7 +1,7 @@
 //! `hull`: hull's command-line tool.
 //!
 //! `hull run` runs one container in a fresh microVM and prints its output: the rootfs goes in
-//! as a virtio-blk disk, the VM runs under QEMU (KVM where it can run the guest, TCG
+//! through hull's virtio-fs, the VM runs under QEMU (KVM where it can run the guest, TCG
 //! otherwise) with hull's vsock device, and the guest's hull-agent runs the container.
 //! `--host` runs it through a hull-agent on this host instead (no VM), for debugging.
 
@@ -52,6 +52,56 @@ enum Cmd {
         #[arg(required = true, last = true)]
         command: Vec<String>,
     },
+    /// Say whether this host can run hull's pods, with which hypervisor, and why not.
+    Check {
+        /// The hull config to check (default: /etc/hull/config.toml or HULL_CONFIG).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// One line per requirement; exit 0 when pods can run here with some hypervisor.
+fn check(config: Option<&Path>) -> Result<i32, CliError> {
+    let mut usable = true;
+    let mut line = |ok: bool, what: &str, detail: String, required: bool| {
+        let _ = writeln!(std::io::stdout(), "{:4} {what}: {detail}", if ok { "ok" } else if required { "FAIL" } else { "no" });
+        if required && !ok {
+            usable = false;
+        }
+    };
+    line(nix::unistd::geteuid().is_root(), "root", "the shim mounts rootfs and shares".into(), true);
+    let cfg = hull_runtime::config::Config::load(config);
+    let cfg = match cfg {
+        Ok(c) => {
+            line(true, "config", format!("{:?} hypervisor", c.hypervisor), true);
+            c
+        }
+        Err(e) => {
+            line(false, "config", e.to_string(), true);
+            hull_runtime::config::Config::default()
+        }
+    };
+    for (what, p) in [("guest kernel", &cfg.kernel), ("guest initramfs", &cfg.initramfs), ("hull-vmm", &cfg.vmm)] {
+        line(p.exists(), what, p.display().to_string(), true);
+    }
+    let qemu = Command::new(&cfg.qemu).arg("--version").output();
+    let qemu_ok = qemu.as_ref().is_ok_and(|o| o.status.success());
+    let version = qemu.map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()).unwrap_or_else(|e| e.to_string());
+    line(qemu_ok, "QEMU", format!("{}: {version}", cfg.qemu.display()), true);
+    let (accel, why) = detect_accel();
+    let kvm = accel == hull_runtime::vm::Accel::Kvm;
+    line(kvm, "QEMU with KVM", why.clone(), false);
+    line(true, "QEMU with TCG", "always available (slow: no hardware virtualization)".into(), false);
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    line(false, "builtin hull-vmm", if pvm {
+        "kvm_pvm host: the guest needs hull's compatibility kernel; hull-vmm does not run pods yet".into()
+    } else {
+        "hull-vmm does not run pods yet".into()
+    }, false);
+    let containerd = Path::new("/usr/bin/containerd").exists();
+    line(containerd, "containerd", "runtime_type = \"io.containerd.hull.v2\" needs containerd-shim-hull-v2 on its PATH".into(), false);
+    let _ = writeln!(std::io::stdout(), "pods here run under: {}", if !usable { "nothing (fix the FAIL lines)" } else if kvm { "QEMU with KVM" } else { "QEMU with TCG" });
+    Ok(if usable { 0 } else { 1 })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +286,7 @@ fn main() -> ExitCode {
             Cmd::Run { rootfs, hostname, host: false, guest, memory, verbose, command } => {
                 rt.block_on(run_in_vm(rootfs, hostname, command, guest.clone(), *memory, *verbose))
             }
+            Cmd::Check { config } => check(config.as_deref()),
         });
     match result {
         Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(255)),
