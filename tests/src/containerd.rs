@@ -55,9 +55,16 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd (CRI off unless `cri_config` adds it) and waits for its socket.
     pub fn start(extra_config: &str) -> Result<Containerd> {
+        Self::start_in(extra_config, None)
+    }
+
+    /// `namespace`: the one ctr uses (CRI's images live in "k8s.io"); default a unique one.
+    /// `{dir}` in `extra_config` becomes containerd's directory.
+    pub fn start_in(extra_config: &str, namespace: Option<&str>) -> Result<Containerd> {
         let dir = tempfile::Builder::new().prefix("hull-ctrd-").tempdir()?;
         let socket = dir.path().join("containerd.sock");
         let config = dir.path().join("config.toml");
+        let extra_config = extra_config.replace("{dir}", &dir.path().to_string_lossy());
         std::fs::write(
             &config,
             format!(
@@ -72,8 +79,9 @@ impl Containerd {
         let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
         let log = std::fs::File::create(dir.path().join("containerd.log"))?;
         // Its own network namespace: test bridges never touch the host's network.
+        // Loopback up: CRI's streaming server listens on 127.0.0.1.
         let child = Command::new("unshare")
-            .args(["--net", CONTAINERD, "--config"])
+            .args(["--net", "sh", "-c", "ip link set lo up && exec \"$0\" --config \"$1\"", CONTAINERD])
             .arg(&config)
             .env("PATH", path)
             .stdin(Stdio::null())
@@ -82,7 +90,10 @@ impl Containerd {
             .spawn()
             .context("start containerd")?;
         static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let namespace = format!("hulltest-{}-{}", std::process::id(), COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let namespace = match namespace {
+            Some(n) => n.to_string(),
+            None => format!("hulltest-{}-{}", std::process::id(), COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+        };
         let mut c = Containerd { namespace, dir, socket, child };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !c.socket.exists() || !c.ctr(&["version"]).is_ok_and(|o| o.status.success()) {
@@ -95,6 +106,11 @@ impl Containerd {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(c)
+    }
+
+    /// containerd's pid (its network namespace is the pods' world).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log(&self) -> String {
