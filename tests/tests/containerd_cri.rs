@@ -179,6 +179,19 @@ async fn cri_pods_are_microvms() {
     assert_eq!(st.reason, "OOMKilled", "{st:?}");
     assert_eq!(st.exit_code, 137, "{st:?}");
 
+    // Host networking cannot be given to a VM: refused, naming why, and nothing is left.
+    let mut host = pod_config("pod-host", &logs);
+    if let Some(ns) = host.linux.as_mut().and_then(|l| l.security_context.as_mut()).and_then(|s| s.namespace_options.as_mut()) {
+        ns.network = NamespaceMode::Node as i32;
+    }
+    let err = rt
+        .run_pod_sandbox(RunPodSandboxRequest { config: Some(host), runtime_handler: HANDLER.into() })
+        .await
+        .map(|r| panic!("a host-network pod must be refused: {r:?}\n{}", c.log()))
+        .unwrap_err();
+    assert!(err.message().contains("host's network namespace"), "{err}");
+    assert_eq!(c.pod_processes().iter().filter(|l| l.contains("qemu")).count(), 2, "{:?}", c.pod_processes());
+
     for pod in [&a, &b] {
         rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", c.log()));
         rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() }).await.unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", c.log()));

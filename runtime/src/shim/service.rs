@@ -288,6 +288,12 @@ impl TaskService {
         let bundle = PathBuf::from(&req.bundle);
         let spec = super::read_bundle_spec(&bundle).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let pod_id = super::pod_id(&spec, &id);
+        if !spec::has_own_network(&spec) {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                format!("container {id} asks for the host's network namespace (host networking); a pod in a microVM cannot share it"),
+            ));
+        }
         let is_pause = super::annotation(&spec, super::CONTAINER_TYPE_ANNOTATION) == Some("sandbox");
         let paths = StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
         let pod = self.ensure_pod(&pod_id, &spec, &req.options).await?;

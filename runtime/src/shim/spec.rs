@@ -88,6 +88,14 @@ pub fn for_guest(id: &str, mut spec: Value, host_share: &Path) -> Result<Value, 
     Ok(spec)
 }
 
+/// Whether the spec gives the container a network namespace of its own; without one it would
+/// share the host's (CRI's host networking, `ctr run --net-host`), which a VM cannot do.
+pub fn has_own_network(spec: &Value) -> bool {
+    spec.pointer("/linux/namespaces")
+        .and_then(Value::as_array)
+        .is_some_and(|ns| ns.iter().any(|n| n.get("type").and_then(Value::as_str) == Some("network")))
+}
+
 /// The `ConfigPath` of containerd's runtime options (`runtimeoptions.v1.Options`: field 1
 /// type_url, field 2 config_path), from the serialized Any containerd passes. Hand-decoded:
 /// the protos crate has no type for it.
@@ -153,6 +161,13 @@ mod tests {
         let missing = json!({"process": {}, "mounts": [{"destination": "/etc/hosts", "type": "bind", "source": "/nonexistent/hosts"}]});
         let err = for_guest("c3", missing, dir.path()).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/hosts") && err.contains("c3"), "{err}");
+    }
+
+    #[test]
+    fn host_networking_is_recognised() {
+        assert!(has_own_network(&json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"}]}})));
+        assert!(!has_own_network(&json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}})));
+        assert!(!has_own_network(&json!({"process": {}})));
     }
 
     #[test]
