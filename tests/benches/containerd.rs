@@ -1,0 +1,72 @@
+//! A container through containerd, hull against runc, in one run on one private containerd
+//! with the same locally built busybox image: `ctr run --rm IMAGE ID sh -c 'echo ready'`
+//! (pod start, container start, exit, teardown) with `io.containerd.hull.v2` and with
+//! `io.containerd.runc.v2`, as a ratio of medians; plus memory of one idle hull pod (QEMU and
+//! backends' RSS, the shim's RSS).
+//!
+//! Run with `scripts/bench` (root, containerd, QEMU, the guest image).
+
+use std::time::{Duration, Instant};
+
+use hull_tests::containerd::{Containerd, IMAGE};
+
+const ROUNDS: usize = 7;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn rss_kib(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn run(c: &Containerd, runtime: &str, id: &str) -> Duration {
+    let t = Instant::now();
+    let out = c.ctr(&["run", "--rm", "--runtime", runtime, IMAGE, id, "sh", "-c", "echo ready"]).expect("ctr runs");
+    let took = t.elapsed();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout) == "ready\n", "{runtime}: {}", String::from_utf8_lossy(&out.stderr));
+    took
+}
+
+fn main() {
+    if let Some(why) = hull_tests::containerd::missing() {
+        eprintln!("SKIP containerd bench: {why}");
+        return;
+    }
+    let c = Containerd::start("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]").expect("containerd starts");
+    c.import_busybox().expect("image");
+    // Warm the page cache and both paths once.
+    run(&c, "io.containerd.runc.v2", "warm-runc");
+    run(&c, "io.containerd.hull.v2", "warm-hull");
+    let mut runc = Vec::new();
+    let mut hull = Vec::new();
+    for i in 0..ROUNDS {
+        runc.push(run(&c, "io.containerd.runc.v2", &format!("runc-{i}")));
+        hull.push(run(&c, "io.containerd.hull.v2", &format!("hull-{i}")));
+    }
+    let (r, h) = (median(runc), median(hull));
+    println!("ctr run --rm (echo), median of {ROUNDS}: hull {:.0} ms, runc {:.0} ms, hull/runc = {:.1}", h.as_secs_f64() * 1e3, r.as_secs_f64() * 1e3, h.as_secs_f64() / r.as_secs_f64());
+
+    // One idle pod: what it costs in host memory.
+    let out = c.ctr(&["run", "-d", "--runtime", "io.containerd.hull.v2", IMAGE, "idle", "sleep", "1000"]).expect("ctr run -d");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_secs(3));
+    let pods: Vec<String> = c.pod_processes();
+    let mut total = 0;
+    for line in &pods {
+        let pid = line.split_whitespace().next().unwrap_or("0");
+        let kib = rss_kib(pid);
+        total += kib;
+        let name = line.split_whitespace().nth(1).unwrap_or("?").rsplit('/').next().unwrap_or("?");
+        println!("  idle pod process {name:<22} RSS {:>7.1} MiB", kib as f64 / 1024.0);
+    }
+    let shim = std::process::Command::new("pgrep").args(["-f", &format!("containerd-shim-hull-v2 -namespace {} -id idle", c.namespace)]).output().expect("pgrep");
+    let shim_pid = String::from_utf8_lossy(&shim.stdout).lines().next().unwrap_or("0").trim().to_string();
+    let shim_kib = rss_kib(&shim_pid);
+    println!("idle hull pod (256 MiB guest): VM + backends {:.1} MiB RSS, shim {:.1} MiB RSS", total as f64 / 1024.0, shim_kib as f64 / 1024.0);
+}
