@@ -23,11 +23,7 @@ pub fn missing() -> Option<String> {
             return Some(format!("needs {p} (apt-get install {pkg})"));
         }
     }
-    let guest = crate::binary("hull-vmm").parent().and_then(Path::parent).map(|t| t.join("guest/manifest.json"));
-    if !guest.as_ref().is_some_and(|g| g.exists()) {
-        return Some("needs the guest image (cargo run -p hull-guest-image -- build)".into());
-    }
-    None
+    crate::missing_guest_image()
 }
 
 #[macro_export]
@@ -166,13 +162,8 @@ impl Drop for Containerd {
         std::thread::sleep(Duration::from_millis(100));
         hull_runtime::shim::pod::umount_tree(&Path::new("/run/hull/shim").join(&self.namespace));
         let _ = std::fs::remove_dir_all(Path::new("/run/hull/shim").join(&self.namespace));
-        crate::containerd::umount_below(self.dir.path());
+        hull_runtime::shim::pod::umount_tree(self.dir.path());
     }
-}
-
-/// Unmounts whatever containerd left below `dir` (snapshots, bundles), deepest first.
-pub fn umount_below(dir: &Path) {
-    hull_runtime::shim::pod::umount_tree(dir);
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -50,6 +50,19 @@ pub fn binary(name: &str) -> PathBuf {
     exe.parent().and_then(Path::parent).map(|d| d.join(name)).expect("target dir")
 }
 
+/// The guest image the suites boot: target/guest (beside target/<profile>/).
+pub fn guest_image_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/guest
+    exe.ancestors().nth(3).map(|t| t.join("guest")).expect("target dir")
+}
+
+/// Why the guest image is not there to boot, or None.
+pub fn missing_guest_image() -> Option<String> {
+    let manifest = guest_image_dir().join("manifest.json");
+    (!manifest.exists()).then(|| format!("needs the guest image {} (cargo run -p hull-guest-image -- build)", manifest.display()))
+}
+
 /// Builds a busybox root filesystem in `dir`: /bin/busybox and a link per applet.
 pub fn busybox_rootfs(dir: &Path) -> Result<()> {
     for d in ["bin", "dev", "proc", "sys", "tmp", "etc", "root", "home/user", "var", "run"] {

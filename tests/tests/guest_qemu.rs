@@ -4,28 +4,18 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use hull_runtime::vm::qemu::{QemuConfig, QemuVm};
+use hull_runtime::vm::qemu::{share_storage, QemuConfig, QemuVm};
 use hull_runtime::vm::detect_accel;
 use hull_proto::stdio::StreamKind;
 use hull_tests::*;
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 
-fn target_dir() -> PathBuf {
-    // target/<profile>/deps/<test> -> target
-    let exe = std::env::current_exe().expect("test executable");
-    exe.ancestors().nth(3).expect("target dir").to_path_buf()
-}
-
 fn skip_reason() -> Option<String> {
     if !std::path::Path::new(QEMU).exists() {
         return Some(format!("needs {QEMU} (apt-get install qemu-system-x86)"));
     }
-    let manifest = target_dir().join("guest/manifest.json");
-    if !manifest.exists() {
-        return Some(format!("needs the guest image {} (cargo run -p hull-guest-image -- build)", manifest.display()));
-    }
-    None
+    missing_guest_image()
 }
 
 macro_rules! require_qemu {
@@ -39,7 +29,7 @@ macro_rules! require_qemu {
 }
 
 fn config(workdir: &std::path::Path) -> QemuConfig {
-    let guest = target_dir().join("guest");
+    let guest = guest_image_dir();
     QemuConfig {
         qemu: QEMU.into(),
         vmm: binary("hull-vmm"),
@@ -87,11 +77,8 @@ async fn guest_agent_answers_over_hull_vsock_and_destroy_powers_off() {
     let status = vm.wait_exit(Duration::from_secs(30)).await.expect("the VM exits after DestroySandbox");
     assert!(status.success(), "QEMU exit: {status:?}; console: {}", vm.console_text());
     // The backend serves one VM and leaves with it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while vm.backend_exited().is_none() {
-        assert!(Instant::now() < deadline, "the vsock backend outlived its VM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let statuses = backends_exit(&mut vm).await;
+    assert!(statuses.iter().all(Option::is_some), "the vsock backend outlived its VM: {statuses:?}");
 }
 
 /// A busybox root filesystem as an ext4 disk image, with `/data` holding `data`.
@@ -218,6 +205,30 @@ async fn a_container_in_the_guest_and_64_mib_each_way_over_vsock() {
     assert!(status.success(), "QEMU exit: {status:?}");
 }
 
+/// Where the virtio-fs tests mount the share in the guest.
+const SHARE_ROOT: &str = "/run/hull/shared";
+
+/// Boots a VM sharing `share` through hull's virtio-fs and creates sandbox `sandbox_id`.
+async fn boot_sharing(dir: &std::path::Path, share: &std::path::Path, sandbox_id: &str) -> (QemuVm, AgentConn) {
+    let mut cfg = config(dir);
+    cfg.shared_dir = Some(share.into());
+    let mut vm = QemuVm::start(cfg).expect("QEMU starts");
+    let conn = vm.wait_for_agent(Duration::from_secs(90)).await.expect("agent answers");
+    let mut req = hull_proto::agent::CreateSandboxRequest::new();
+    req.sandbox_id = sandbox_id.into();
+    conn.client.create_sandbox(ctx(), &req).await.expect("CreateSandbox");
+    (vm, conn)
+}
+
+/// Waits up to 10 s for every device backend to exit; returns how each did.
+async fn backends_exit(vm: &mut QemuVm) -> Vec<Option<std::process::ExitStatus>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm.backends_exited().iter().any(Option::is_none) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    vm.backends_exited()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_on_hull_virtio_fs_reads_and_writes_host_files() {
     require_qemu!();
@@ -227,21 +238,10 @@ async fn a_container_on_hull_virtio_fs_reads_and_writes_host_files() {
     busybox_rootfs(&share).expect("busybox rootfs");
     let data = pseudo_random(8 << 20);
     std::fs::write(share.join("data"), &data).expect("write data");
-    let mut cfg = config(dir.path());
-    cfg.shared_dir = Some(share.clone());
-    let mut vm = QemuVm::start(cfg).expect("QEMU starts");
-    let conn = vm.wait_for_agent(Duration::from_secs(90)).await.expect("agent answers");
-    let mut req = hull_proto::agent::CreateSandboxRequest::new();
-    req.sandbox_id = "pod-fs".into();
-    conn.client.create_sandbox(ctx(), &req).await.expect("CreateSandbox");
+    let (mut vm, conn) = boot_sharing(dir.path(), &share, "pod-fs").await;
 
-    let root = "/run/hull/shared";
-    let mut fs = hull_proto::agent::Storage::new();
-    fs.source = hull_runtime::vm::qemu::FS_TAG.into();
-    fs.fstype = "virtiofs".into();
-    fs.mount_point = root.into();
     let script = "cat /late; sha256sum /data; echo written by the guest > /note; mkdir /made; grep -c virtiofs /proc/mounts";
-    conn.create_on("fs", &default_spec(&["sh", "-c", script], root), stdio(false, true, true), vec![fs])
+    conn.create_on("fs", &default_spec(&["sh", "-c", script], SHARE_ROOT), stdio(false, true, true), vec![share_storage(SHARE_ROOT)])
         .await
         .expect("create on the share");
     // Written after the guest mounted the share: the guest must see it anyway.
@@ -265,11 +265,8 @@ async fn a_container_on_hull_virtio_fs_reads_and_writes_host_files() {
     conn.client.destroy_sandbox(ctx(), &req).await.expect("DestroySandbox");
     let status = vm.wait_exit(Duration::from_secs(30)).await.expect("the VM exits");
     assert!(status.success(), "QEMU exit: {status:?}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while vm.backends_exited().iter().any(Option::is_none) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(vm.backends_exited().iter().all(|s| s.is_some_and(|s| s.success())), "{:?}", vm.backends_exited());
+    let statuses = backends_exit(&mut vm).await;
+    assert!(statuses.iter().all(|s| s.is_some_and(|s| s.success())), "{statuses:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -279,20 +276,9 @@ async fn killing_the_guest_mid_transfer_ends_the_backends_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let share = dir.path().join("share");
     busybox_rootfs(&share).expect("busybox rootfs");
-    let mut cfg = config(dir.path());
-    cfg.shared_dir = Some(share.clone());
-    let mut vm = QemuVm::start(cfg).expect("QEMU starts");
-    let conn = vm.wait_for_agent(Duration::from_secs(90)).await.expect("agent answers");
-    let mut req = hull_proto::agent::CreateSandboxRequest::new();
-    req.sandbox_id = "pod-kill".into();
-    conn.client.create_sandbox(ctx(), &req).await.expect("CreateSandbox");
-    let root = "/run/hull/shared";
-    let mut fs = hull_proto::agent::Storage::new();
-    fs.source = hull_runtime::vm::qemu::FS_TAG.into();
-    fs.fstype = "virtiofs".into();
-    fs.mount_point = root.into();
+    let (mut vm, conn) = boot_sharing(dir.path(), &share, "pod-kill").await;
     // An endless stream: the guest reads through virtio-fs and writes through vsock.
-    conn.create_on("flood", &default_spec(&["sh", "-c", "while true; do cat /bin/busybox; done"], root), stdio(false, true, false), vec![fs])
+    conn.create_on("flood", &default_spec(&["sh", "-c", "while true; do cat /bin/busybox; done"], SHARE_ROOT), stdio(false, true, false), vec![share_storage(SHARE_ROOT)])
         .await
         .expect("create");
     let mut out = conn.attach("flood", "", StreamKind::Stdout).await.expect("stdout");
@@ -315,11 +301,7 @@ async fn killing_the_guest_mid_transfer_ends_the_backends_cleanly() {
     .await;
     assert!(drained.is_ok(), "the host side of the stream must end when the guest dies");
     assert!(vm.wait_exit(Duration::from_secs(5)).await.is_some());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while vm.backends_exited().iter().any(Option::is_none) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let statuses = vm.backends_exited();
+    let statuses = backends_exit(&mut vm).await;
     assert!(statuses.iter().all(Option::is_some), "every backend exits when its VM dies: {statuses:?}");
     for log in ["vhost-user-vsock.log", "vhost-user-fs.log"] {
         let text = std::fs::read_to_string(dir.path().join(log)).unwrap_or_default();

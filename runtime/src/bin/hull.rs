@@ -259,10 +259,7 @@ async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], guest: Opt
         .await
         .map_err(|e| hull_runtime::agent_client::ClientError::rpc("CreateSandbox", e))?;
     let root = "/run/hull/rootfs";
-    let mut share = Storage::new();
-    share.source = hull_runtime::vm::qemu::FS_TAG.into();
-    share.fstype = "virtiofs".into();
-    share.mount_point = root.into();
+    let share = hull_runtime::vm::qemu::share_storage(root);
     let args: Vec<&str> = command.iter().map(String::as_str).collect();
     let spec = hull_runtime::oci::default_spec(&args, root);
     let status = run_container(&conn, "run", &spec, vec![share]).await;

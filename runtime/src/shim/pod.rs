@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::mount::{umount2, MntFlags};
-
 use crate::agent_client::{ctx, AgentConn, ClientError};
 use crate::config::{Config, Hypervisor};
 use crate::vm::qemu::{QemuConfig, QemuError, QemuVm};
@@ -131,20 +129,10 @@ impl PodVm {
     }
 }
 
-/// Unmounts everything at or below `path`, deepest first.
+/// Unmounts everything at or below `path`, deepest first (containerd-shim's helper).
 pub fn umount_tree(path: &Path) {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
-    let mut points: Vec<PathBuf> = mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(path))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    for p in points {
-        if let Err(e) = umount2(&p, MntFlags::MNT_DETACH) {
-            tracing::warn!(path = ?p, error = %e, "cannot unmount");
-        }
+    if let Err(e) = containerd_shim::mount::umount_recursive(path.to_str(), libc::MNT_DETACH) {
+        tracing::warn!(path = ?path, error = %e, "cannot unmount");
     }
 }
 

@@ -178,16 +178,19 @@ impl TaskService {
             .pod
             .get_or_try_init(|| async {
                 let config = match options.as_ref().and_then(spec::config_path_from_any) {
-                    Some(path) => Config::load(Some(Path::new(&path))),
-                    None => self.config.as_ref().map(Clone::clone).map_err(|e| ConfigError::Parse { path: "".into(), reason: e.to_string() }),
+                    Some(path) => Config::load(Some(Path::new(&path))).map_err(|e| e.to_string()),
+                    None => self.config.as_ref().cloned().map_err(ToString::to_string),
                 }
-                .map_err(|e| status(Code::FAILED_PRECONDITION, e.to_string()))?;
+                .map_err(|e| status(Code::FAILED_PRECONDITION, e))?;
                 let hostname = spec.get("hostname").and_then(|h| h.as_str()).unwrap_or(pod_id);
                 let dir = super::pod_dir(&self.namespace, pod_id);
-                PodVm::boot(&config, dir, pod_id, hostname)
+                let pod = PodVm::boot(&config, dir, pod_id, hostname)
                     .await
                     .map(Arc::new)
-                    .map_err(|e| status(Code::UNAVAILABLE, format!("pod {pod_id}: {e}")))
+                    .map_err(|e| status(Code::UNAVAILABLE, format!("pod {pod_id}: {e}")))?;
+                // Once per VM: its death and its OOM kills reach containerd.
+                self.watch_vm(pod.clone());
+                Ok::<_, ttrpc::Error>(pod)
             })
             .await?
             .clone();
@@ -201,6 +204,7 @@ impl TaskService {
     fn watch_vm(&self, pod: Arc<PodVm>) {
         let containers = self.containers.clone();
         let events = self.events.clone();
+        let oom_pod = pod.clone();
         tokio::spawn(async move {
             let why = loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -224,9 +228,8 @@ impl TaskService {
             }
         });
         let events = self.events.clone();
-        let pod_oom = self.pod.get().cloned();
         tokio::spawn(async move {
-            let Some(pod) = pod_oom else { return };
+            let pod = oom_pod;
             loop {
                 let r = pod.conn.client.get_oom_event(crate::agent_client::ctx_unbounded(), &hull_proto::agent::GetOOMEventRequest::new()).await;
                 match r {
@@ -297,9 +300,6 @@ impl TaskService {
         let is_pause = super::annotation(&spec, super::CONTAINER_TYPE_ANNOTATION) == Some("sandbox");
         let paths = StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
         let pod = self.ensure_pod(&pod_id, &spec, &req.options).await?;
-        if lock(&self.containers).is_empty() {
-            self.watch_vm(pod.clone());
-        }
         let mut init = Process::new(&id, "", paths.clone());
         if !is_pause {
             match self.create_in_guest(&pod, &id, &bundle, spec, req, &paths).await {
@@ -339,10 +339,7 @@ impl TaskService {
             .map_err(|e| status(Code::INTERNAL, format!("cannot share the rootfs of container {id}: {e}")))?;
         let guest_spec = spec::for_guest(id, spec, &host_share).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let (mount_point, _) = spec::guest_paths(id);
-        let mut share = hull_proto::agent::Storage::new();
-        share.source = crate::vm::qemu::FS_TAG.into();
-        share.fstype = "virtiofs".into();
-        share.mount_point = mount_point;
+        let share = crate::vm::qemu::share_storage(&mount_point);
         pod.conn.create_on(id, &guest_spec, paths.request(), vec![share]).await.map_err(agent_err)?;
         match super::io::connect(&pod.conn, id, "", paths).await {
             Ok(io) => Ok(Arc::new(io)),

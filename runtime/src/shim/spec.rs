@@ -36,7 +36,7 @@ pub fn for_guest(id: &str, mut spec: Value, host_share: &Path) -> Result<Value, 
         return Err(SpecError::Shape { id: id.into() });
     }
     let (_, guest_root) = guest_paths(id);
-    spec["root"]["path"] = json!(guest_root);
+    spec["root"]["path"] = json!(&guest_root);
     let obj = spec.as_object_mut().expect("checked above");
     // Hooks name host binaries; they cannot run in the guest.
     obj.remove("hooks");
@@ -55,7 +55,6 @@ pub fn for_guest(id: &str, mut spec: Value, host_share: &Path) -> Result<Value, 
             }
         }
     }
-    let (_, guest_root) = guest_paths(id);
     let guest_mounts = Path::new(&guest_root).parent().map(|p| p.join("mounts")).unwrap_or_default();
     if let Some(mounts) = obj.get_mut("mounts").and_then(Value::as_array_mut) {
         for (i, m) in mounts.iter_mut().enumerate() {

@@ -49,6 +49,15 @@ pub struct QemuConfig {
 /// The virtio-fs tag of a VM's shared directory.
 pub const FS_TAG: &str = "hull";
 
+/// The agent storage that mounts the VM's shared directory at `mount_point` in the guest.
+pub fn share_storage(mount_point: &str) -> hull_proto::agent::Storage {
+    let mut s = hull_proto::agent::Storage::new();
+    s.source = FS_TAG.into();
+    s.fstype = "virtiofs".into();
+    s.mount_point = mount_point.into();
+    s
+}
+
 /// A log file in `dir` as stdout and stderr of a child: the VMM's and QEMU's own messages go
 /// beside the console, not to the terminal of whoever runs the container.
 fn log_files(dir: &Path, name: &str) -> Result<(Stdio, Stdio), QemuError> {
@@ -226,11 +235,6 @@ impl QemuVm {
         None
     }
 
-    /// Whether the vsock backend has exited (and how).
-    pub fn backend_exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.backends[0].try_wait().ok().flatten()
-    }
-
     /// How each backend (vsock first, then fs) has exited, if it has.
     pub fn backends_exited(&mut self) -> Vec<Option<std::process::ExitStatus>> {
         self.backends.iter_mut().map(|c| c.try_wait().ok().flatten()).collect()
@@ -253,11 +257,6 @@ impl QemuVm {
 
     pub fn qemu_pid(&self) -> u32 {
         self.qemu.id()
-    }
-
-    /// The vsock backend's pid.
-    pub fn backend_pid(&self) -> u32 {
-        self.backends[0].id()
     }
 
     /// Every backend's pid (vsock first).

@@ -4,27 +4,25 @@
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use super::VhostUserError;
+use super::{ExitEvent, VhostUserError, BASE_FEATURES};
 use crate::devices::virtio::fs::{FsDevice, NUM_QUEUES, QUEUE_SIZE};
 
 pub struct FsBackend {
     device: FsDevice,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
-    exit: (EventConsumer, EventNotifier),
+    exit: ExitEvent,
 }
 
 impl FsBackend {
     pub fn new(shared_dir: &Path, tag: &str) -> Result<FsBackend, VhostUserError> {
-        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)
-            .map_err(|e| VhostUserError::Daemon(e.to_string()))?;
+        let exit = ExitEvent::new()?;
         Ok(FsBackend { device: FsDevice::new(shared_dir, tag)?, mem: None, exit })
     }
 }
@@ -42,7 +40,7 @@ impl VhostUserBackendMut for FsBackend {
     }
 
     fn features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        BASE_FEATURES
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -57,8 +55,7 @@ impl VhostUserBackendMut for FsBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (c, n) = &self.exit;
-        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+        self.exit.pair()
     }
 
     fn handle_event(&mut self, device_event: u16, _evset: EventSet, vrings: &[VringRwLock], _thread: usize) -> std::io::Result<()> {

@@ -3,15 +3,14 @@
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use super::VhostUserError;
+use super::{ExitEvent, VhostUserError, BASE_FEATURES};
 use crate::devices::virtio::vsock::{VsockDevice, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 
 /// The event id of the device's own epoll fd; ids up to NUM_QUEUES are the daemon's.
@@ -20,13 +19,12 @@ const HOST_EVENT: u16 = NUM_QUEUES as u16 + 1;
 pub struct VsockBackend {
     device: VsockDevice,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
-    exit: (EventConsumer, EventNotifier),
+    exit: ExitEvent,
 }
 
 impl VsockBackend {
     pub fn new(guest_cid: u64, uds: &Path) -> Result<VsockBackend, VhostUserError> {
-        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)
-            .map_err(|e| VhostUserError::Daemon(e.to_string()))?;
+        let exit = ExitEvent::new()?;
         Ok(VsockBackend { device: VsockDevice::new(guest_cid, uds)?, mem: None, exit })
     }
 
@@ -67,7 +65,7 @@ impl VhostUserBackendMut for VsockBackend {
     }
 
     fn features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        BASE_FEATURES
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -91,8 +89,7 @@ impl VhostUserBackendMut for VsockBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (c, n) = &self.exit;
-        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+        self.exit.pair()
     }
 
     fn handle_event(&mut self, device_event: u16, _evset: EventSet, vrings: &[VringRwLock], _thread: usize) -> std::io::Result<()> {
