@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hull_proto::agent::{StdioRequest, Storage};
+use hull_proto::agent::{Interface, Route, StdioRequest, Storage};
 use tokio::sync::{mpsc, Notify};
 
 use crate::cgroups::{self, CgroupError};
@@ -44,6 +44,8 @@ pub enum AgentError {
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
 }
 
 pub struct AgentConfig {
@@ -101,10 +103,15 @@ impl Agent {
         Ok(self.container(id)?.process(exec_id)?)
     }
 
-    pub async fn create_sandbox(&self, id: &str, hostname: &str, dns: &[String]) -> Result<(), AgentError> {
+    pub async fn create_sandbox(&self, id: &str, hostname: &str, dns: &[String], interfaces: &[Interface], routes: &[Route]) -> Result<(), AgentError> {
         check_id(id)?;
         if let Some(existing) = self.sandbox_id() {
             return Err(SandboxError::Exists(existing).into());
+        }
+        // The whole network request is checked before anything is created.
+        crate::network::validate(interfaces, routes)?;
+        if !self.cfg.init_mode && !interfaces.is_empty() {
+            return Err(crate::network::NetworkError::NotInit.into());
         }
         let sandbox = Sandbox::create(
             id,
@@ -131,7 +138,18 @@ impl Agent {
             sandbox.destroy(&self.reaper).await;
             return Err(SandboxError::Exists(existing).into());
         }
-        tracing::info!(sandbox_id = id, hostname, "sandbox created");
+        // In the VM the sandbox's network namespace is the VM's own: the pod's interface and
+        // routes go there (and loopback comes up).
+        if self.cfg.init_mode {
+            if let Err(e) = crate::network::apply(interfaces, routes).await {
+                let sandbox = self.sandbox.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(sandbox) = sandbox {
+                    sandbox.destroy(&self.reaper).await;
+                }
+                return Err(e.into());
+            }
+        }
+        tracing::info!(sandbox_id = id, hostname, interfaces = interfaces.len(), "sandbox created");
         Ok(())
     }
 

@@ -8,6 +8,7 @@ mod fd;
 mod helper;
 mod init;
 mod launcher;
+mod network;
 mod process;
 mod reaper;
 mod sandbox;

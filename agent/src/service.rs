@@ -33,6 +33,11 @@ fn status(e: AgentError) -> TtrpcError {
         AgentError::Sandbox(crate::sandbox::SandboxError::Exists(_)) => Code::ALREADY_EXISTS,
         AgentError::Sandbox(crate::sandbox::SandboxError::BadHostname(_)) => Code::INVALID_ARGUMENT,
         AgentError::Launch(_) => Code::FAILED_PRECONDITION,
+        AgentError::Network(n) => match n {
+            crate::network::NetworkError::Netlink(_) | crate::network::NetworkError::Apply { .. } => Code::INTERNAL,
+            crate::network::NetworkError::NoNic { .. } | crate::network::NetworkError::NotInit => Code::FAILED_PRECONDITION,
+            _ => Code::INVALID_ARGUMENT,
+        },
         _ => Code::INTERNAL,
     };
     TtrpcError::RpcStatus(ttrpc::get_status(code, e.to_string()))
@@ -68,7 +73,7 @@ fn stdio_of(s: &protobuf::MessageField<StdioRequest>) -> StdioRequest {
 #[async_trait]
 impl agent_ttrpc::Agent for Service {
     async fn create_sandbox(&self, _ctx: &TtrpcContext, req: CreateSandboxRequest) -> Reply<Empty> {
-        self.agent.create_sandbox(&req.sandbox_id, &req.hostname, &req.dns).await.map_err(status)?;
+        self.agent.create_sandbox(&req.sandbox_id, &req.hostname, &req.dns, &req.interfaces, &req.routes).await.map_err(status)?;
         Ok(Empty::new())
     }
 

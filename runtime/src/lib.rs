@@ -3,6 +3,7 @@
 
 pub mod agent_client;
 pub mod config;
+pub mod network;
 pub mod shim;
 pub mod oci;
 pub mod vm;

@@ -12,6 +12,9 @@ use sha2::{Digest, Sha256};
 pub const CONTAINERD: &str = "/usr/bin/containerd";
 pub const CTR: &str = "/usr/bin/ctr";
 pub const IMAGE: &str = "localhost/hull/busybox:test";
+/// The same busybox, whose default command sleeps forever: CRI's sandbox (pause) image. hull
+/// runs no process for it; runc pods need one that stays up.
+pub const PAUSE_IMAGE: &str = "localhost/hull/pause:test";
 
 /// Why the containerd suites cannot run here, or None.
 pub fn missing() -> Option<String> {
@@ -46,6 +49,17 @@ pub struct Containerd {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     child: Child,
+    /// CRI's pod network namespaces present before this containerd started: the ones it adds
+    /// are removed on drop when a failed test left pods behind.
+    netns_before: Vec<String>,
+}
+
+const NETNS_DIR: &str = "/var/run/netns";
+
+fn cni_netns() -> Vec<String> {
+    std::fs::read_dir(NETNS_DIR)
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with("cni-")).collect())
+        .unwrap_or_default()
 }
 
 impl Containerd {
@@ -90,7 +104,7 @@ impl Containerd {
             Some(n) => n.to_string(),
             None => format!("hulltest-{}-{}", std::process::id(), COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
         };
-        let mut c = Containerd { namespace, dir, socket, child };
+        let mut c = Containerd { namespace, dir, socket, child, netns_before: cni_netns() };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !c.socket.exists() || !c.ctr(&["version"]).is_ok_and(|o| o.status.success()) {
             if Instant::now() > deadline {
@@ -123,13 +137,15 @@ impl Containerd {
         self.ctr_cmd(args).output()
     }
 
-    /// Builds a busybox OCI image here and imports it as `IMAGE`.
+    /// Builds busybox OCI images here and imports them as `IMAGE` and `PAUSE_IMAGE`.
     pub fn import_busybox(&self) -> Result<()> {
-        let tar = self.dir.path().join("busybox-oci.tar");
-        oci_image_tar(&self.dir.path().join("image"), IMAGE, &tar)?;
-        let out = self.ctr(&["images", "import", &tar.to_string_lossy()])?;
-        if !out.status.success() {
-            bail!("ctr images import: {}", String::from_utf8_lossy(&out.stderr));
+        for (name, cmd, dir) in [(IMAGE, &["sh"][..], "image"), (PAUSE_IMAGE, &["sleep", "2147483647"][..], "pause")] {
+            let tar = self.dir.path().join(format!("{dir}-oci.tar"));
+            oci_image_tar(&self.dir.path().join(dir), name, cmd, &tar)?;
+            let out = self.ctr(&["images", "import", &tar.to_string_lossy()])?;
+            if !out.status.success() {
+                bail!("ctr images import: {}", String::from_utf8_lossy(&out.stderr));
+            }
         }
         Ok(())
     }
@@ -163,6 +179,11 @@ impl Drop for Containerd {
         hull_runtime::shim::pod::umount_tree(&Path::new("/run/hull/shim").join(&self.namespace));
         let _ = std::fs::remove_dir_all(Path::new("/run/hull/shim").join(&self.namespace));
         hull_runtime::shim::pod::umount_tree(self.dir.path());
+        for ns in cni_netns().into_iter().filter(|n| !self.netns_before.contains(n)) {
+            let path = Path::new(NETNS_DIR).join(ns);
+            let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
 
@@ -170,8 +191,9 @@ fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// An OCI image layout tarball with one layer: a busybox root filesystem.
-pub fn oci_image_tar(work: &Path, name: &str, out: &Path) -> Result<()> {
+/// An OCI image layout tarball with one layer, a busybox root filesystem, and `cmd` as the
+/// default command.
+pub fn oci_image_tar(work: &Path, name: &str, cmd: &[&str], out: &Path) -> Result<()> {
     let rootfs = work.join("rootfs");
     crate::busybox_rootfs(&rootfs)?;
     let layout = work.join("layout");
@@ -187,7 +209,7 @@ pub fn oci_image_tar(work: &Path, name: &str, out: &Path) -> Result<()> {
     std::fs::write(blobs.join(&layer_digest), &layer)?;
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": cmd},
         "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]}
     })
     .to_string();

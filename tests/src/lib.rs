@@ -2,6 +2,7 @@
 //! root filesystem built from Debian's busybox-static, OCI specs, and stdio streams.
 
 pub mod containerd;
+pub mod cri;
 
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};

@@ -43,6 +43,7 @@ fn config(workdir: &std::path::Path) -> QemuConfig {
         cmdline_extra: vec![],
         qemu_extra: vec![],
         shared_dir: None,
+        nic: None,
     }
 }
 

@@ -246,6 +246,7 @@ async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], guest: Opt
         qemu_extra: vec![],
         // The rootfs directory itself, through hull's virtio-fs: nothing is copied.
         shared_dir: Some(rootfs.clone()),
+        nic: None,
     })?;
     let conn = vm.wait_for_agent(Duration::from_secs(120)).await?;
     if verbose {

@@ -2,13 +2,15 @@
 //! connection, the virtio-fs share where containers' rootfs appear, and the state directory
 //! that lets `containerd-shim-hull-v2 delete` clean up after a shim that died.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::agent_client::{ctx, AgentConn, ClientError};
 use crate::config::{Config, Hypervisor};
-use crate::vm::qemu::{QemuConfig, QemuError, QemuVm};
+use crate::network::{self, NetworkError, PodNetwork};
+use crate::vm::qemu::{Nic, QemuConfig, QemuError, QemuVm};
 use crate::vm::{detect_accel, Accel};
 
 /// Where the guest mounts the pod's share: each container mounts it at
@@ -25,7 +27,13 @@ pub enum PodError {
     Boot(#[from] QemuError),
     #[error("The pod's agent refused the sandbox: {0}")]
     Agent(#[from] ClientError),
+    #[error("The pod's network cannot reach its VM: {0}")]
+    Network(#[from] NetworkError),
 }
+
+/// The file in a pod's state directory naming its network namespace, so that a `delete`
+/// after a killed shim can remove the tap and filters too.
+const NETNS_FILE: &str = "netns";
 
 pub struct PodVm {
     pub id: String,
@@ -46,26 +54,40 @@ fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> PodError + '_ {
 impl PodVm {
     /// Boots the pod's VM and creates the sandbox in its agent. On failure nothing is left:
     /// QemuVm's drop ends the processes and the state directory is removed.
-    pub async fn boot(config: &Config, dir: PathBuf, id: &str, hostname: &str) -> Result<PodVm, PodError> {
+    /// `netns` is the pod's network namespace (CRI's, from the sandbox spec); its interface is
+    /// carried into the VM.
+    pub async fn boot(config: &Config, dir: PathBuf, id: &str, hostname: &str, netns: Option<&Path>) -> Result<PodVm, PodError> {
         let (accel, why) = match config.hypervisor {
             Hypervisor::Builtin => return Err(PodError::Builtin("hull-vmm boots guests but does not run pods yet".into())),
             Hypervisor::Qemu | Hypervisor::Auto => detect_accel(),
         };
         tracing::info!(sandbox_id = %id, hypervisor = "qemu", accel = ?accel, why = %why, "booting the pod VM");
-        let result = Self::boot_qemu(config, &dir, id, hostname, accel).await;
+        let result = Self::boot_qemu(config, &dir, id, hostname, netns, accel).await;
         if result.is_err() {
             cleanup_pod(&dir);
         }
         result
     }
 
-    async fn boot_qemu(config: &Config, dir: &Path, id: &str, hostname: &str, accel: Accel) -> Result<PodVm, PodError> {
+    async fn boot_qemu(config: &Config, dir: &Path, id: &str, hostname: &str, netns: Option<&Path>, accel: Accel) -> Result<PodVm, PodError> {
         let shared = dir.join("shared");
         let work = dir.join("vm");
         for d in [&shared, &work] {
             std::fs::create_dir_all(d).map_err(state_err(d))?;
         }
         let started = Instant::now();
+        let net: Option<PodNetwork> = match netns {
+            Some(ns) => {
+                // Recorded first: whatever setup leaves, cleanup_pod can find.
+                let f = dir.join(NETNS_FILE);
+                std::fs::write(&f, ns.as_os_str().as_encoded_bytes()).map_err(state_err(&f))?;
+                let ns = ns.to_path_buf();
+                tokio::task::spawn_blocking(move || network::setup(&ns))
+                    .await
+                    .map_err(|e| NetworkError::Netlink(e.to_string()))??
+            }
+            None => None,
+        };
         let mut vm = QemuVm::start(QemuConfig {
             qemu: config.qemu.clone(),
             vmm: config.vmm.clone(),
@@ -79,6 +101,7 @@ impl PodVm {
             cmdline_extra: if config.debug_console { vec!["loglevel=7".into()] } else { vec![] },
             qemu_extra: vec![],
             shared_dir: Some(shared.clone()),
+            nic: net.as_ref().map(|n| Nic { tap_fd: n.tap.as_raw_fd(), mac: n.mac.clone() }),
         })?;
         // Recorded before the wait: a shim killed mid-boot still leaves pids `delete` can end.
         let mut pids = vec![vm.qemu_pid()];
@@ -90,6 +113,12 @@ impl PodVm {
         let mut req = hull_proto::agent::CreateSandboxRequest::new();
         req.sandbox_id = id.into();
         req.hostname = hostname.into();
+        if let Some(net) = net {
+            // QEMU has its own copy of the tap now; ours would keep it alive after QEMU.
+            drop(net.tap);
+            req.interfaces.push(net.interface);
+            req.routes = net.routes;
+        }
         conn.client.create_sandbox(ctx(), &req).await.map_err(|e| ClientError::rpc("CreateSandbox", e))?;
         tracing::info!(sandbox_id = %id, ready_ms = started.elapsed().as_millis() as u64, "pod VM ready");
         Ok(PodVm { id: id.into(), dir: dir.into(), shared, conn: Arc::new(conn), vmm_pid: vm.qemu_pid(), keep_console: config.debug_console, vm: tokio::sync::Mutex::new(vm) })
@@ -151,6 +180,11 @@ pub fn cleanup_pod(dir: &Path) {
             if pid > 1 && is_ours(pid) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
+        }
+    }
+    if let Ok(ns) = std::fs::read_to_string(dir.join(NETNS_FILE)) {
+        if let Err(e) = network::teardown(Path::new(ns.trim())) {
+            tracing::warn!(netns = %ns, error = %e, "cannot remove the pod's tap and filters");
         }
     }
     umount_tree(&dir.join("shared"));

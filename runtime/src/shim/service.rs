@@ -184,7 +184,8 @@ impl TaskService {
                 .map_err(|e| status(Code::FAILED_PRECONDITION, e))?;
                 let hostname = spec.get("hostname").and_then(|h| h.as_str()).unwrap_or(pod_id);
                 let dir = super::pod_dir(&self.namespace, pod_id);
-                let pod = PodVm::boot(&config, dir, pod_id, hostname)
+                let netns = crate::network::netns_path(spec);
+                let pod = PodVm::boot(&config, dir, pod_id, hostname, netns.as_deref())
                     .await
                     .map(Arc::new)
                     .map_err(|e| status(Code::UNAVAILABLE, format!("pod {pod_id}: {e}")))?;

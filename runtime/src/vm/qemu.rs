@@ -2,6 +2,8 @@
 //! vhost-user vsock|fs`), QEMU drives them with `vhost-user-vsock-pci` and `vhost-user-fs-pci`,
 //! and the host reaches the guest agent through the vsock backend's hybrid socket.
 
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,7 +46,22 @@ pub struct QemuConfig {
     pub qemu_extra: Vec<String>,
     /// A host directory shared through hull's virtio-fs backend under the tag `FS_TAG`.
     pub shared_dir: Option<PathBuf>,
+    /// The pod's network: a tap QEMU's virtio-net drives.
+    pub nic: Option<Nic>,
 }
+
+/// A virtio-net NIC backed by a tap the caller opened (in the pod's network namespace, which
+/// QEMU is not in, so QEMU cannot open it by name). The caller keeps `tap_fd` open until
+/// `QemuVm::start` returns; QEMU inherits its own copy.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub tap_fd: RawFd,
+    /// The guest NIC's MAC address ("aa:bb:cc:dd:ee:ff").
+    pub mac: String,
+}
+
+/// The descriptor number QEMU finds the tap at.
+const TAP_FD: RawFd = 3;
 
 /// The virtio-fs tag of a VM's shared directory.
 pub const FS_TAG: &str = "hull";
@@ -183,6 +200,24 @@ impl QemuVm {
         if config.shared_dir.is_some() {
             cmd.args(["-chardev", &format!("socket,id=fs0,path={}", fs_sock.display())])
                 .args(["-device", &format!("vhost-user-fs-pci,chardev=fs0,tag={FS_TAG}")]);
+        }
+        if let Some(nic) = &config.nic {
+            // romfile=: no PXE option ROM; the guest boots from -kernel.
+            cmd.args(["-netdev", &format!("tap,id=net0,fd={TAP_FD}")])
+                .args(["-device", &format!("virtio-net-pci,netdev=net0,mac={},romfile=", nic.mac)]);
+            let fd = nic.tap_fd;
+            // SAFETY: the closure runs in the forked child before exec and calls only dup2 and
+            // fcntl, which are async-signal-safe; it allocates nothing and takes no lock.
+            unsafe {
+                cmd.pre_exec(move || {
+                    // dup2 onto itself would keep FD_CLOEXEC: clear it instead.
+                    let r = if fd == TAP_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, TAP_FD) };
+                    if r < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let qemu = cmd.args(&config.qemu_extra).stdin(Stdio::null()).stdout(qout).stderr(qerr).spawn();
         let qemu = match qemu {

@@ -1,0 +1,120 @@
+//! Kubernetes' view, hull against runc in one run on one private containerd (CRI plugin, CNI
+//! bridge, the locally built busybox image):
+//! - pod start: RunPodSandbox -> CreateContainer -> StartContainer returned, p50 over PODS pods;
+//! - shim RSS per pod: containerd-shim-hull-v2 vs containerd-shim-runc-v2;
+//! - TCP throughput between two pods of the same runtime on the bridge (busybox nc, MiB moved
+//!   in one exec, minus an empty exec's time);
+//! - small request/reply latency: ROUND_TRIPS sequential connect + "ping" + "pong" in one exec.
+//!
+//! Each line prints both and the ratio hull/runc. Run with `scripts/bench`.
+
+use std::time::{Duration, Instant};
+
+use hull_tests::cri::{container_config, Cri, Pod, HULL, RUNC};
+
+const PODS: usize = 10;
+const MIB: usize = 32;
+const ROUND_TRIPS: usize = 20;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn rss_kib(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Mean RSS of the running shims whose command line matches `pattern`.
+fn shim_rss_mib(pattern: &str) -> (f64, usize) {
+    let out = std::process::Command::new("pgrep").args(["-f", pattern]).output().expect("pgrep");
+    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    let total: u64 = pids.iter().map(|p| rss_kib(p)).sum();
+    (total as f64 / 1024.0 / pids.len().max(1) as f64, pids.len())
+}
+
+async fn start_pod(cri: &mut Cri, name: &str, handler: &str, cmd: &[&str]) -> (Pod, String, Duration) {
+    let t = Instant::now();
+    let pod = cri.run_pod(name, handler).await;
+    let id = cri.start_container(&pod, container_config("c", cmd, 0)).await;
+    (pod, id, t.elapsed())
+}
+
+async fn timed_exec(cri: &mut Cri, id: &str, cmd: &str) -> Duration {
+    let t = Instant::now();
+    let (out, code) = cri.exec(id, &["sh", "-c", cmd]).await;
+    assert_eq!(code, 0, "{cmd}: {out}");
+    t.elapsed()
+}
+
+/// (MiB/s, per round trip) between a client and a server pod of `handler`.
+async fn network(cri: &mut Cri, handler: &str) -> (f64, Duration) {
+    let server_cmd = ["sh", "-c", "nc -ll -p 5002 -e echo pong & while true; do nc -l -p 5001 > /dev/null; done"];
+    let (server, _, _) = start_pod(cri, &format!("{handler}-server"), handler, &server_cmd).await;
+    let (client, client_id, _) = start_pod(cri, &format!("{handler}-client"), handler, &["sleep", "100000"]).await;
+    let ip = cri.pod_ip(&server).await;
+    // Wait for the listeners, and warm both paths.
+    let ready = format!("for i in $(seq 100); do echo ping | nc {ip} 5002 | grep -q pong && exit 0; sleep 0.2; done; exit 1");
+    timed_exec(cri, &client_id, &ready).await;
+    let empty = timed_exec(cri, &client_id, "true").await;
+    let bulk = timed_exec(cri, &client_id, &format!("dd if=/dev/zero bs=64k count={} 2>/dev/null | nc {ip} 5001", MIB * 16)).await;
+    let rr = timed_exec(cri, &client_id, &format!("for i in $(seq {ROUND_TRIPS}); do echo ping | nc {ip} 5002 | grep -q pong || exit 1; done")).await;
+    let loops = timed_exec(cri, &client_id, &format!("for i in $(seq {ROUND_TRIPS}); do echo ping | grep -q ping || exit 1; done")).await;
+    for p in [&server, &client] {
+        cri.remove_pod(p).await;
+    }
+    let rate = MIB as f64 / bulk.saturating_sub(empty).as_secs_f64();
+    // The same loop without the network (the pipeline's processes alone) is subtracted.
+    (rate, rr.saturating_sub(loops) / ROUND_TRIPS as u32)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    if let Some(why) = hull_tests::containerd::missing() {
+        eprintln!("SKIP cri bench: {why}");
+        return;
+    }
+    let mut cri = Cri::start().await.expect("containerd with CRI starts");
+
+    // Pod start, alternating runtimes; the first pod of each warms caches and is not counted.
+    let mut starts = [Vec::new(), Vec::new()];
+    let mut pods = Vec::new();
+    for i in 0..=PODS {
+        for (k, handler) in [HULL, RUNC].into_iter().enumerate() {
+            let (pod, _, took) = start_pod(&mut cri, &format!("{handler}-{i}"), handler, &["sleep", "100000"]).await;
+            if i > 0 {
+                starts[k].push(took);
+            }
+            pods.push(pod);
+        }
+    }
+    let (h, r) = (median(starts[0].clone()), median(starts[1].clone()));
+    println!("pod start (RunPodSandbox..StartContainer), p50 of {PODS}: hull {:.0} ms, runc {:.0} ms, hull/runc = {:.1}", ms(h), ms(r), ms(h) / ms(r));
+    let (hull_rss, hull_n) = shim_rss_mib("containerd-shim-hull-v2 -namespace k8s.io");
+    let (runc_rss, runc_n) = shim_rss_mib("containerd-shim-runc-v2 -namespace k8s.io");
+    println!(
+        "shim RSS per pod: hull {hull_rss:.1} MiB ({hull_n} shims), runc {runc_rss:.1} MiB ({runc_n} shims), hull/runc = {:.2}",
+        hull_rss / runc_rss
+    );
+    for p in &pods {
+        cri.remove_pod(p).await;
+    }
+
+    let (hull_rate, hull_rr) = network(&mut cri, HULL).await;
+    let (runc_rate, runc_rr) = network(&mut cri, RUNC).await;
+    println!("TCP throughput pod->pod ({MIB} MiB, nc): hull {hull_rate:.1} MiB/s, runc {runc_rate:.1} MiB/s, hull/runc = {:.3}", hull_rate / runc_rate);
+    println!(
+        "request/reply pod->pod (connect + ping/pong, {ROUND_TRIPS} rounds): hull {:.2} ms, runc {:.2} ms, hull/runc = {:.1}",
+        ms(hull_rr),
+        ms(runc_rr),
+        ms(hull_rr) / ms(runc_rr)
+    );
+}

@@ -1,0 +1,201 @@
+//! kubelet's side of containerd's CRI plugin, for the end-to-end suites and benchmarks: a
+//! private containerd (in its own network namespace) with a CNI bridge on 198.18.0.0/24, the
+//! runtime handlers `hull` (default) and `runc`, the locally built busybox image as sandbox
+//! image, and a tonic + k8s-cri client.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::containerd::{Containerd, IMAGE, PAUSE_IMAGE};
+
+pub const HULL: &str = "hull";
+pub const RUNC: &str = "runc";
+/// The CNI bridge's subnet; its gateway (the bridge) is .1.
+pub const SUBNET: &str = "198.18.0.0/24";
+pub const BRIDGE: &str = "hull0";
+
+fn containerd_config() -> String {
+    format!(
+        r#"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{{dir}}/cni"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "{HULL}"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HULL}]
+    runtime_type = "io.containerd.hull.v2"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{RUNC}]
+    runtime_type = "io.containerd.runc.v2"
+"#
+    )
+}
+
+pub struct Cri {
+    pub containerd: Containerd,
+    pub rt: RuntimeServiceClient<Channel>,
+    pub logs: PathBuf,
+}
+
+pub struct Pod {
+    pub id: String,
+    pub config: PodSandboxConfig,
+}
+
+pub fn pod_config(name: &str, logs: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata { name: name.into(), uid: format!("uid-{name}"), namespace: "default".into(), attempt: 0 }),
+        hostname: name.into(),
+        log_directory: logs.join(name).to_string_lossy().into_owned(),
+        dns_config: Some(DnsConfig { servers: vec!["198.18.0.53".into()], searches: vec!["hull.test".into()], options: vec![] }),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption { network: NamespaceMode::Pod as i32, pid: NamespaceMode::Container as i32, ipc: NamespaceMode::Pod as i32, ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn container_config(name: &str, command: &[&str], memory_limit: i64) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
+        image: Some(ImageSpec { image: IMAGE.into(), ..Default::default() }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        linux: Some(LinuxContainerConfig {
+            resources: (memory_limit > 0).then(|| LinuxContainerResources { memory_limit_in_bytes: memory_limit, ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+impl Cri {
+    /// containerd with the CRI plugin, the CNI bridge config and the busybox image, and a
+    /// connected client.
+    pub async fn start() -> Result<Cri> {
+        let containerd = Containerd::start_in(&containerd_config(), Some("k8s.io"))?;
+        let cni = containerd.dir.path().join("cni");
+        std::fs::create_dir_all(&cni)?;
+        let ipam = containerd.dir.path().join("cni-ipam");
+        std::fs::write(
+            cni.join("10-hull.conf"),
+            format!(
+                r#"{{"cniVersion":"0.4.0","name":"hulltest","type":"bridge","bridge":"{BRIDGE}","isGateway":true,"ipMasq":false,
+                   "ipam":{{"type":"host-local","dataDir":"{}","ranges":[[{{"subnet":"{SUBNET}"}}]],"routes":[{{"dst":"0.0.0.0/0"}}]}}}}"#,
+                ipam.display()
+            ),
+        )?;
+        containerd.import_busybox()?;
+        let logs = containerd.dir.path().join("logs");
+        let path = containerd.socket.clone();
+        let channel = Endpoint::try_from("http://[::]")?
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            }))
+            .await
+            .context("connect to containerd's CRI")?;
+        Ok(Cri { containerd, rt: RuntimeServiceClient::new(channel), logs })
+    }
+
+    pub async fn run_pod(&mut self, name: &str, handler: &str) -> Pod {
+        self.run_pod_with(pod_config(name, &self.logs), handler).await
+    }
+
+    pub async fn run_pod_with(&mut self, config: PodSandboxConfig, handler: &str) -> Pod {
+        let name = config.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+        std::fs::create_dir_all(self.logs.join(&name)).expect("log dir");
+        let r = self
+            .rt
+            .run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler.into() })
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", self.containerd.log()));
+        Pod { id: r.into_inner().pod_sandbox_id, config }
+    }
+
+    pub async fn start_container(&mut self, pod: &Pod, config: ContainerConfig) -> String {
+        let name = config.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+        let r = self
+            .rt
+            .create_container(CreateContainerRequest { pod_sandbox_id: pod.id.clone(), config: Some(config), sandbox_config: Some(pod.config.clone()) })
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", self.containerd.log()));
+        let id = r.into_inner().container_id;
+        self.rt
+            .start_container(StartContainerRequest { container_id: id.clone() })
+            .await
+            .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", self.containerd.log()));
+        id
+    }
+
+    /// ExecSync: (stdout + stderr, exit code).
+    pub async fn exec(&mut self, id: &str, cmd: &[&str]) -> (String, i32) {
+        let r = self
+            .rt
+            .exec_sync(ExecSyncRequest { container_id: id.into(), cmd: cmd.iter().map(|s| s.to_string()).collect(), timeout: 60 })
+            .await
+            .expect("ExecSync")
+            .into_inner();
+        (String::from_utf8_lossy(&r.stdout).into_owned() + &String::from_utf8_lossy(&r.stderr), r.exit_code)
+    }
+
+    pub async fn status(&mut self, id: &str) -> ContainerStatus {
+        self.rt
+            .container_status(ContainerStatusRequest { container_id: id.into(), verbose: false })
+            .await
+            .expect("ContainerStatus")
+            .into_inner()
+            .status
+            .expect("a status")
+    }
+
+    /// The pod's IP as CRI reports it (CNI's result).
+    pub async fn pod_ip(&mut self, pod: &Pod) -> String {
+        let s = self.rt.pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: pod.id.clone(), verbose: false }).await.expect("PodSandboxStatus").into_inner();
+        s.status.and_then(|s| s.network).map(|n| n.ip).unwrap_or_default()
+    }
+
+    pub async fn remove_pod(&mut self, pod: &Pod) {
+        self.rt
+            .stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.id.clone() })
+            .await
+            .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", self.containerd.log()));
+        self.rt
+            .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.id.clone() })
+            .await
+            .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", self.containerd.log()));
+    }
+
+    /// Waits until no QEMU, backend or shim of the suite is left.
+    pub async fn wait_no_pod_processes(&self, limit: Duration) -> Result<(), Vec<String>> {
+        let gone = tokio::time::timeout(limit, async {
+            while !self.containerd.pod_processes().is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        gone.map_err(|_| self.containerd.pod_processes())
+    }
+
+    /// A command run in containerd's network namespace (where the CNI bridge and the pods'
+    /// host-side veths are).
+    pub fn in_containerd_netns(&self, cmd: &str) -> String {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net=/proc/{}/ns/net", self.containerd.pid()))
+            .args(["sh", "-c", cmd])
+            .output()
+            .expect("nsenter");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+}
