@@ -47,6 +47,18 @@ fn ctr_run_output_exit_codes_kill_exec_ps_metrics() {
     assert!(text(&out.stderr).contains("to-stderr"), "{}", text(&out.stderr));
     let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "zero", "true"]).expect("ctr runs");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    // The VM is sized from the pod: the default 256 MiB, plus the container's 256 MiB limit.
+    let mem_total_mib = |args: &[&str]| {
+        let mut cmd = vec!["run", "--rm", "--runtime", RUNTIME];
+        cmd.extend_from_slice(args);
+        cmd.extend_from_slice(&[IMAGE, "sized", "sh", "-c", "grep MemTotal /proc/meminfo"]);
+        let out = c.ctr(&cmd).expect("ctr runs");
+        let t = text(&out.stdout);
+        t.split_whitespace().nth(1).and_then(|kib| kib.parse::<u64>().ok()).map(|kib| kib / 1024).unwrap_or_else(|| panic!("{t} {}", text(&out.stderr)))
+    };
+    let (plain, limited) = (mem_total_mib(&[]), mem_total_mib(&["--memory-limit", "268435456"]));
+    assert!(plain < 256 && limited > 256 && limited - plain > 200, "MemTotal without a limit {plain} MiB, with 256 MiB {limited} MiB");
     assert!(wait_until(Duration::from_secs(10), || c.pod_processes().is_empty()), "VMs left after --rm: {:?}", c.pod_processes());
 
     // A long-running task: exec (plain and tty), ps, metrics, pause/resume; SIGTERM ends an

@@ -61,7 +61,7 @@ impl PodVm {
             Hypervisor::Builtin => return Err(PodError::Builtin("hull-vmm boots guests but does not run pods yet".into())),
             Hypervisor::Qemu | Hypervisor::Auto => detect_accel(),
         };
-        tracing::info!(sandbox_id = %id, hypervisor = "qemu", accel = ?accel, why = %why, "booting the pod VM");
+        tracing::info!(sandbox_id = %id, hypervisor = "qemu", accel = ?accel, why = %why, vcpus = config.vcpus, memory_mib = config.memory_mib, "booting the pod VM");
         let result = Self::boot_qemu(config, &dir, id, hostname, netns, accel).await;
         if result.is_err() {
             cleanup_pod(&dir);

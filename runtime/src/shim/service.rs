@@ -182,6 +182,8 @@ impl TaskService {
                     None => self.config.as_ref().cloned().map_err(ToString::to_string),
                 }
                 .map_err(|e| status(Code::FAILED_PRECONDITION, e))?;
+                let mut config = config;
+                (config.vcpus, config.memory_mib) = spec::vm_size(spec, config.vcpus, config.memory_mib);
                 let hostname = spec.get("hostname").and_then(|h| h.as_str()).unwrap_or(pod_id);
                 let dir = super::pod_dir(&self.namespace, pod_id);
                 let netns = crate::network::netns_path(spec);

@@ -87,6 +87,25 @@ pub fn for_guest(id: &str, mut spec: Value, host_share: &Path) -> Result<Value, 
     Ok(spec)
 }
 
+/// The pod VM's size: the configured base (`vcpus`, `memory_mib`) plus the pod's limits, so a
+/// pod's containers get what they were promised on top of what the guest itself needs. CRI
+/// (containerd 1.7+) puts the pod's totals on the sandbox as annotations; a `ctr run` container
+/// is its own pod and its own limits are the pod's. With no limit the base is the size.
+/// Containers added to a running pod do not grow it (no hotplug yet): their limits must fit.
+pub fn vm_size(spec: &Value, vcpus: u32, memory_mib: u32) -> (u32, u32) {
+    let ann = |k: &str| spec.pointer("/annotations").and_then(|a| a.get(k)).and_then(Value::as_str).and_then(|v| v.parse::<i64>().ok());
+    let res = |p: &str| spec.pointer(&format!("/linux/resources/{p}")).and_then(Value::as_i64);
+    let memory = ann("io.kubernetes.cri.sandbox-memory").or_else(|| res("memory/limit")).filter(|m| *m > 0).unwrap_or(0);
+    let quota = ann("io.kubernetes.cri.sandbox-cpu-quota").or_else(|| res("cpu/quota")).filter(|q| *q > 0).unwrap_or(0);
+    let period = ann("io.kubernetes.cri.sandbox-cpu-period").or_else(|| res("cpu/period")).filter(|p| *p > 0).unwrap_or(100_000);
+    let extra_cpus = (quota + period - 1) / period;
+    let extra_mib = (memory + (1 << 20) - 1) >> 20;
+    let host_cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    let vcpus = (vcpus as i64 + extra_cpus).clamp(1, host_cpus.max(vcpus) as i64) as u32;
+    let memory_mib = (memory_mib as i64 + extra_mib).min(u32::MAX as i64) as u32;
+    (vcpus, memory_mib)
+}
+
 /// Whether the spec gives the container a network namespace of its own; without one it would
 /// share the host's (CRI's host networking, `ctr run --net-host`), which a VM cannot do.
 pub fn has_own_network(spec: &Value) -> bool {
@@ -160,6 +179,25 @@ mod tests {
         let missing = json!({"process": {}, "mounts": [{"destination": "/etc/hosts", "type": "bind", "source": "/nonexistent/hosts"}]});
         let err = for_guest("c3", missing, dir.path()).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/hosts") && err.contains("c3"), "{err}");
+    }
+
+    #[test]
+    fn vm_is_sized_from_the_pod_limits() {
+        // No limits: the base.
+        assert_eq!(vm_size(&json!({}), 1, 256), (1, 256));
+        // A ctr container with 100 MiB and half a CPU: base plus that, CPUs rounded up.
+        let spec = json!({"linux": {"resources": {"memory": {"limit": 100 << 20}, "cpu": {"quota": 50_000, "period": 100_000}}}});
+        assert_eq!(vm_size(&spec, 1, 256), (2.min(host_cpus()), 356));
+        // CRI's pod totals win over the sandbox's own (empty) resources.
+        let spec = json!({"annotations": {"io.kubernetes.cri.sandbox-memory": "536870912", "io.kubernetes.cri.sandbox-cpu-quota": "-1"}});
+        assert_eq!(vm_size(&spec, 1, 256), (1, 768));
+        // Garbage is ignored, not trusted.
+        let spec = json!({"annotations": {"io.kubernetes.cri.sandbox-memory": "lots"}, "linux": {"resources": {"memory": {"limit": -1}}}});
+        assert_eq!(vm_size(&spec, 1, 256), (1, 256));
+    }
+
+    fn host_cpus() -> u32 {
+        std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
     }
 
     #[test]
