@@ -40,6 +40,25 @@ async fn cri_pods_are_microvms() {
     assert!(ok.is_ok(), "log {log:?}: {:?}", std::fs::read_to_string(&log));
     assert_eq!(cri.containerd.pod_processes().iter().filter(|l| l.contains("qemu")).count(), 1, "{:?}", cri.containerd.pod_processes());
 
+    // The hull CLI sees the pod and runs a command in it, with stdin, through the agent.
+    let hull = hull_tests::binary("hull");
+    let ps = std::process::Command::new(&hull).arg("ps").output().expect("hull ps");
+    let ps = String::from_utf8_lossy(&ps.stdout).into_owned();
+    let line = ps.lines().find(|l| l.contains(&a.id[..13])).unwrap_or_else(|| panic!("pod {} not in hull ps:\n{ps}", a.id));
+    assert!(line.starts_with("k8s.io") && line.contains(&c1[..13]) && line.contains(&c2[..13]), "{line}");
+    let mut child = std::process::Command::new(&hull)
+        .args(["exec", &a.id[..8], "--", "sh", "-c", "read x; echo got $x in $(hostname); exit 7"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("hull exec");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), b"input\n").expect("write stdin");
+    let out = child.wait_with_output().expect("hull exec ends");
+    assert_eq!((String::from_utf8_lossy(&out.stdout).as_ref(), out.status.code()), ("got input in pod-a\n", Some(7)));
+    let out = std::process::Command::new(&hull).args(["exec", "no-such-pod", "--", "true"]).output().expect("hull exec");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("No running hull pod has an id starting with \"no-such-pod\""), "{}", String::from_utf8_lossy(&out.stderr));
+
     // Pod B: a second VM; a container over its memory limit is OOMKilled.
     let b = cri.run_pod("pod-b", HULL).await;
     let b1 = cri.start_container(&b, container_config("b1", &["sleep", "1000"], 0)).await;

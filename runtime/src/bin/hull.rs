@@ -52,6 +52,20 @@ enum Cmd {
         #[arg(required = true, last = true)]
         command: Vec<String>,
     },
+    /// List the pods containerd-shim-hull-v2 runs on this host, one line each.
+    Ps,
+    /// Run a command in a container of a running pod (a debug shell: `hull exec POD -- sh`);
+    /// stdin, stdout and stderr are this terminal's (no tty); exits with its status.
+    Exec {
+        /// The pod's id, or a unique prefix of it (as `hull ps` shows).
+        pod: String,
+        /// The container to run in (default: the pod's first container that runs a process).
+        #[arg(long)]
+        container: Option<String>,
+        /// The command and its arguments.
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
     /// Say whether this host can run hull's pods, with which hypervisor, and why not.
     Check {
         /// The hull config to check (default: /etc/hull/config.toml or HULL_CONFIG).
@@ -124,6 +138,111 @@ enum CliError {
     Vm(#[from] hull_runtime::vm::qemu::QemuError),
     #[error("The VM did not power off after DestroySandbox.")]
     NoPowerOff,
+    #[error("No running hull pod has an id starting with {0:?} (see `hull ps`).")]
+    NoPod(String),
+    #[error("{prefix:?} names more than one pod: {pods}.")]
+    AmbiguousPod { prefix: String, pods: String },
+    #[error("No container of pod {0} runs a process to exec in (name one with --container).")]
+    NoContainer(String),
+}
+
+/// A pod of the shim, from its state directory (`/run/hull/shim/<namespace>/<pod>`).
+struct PodState {
+    namespace: String,
+    id: String,
+    dir: PathBuf,
+    vmm_pid: Option<u32>,
+    containers: Vec<String>,
+}
+
+fn dir_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).filter_map(|e| e.file_name().into_string().ok()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn pods() -> Vec<PodState> {
+    let root = Path::new(hull_runtime::shim::STATE_ROOT);
+    let mut out = Vec::new();
+    for namespace in dir_names(root) {
+        for id in dir_names(&root.join(&namespace)) {
+            let dir = root.join(&namespace).join(&id);
+            // The first pid recorded is QEMU's; a pod whose VMM is gone is not running.
+            let vmm_pid = std::fs::read_to_string(dir.join("pids"))
+                .ok()
+                .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+                .filter(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            let containers = dir_names(&dir.join("shared"));
+            out.push(PodState { namespace: namespace.clone(), id, dir, vmm_pid, containers });
+        }
+    }
+    out
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(13)]
+}
+
+fn ps() -> Result<i32, CliError> {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{:<14} {:<13} {:>8} {:>9}  CONTAINERS", "NAMESPACE", "POD", "VMM PID", "UPTIME");
+    for p in pods() {
+        let uptime = std::fs::metadata(p.dir.join("pids")).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        let uptime = uptime.map(|d| format!("{}s", d.as_secs())).unwrap_or_else(|| "-".into());
+        let pid = p.vmm_pid.map(|p| p.to_string()).unwrap_or_else(|| "exited".into());
+        let containers: Vec<&str> = p.containers.iter().map(|c| short(c)).collect();
+        let _ = writeln!(out, "{:<14} {:<13} {:>8} {:>9}  {}", p.namespace, short(&p.id), pid, uptime, containers.join(","));
+    }
+    Ok(0)
+}
+
+async fn exec_in_pod(prefix: &str, container: Option<&str>, command: &[String]) -> Result<i32, CliError> {
+    let matching: Vec<PodState> = pods().into_iter().filter(|p| p.id.starts_with(prefix) && p.vmm_pid.is_some()).collect();
+    let pod = match matching.len() {
+        0 => return Err(CliError::NoPod(prefix.into())),
+        1 => &matching[0],
+        _ => {
+            let pods = matching.iter().map(|p| format!("{}/{}", p.namespace, short(&p.id))).collect::<Vec<_>>().join(", ");
+            return Err(CliError::AmbiguousPod { prefix: prefix.into(), pods });
+        }
+    };
+    let conn = AgentConn::connect_hybrid_vsock(&pod.dir.join("vm/vsock.sock")).await?;
+    let process = serde_json::json!({
+        "args": command, "cwd": "/", "terminal": false, "user": {"uid": 0, "gid": 0},
+        "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=dumb"],
+    });
+    let exec_id = format!("hull-exec-{}", std::process::id());
+    let candidates: Vec<String> = match container {
+        Some(c) => vec![c.to_string()],
+        None => pod.containers.clone(),
+    };
+    let mut target = None;
+    for id in &candidates {
+        match conn.exec(id, &exec_id, &process, stdio(true, true, true)).await {
+            Ok(_) => {
+                target = Some(id.clone());
+                break;
+            }
+            // CRI's pause container runs nothing in the guest: the agent does not know it.
+            Err(e) if container.is_none() && e.code() == Some(ttrpc::Code::NOT_FOUND) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let id = target.ok_or_else(|| CliError::NoContainer(short(&pod.id).into()))?;
+    let mut stdin = conn.attach(&id, &exec_id, StreamKind::Stdin).await?;
+    let out = conn.attach(&id, &exec_id, StreamKind::Stdout).await?;
+    let err = conn.attach(&id, &exec_id, StreamKind::Stderr).await?;
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut stdin).await;
+        // Our stdin's end is the process's stdin EOF.
+        let _ = stdin.shutdown().await;
+    });
+    let (o, e) = tokio::join!(copy_to(out, std::io::stdout()), copy_to(err, std::io::stderr()));
+    o.and(e).map_err(CliError::Output)?;
+    Ok(conn.wait(&id, &exec_id).await?.exit_status)
 }
 
 /// A hull-agent on this host, stopped (with its containers) when dropped.
@@ -285,6 +404,8 @@ fn main() -> ExitCode {
                 rt.block_on(run_in_vm(rootfs, hostname, command, guest.clone(), *memory, *verbose))
             }
             Cmd::Check { config } => check(config.as_deref()),
+            Cmd::Ps => ps(),
+            Cmd::Exec { pod, container, command } => rt.block_on(exec_in_pod(pod, container.as_deref(), command)),
         });
     match result {
         Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(255)),
