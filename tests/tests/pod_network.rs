@@ -187,6 +187,9 @@ async fn hull_pods_talk_over_the_cni_bridge_with_each_other_and_with_runc() {
     assert_eq!(hostname.trim(), "net-a");
     let (resolv, _) = cri.exec(&server, &["cat", "/etc/resolv.conf"]).await;
     assert!(resolv.contains("nameserver 198.18.0.53") && resolv.contains("search hull.test"), "{resolv}");
+    // CRI's /etc/hosts for the pod (containerd 1.6 copies the host's) is the one inside.
+    let (hosts, _) = cri.exec(&server, &["cat", "/etc/hosts"]).await;
+    assert_eq!(hosts, std::fs::read_to_string("/etc/hosts").expect("host /etc/hosts"));
     let (lo, _) = cri.exec(&server, &["wget", "-q", "-O", "-", "http://127.0.0.1:8080/"]).await;
     assert_eq!(lo.trim(), "hello from net-a", "loopback works in the pod");
     let (boot_a, _) = cri.exec(&server, &["cat", "/proc/sys/kernel/random/boot_id"]).await;
