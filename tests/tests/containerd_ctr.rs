@@ -49,6 +49,7 @@ fn ctr_run_output_exit_codes_kill_exec_ps_metrics() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 
     // The VM is sized from the pod: the default 256 MiB, plus the container's 256 MiB limit.
+    // Both runs use one id: the second starts while the first one's shim may still be exiting.
     let mem_total_mib = |args: &[&str]| {
         let mut cmd = vec!["run", "--rm", "--runtime", RUNTIME];
         cmd.extend_from_slice(args);

@@ -199,7 +199,9 @@ fn serve(flags: Flags) -> Result<(), ShimError> {
         let exit = Arc::new(tokio::sync::Notify::new());
         let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
         let events = service::Events::start(&ttrpc_address, &flags.namespace).await;
-        let svc = service::TaskService::new(flags.namespace.clone(), config, events, exit.clone());
+        let socket_path = PathBuf::from(flags.socket.trim_start_matches("unix://"));
+        let retired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let svc = service::TaskService::new(flags.namespace.clone(), config, events, exit.clone(), socket_path.clone(), retired.clone());
         let task: Arc<dyn containerd_shim_protos::shim_async::Task + Send + Sync> = Arc::new(svc);
         let mut services = containerd_shim_protos::shim_async::create_task(task.clone());
         if let Some(v3) = containerd_shim_protos::shim_async::create_task(task).remove("containerd.task.v3.Task") {
@@ -221,7 +223,10 @@ fn serve(flags: Flags) -> Result<(), ShimError> {
         // Give the last replies (Shutdown's) a moment to leave.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let _ = server.shutdown().await;
-        let _ = std::fs::remove_file(flags.socket.trim_start_matches("unix://"));
+        // A retired pod's socket was removed already; the path may be a new shim's by now.
+        if !retired.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = std::fs::remove_file(&socket_path);
+        }
         tracing::info!(id = %flags.id, "shim exiting");
         Ok(())
     })

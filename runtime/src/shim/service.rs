@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -137,6 +138,9 @@ pub struct TaskService {
     exit: Arc<Notify>,
     pod: OnceCell<Arc<PodVm>>,
     containers: Arc<Mutex<HashMap<String, Container>>>,
+    /// This shim's socket, and whether it was already removed because the pod ended.
+    socket: PathBuf,
+    retired: Arc<AtomicBool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -144,8 +148,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl TaskService {
-    pub fn new(namespace: String, config: Result<Config, ConfigError>, events: Events, exit: Arc<Notify>) -> TaskService {
-        TaskService { namespace, config, events, exit, pod: OnceCell::new(), containers: Arc::new(Mutex::new(HashMap::new())) }
+    pub fn new(namespace: String, config: Result<Config, ConfigError>, events: Events, exit: Arc<Notify>, socket: PathBuf, retired: Arc<AtomicBool>) -> TaskService {
+        TaskService { namespace, config, events, exit, pod: OnceCell::new(), containers: Arc::new(Mutex::new(HashMap::new())), socket, retired }
+    }
+
+    /// Ends the pod's VM. The socket goes first: a container created from now on with this
+    /// pod's id (`ctr run --rm X` twice in a row) starts a new shim instead of joining this
+    /// one, whose pod is gone.
+    async fn retire(&self, pod: &PodVm) {
+        if !self.retired.swap(true, Ordering::SeqCst) {
+            let _ = std::fs::remove_file(&self.socket);
+        }
+        pod.destroy().await;
     }
 
     fn pod(&self) -> TtrpcResult<Arc<PodVm>> {
@@ -197,6 +211,9 @@ impl TaskService {
             })
             .await?
             .clone();
+        if self.retired.load(Ordering::SeqCst) {
+            return Err(status(Code::FAILED_PRECONDITION, format!("pod {} has ended and its shim is exiting; create the container again", pod.id)));
+        }
         if pod.id != pod_id {
             return Err(status(Code::FAILED_PRECONDITION, format!("this shim serves pod {}, not {pod_id}", pod.id)));
         }
@@ -311,7 +328,7 @@ impl TaskService {
                     super::pod::cleanup_container(&pod.dir, &bundle, &id);
                     if lock(&self.containers).is_empty() && pod.id == id {
                         // ctr run's container is its own pod: nothing else holds the VM.
-                        pod.destroy().await;
+                        self.retire(&pod).await;
                     }
                     return Err(e);
                 }
@@ -540,7 +557,7 @@ impl Task for TaskService {
         // The pod's own container (CRI's pause container, or ctr run's only one) takes the VM
         // with it; so does the last container.
         if pod.id == req.id || remaining == 0 {
-            pod.destroy().await;
+            self.retire(&pod).await;
         }
         let exit = exit.unwrap_or_else(|| Exit::now(0));
         tracing::info!(sandbox_id = %pod.id, container_id = %req.id, exit_status = exit.code, "container deleted");
@@ -664,7 +681,7 @@ impl Task for TaskService {
         if lock(&self.containers).is_empty() {
             if let Some(pod) = self.pod.get() {
                 if pod.exited().await.is_none() {
-                    pod.destroy().await;
+                    self.retire(&pod).await;
                 }
             }
             tracing::info!("no containers left: shim shutting down");
