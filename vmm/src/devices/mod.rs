@@ -1,3 +1,4 @@
 //! Emulated devices.
 
+pub mod legacy;
 pub mod virtio;
