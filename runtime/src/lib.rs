@@ -3,6 +3,7 @@
 
 pub mod agent_client;
 pub mod config;
+pub mod image;
 pub mod network;
 pub mod shim;
 pub mod oci;

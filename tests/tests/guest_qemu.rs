@@ -310,3 +310,27 @@ async fn killing_the_guest_mid_transfer_ends_the_backends_cleanly() {
     }
     eprintln!("backend exits after the guest was killed: {statuses:?}");
 }
+
+/// `hull run --image`: an OCI image tarball (the layout `ctr images export` writes) is
+/// unpacked and its Cmd runs in a microVM; arguments after `--` replace the Cmd; a tarball
+/// that is no image is refused naming it.
+#[test]
+fn hull_run_image_runs_the_image_command() {
+    require_prerequisites!();
+    require_qemu!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tar = dir.path().join("image.tar");
+    containerd::oci_image_tar(&dir.path().join("build"), "localhost/hull/run:test", &["sh", "-c", "echo image cmd in $(hostname); exit 4"], &tar).expect("image tarball");
+    let hull = binary("hull");
+    let out = std::process::Command::new(&hull).args(["run", "--hostname", "from-image", "--image"]).arg(&tar).output().expect("hull runs");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "image cmd in from-image\n", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(4));
+    let out = std::process::Command::new(&hull).args(["run", "--image"]).arg(&tar).args(["--", "echo", "args win"]).output().expect("hull runs");
+    assert_eq!((String::from_utf8_lossy(&out.stdout).as_ref(), out.status.code()), ("args win\n", Some(0)), "{}", String::from_utf8_lossy(&out.stderr));
+    let junk = dir.path().join("junk.tar");
+    let st = std::process::Command::new("tar").arg("-C").arg(dir.path()).arg("-cf").arg(&junk).arg("build/rootfs/bin/busybox").status().expect("tar");
+    assert!(st.success());
+    let out = std::process::Command::new(&hull).args(["run", "--image"]).arg(&junk).output().expect("hull runs");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is neither an OCI image layout"), "{}", String::from_utf8_lossy(&out.stderr));
+}

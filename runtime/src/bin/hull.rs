@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use hull_proto::stdio::StreamKind;
 use hull_proto::agent::Storage;
 use hull_runtime::agent_client::{ctx, stdio, AgentConn};
+use hull_runtime::image::ImageConfig;
 use hull_runtime::vm::detect_accel;
 use hull_runtime::vm::qemu::{QemuConfig, QemuVm};
 use tokio::io::AsyncReadExt;
@@ -30,8 +31,12 @@ enum Cmd {
     /// Run a command in a new container and print its output; exits with its status.
     Run {
         /// The container's root filesystem.
+        #[arg(long, required_unless_present = "image", conflicts_with = "image")]
+        rootfs: Option<PathBuf>,
+        /// An OCI image tarball (an OCI image layout, or `docker save` output) to unpack and
+        /// run; its Entrypoint, Cmd, Env and WorkingDir apply.
         #[arg(long)]
-        rootfs: PathBuf,
+        image: Option<PathBuf>,
         /// The container's hostname.
         #[arg(long, default_value = "hull")]
         hostname: String,
@@ -48,8 +53,9 @@ enum Cmd {
         /// Say how the VM was booted and how long it took.
         #[arg(short, long)]
         verbose: bool,
-        /// The command and its arguments.
-        #[arg(required = true, last = true)]
+        /// The command and its arguments (with --image: the arguments to its entrypoint, the
+        /// image's Cmd when none are given).
+        #[arg(last = true)]
         command: Vec<String>,
     },
     /// List the pods containerd-shim-hull-v2 runs on this host, one line each.
@@ -138,6 +144,10 @@ enum CliError {
     Vm(#[from] hull_runtime::vm::qemu::QemuError),
     #[error("The VM did not power off after DestroySandbox.")]
     NoPowerOff,
+    #[error(transparent)]
+    Image(#[from] hull_runtime::image::ImageError),
+    #[error("No command to run: give one after --, or use an image with an Entrypoint or Cmd.")]
+    NoCommand,
     #[error("No running hull pod has an id starting with {0:?} (see `hull ps`).")]
     NoPod(String),
     #[error("{prefix:?} names more than one pod: {pods}.")]
@@ -316,6 +326,22 @@ async fn run_container(conn: &AgentConn, id: &str, spec: &serde_json::Value, sto
     Ok(status)
 }
 
+/// The image's environment (PATH kept when the image sets none) and working directory.
+fn apply_image(spec: &mut serde_json::Value, image: &ImageConfig) {
+    if !image.env.is_empty() {
+        let mut env = image.env.clone();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            if let Some(path) = spec.pointer("/process/env").and_then(|e| e.as_array()).and_then(|a| a.iter().filter_map(|v| v.as_str()).find(|v| v.starts_with("PATH="))) {
+                env.push(path.to_string());
+            }
+        }
+        spec["process"]["env"] = env.into();
+    }
+    if !image.working_dir.is_empty() {
+        spec["process"]["cwd"] = image.working_dir.clone().into();
+    }
+}
+
 fn checked_rootfs(rootfs: &Path) -> Result<PathBuf, CliError> {
     if !rootfs.is_dir() {
         return Err(CliError::NoRootfs(rootfs.into()));
@@ -326,12 +352,13 @@ fn checked_rootfs(rootfs: &Path) -> Result<PathBuf, CliError> {
     std::fs::canonicalize(rootfs).map_err(|_| CliError::NoRootfs(rootfs.into()))
 }
 
-async fn run_on_host(rootfs: &Path, hostname: &str, command: &[String]) -> Result<i32, CliError> {
+async fn run_on_host(rootfs: &Path, hostname: &str, command: &[String], image: &ImageConfig) -> Result<i32, CliError> {
     let rootfs = checked_rootfs(rootfs)?;
     let agent = HostAgent::start()?;
     let conn = agent.connect().await?;
     let args: Vec<&str> = command.iter().map(String::as_str).collect();
     let mut spec = hull_runtime::oci::default_spec(&args, &rootfs.to_string_lossy());
+    apply_image(&mut spec, image);
     spec["hostname"] = hostname.into();
     run_container(&conn, &format!("run-{}", std::process::id()), &spec, Vec::new()).await
 }
@@ -340,7 +367,7 @@ fn beside_exe(name: &str) -> PathBuf {
     std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join(name))).unwrap_or_else(|| name.into())
 }
 
-async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], guest: Option<PathBuf>, memory: u32, verbose: bool) -> Result<i32, CliError> {
+async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], image: &ImageConfig, guest: Option<PathBuf>, memory: u32, verbose: bool) -> Result<i32, CliError> {
     let rootfs = checked_rootfs(rootfs)?;
     let guest = guest
         .or_else(|| std::env::var_os("HULL_GUEST_DIR").map(PathBuf::from))
@@ -381,7 +408,8 @@ async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], guest: Opt
     let root = "/run/hull/rootfs";
     let share = hull_runtime::vm::qemu::share_storage(root);
     let args: Vec<&str> = command.iter().map(String::as_str).collect();
-    let spec = hull_runtime::oci::default_spec(&args, root);
+    let mut spec = hull_runtime::oci::default_spec(&args, root);
+    apply_image(&mut spec, image);
     let status = run_container(&conn, "run", &spec, vec![share]).await;
     let mut destroy = hull_proto::agent::DestroySandboxRequest::new();
     destroy.timeout_secs = 1;
@@ -399,9 +427,31 @@ fn main() -> ExitCode {
         .build()
         .map_err(CliError::Runtime)
         .and_then(|rt| match &cli.cmd {
-            Cmd::Run { rootfs, hostname, host: true, command, .. } => rt.block_on(run_on_host(rootfs, hostname, command)),
-            Cmd::Run { rootfs, hostname, host: false, guest, memory, verbose, command } => {
-                rt.block_on(run_in_vm(rootfs, hostname, command, guest.clone(), *memory, *verbose))
+            Cmd::Run { rootfs, image, hostname, host, guest, memory, verbose, command } => {
+                // The unpacked image lives as long as the run.
+                let unpacked = tempfile::Builder::new().prefix("hull-image-").tempdir().map_err(|source| CliError::Agent { path: "tempdir".into(), source });
+                let prepared = unpacked.and_then(|dir| {
+                    let (rootfs, config, command) = match (rootfs, image) {
+                        (_, Some(tar)) => {
+                            let (rootfs, config) = hull_runtime::image::unpack(tar, dir.path())?;
+                            let command = config.command(command);
+                            (rootfs, config, command)
+                        }
+                        (Some(r), None) => (r.clone(), ImageConfig::default(), command.clone()),
+                        (None, None) => unreachable!("clap requires --rootfs or --image"),
+                    };
+                    if command.is_empty() {
+                        return Err(CliError::NoCommand);
+                    }
+                    Ok((dir, rootfs, config, command))
+                });
+                prepared.and_then(|(_dir, rootfs, config, command)| {
+                    if *host {
+                        rt.block_on(run_on_host(&rootfs, hostname, &command, &config))
+                    } else {
+                        rt.block_on(run_in_vm(&rootfs, hostname, &command, &config, guest.clone(), *memory, *verbose))
+                    }
+                })
             }
             Cmd::Check { config } => check(config.as_deref()),
             Cmd::Ps => ps(),

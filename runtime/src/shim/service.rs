@@ -681,7 +681,7 @@ impl Task for TaskService {
         if lock(&self.containers).is_empty() {
             if let Some(pod) = self.pod.get() {
                 if pod.exited().await.is_none() {
-                    self.retire(&pod).await;
+                    self.retire(pod).await;
                 }
             }
             tracing::info!("no containers left: shim shutting down");
