@@ -37,7 +37,7 @@ fn config(workdir: &std::path::Path) -> QemuConfig {
         initramfs: guest.join("initramfs.cpio"),
         vcpus: 1,
         memory_mib: 256,
-        accel: detect_accel().0,
+        engine: hull_runtime::vm::Engine::Qemu(detect_accel().0),
         guest_cid: 3,
         workdir: workdir.into(),
         cmdline_extra: vec![],

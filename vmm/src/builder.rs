@@ -1,6 +1,7 @@
 //! Builds a microVM from a kernel, an initramfs and a command line, and runs it to its end:
 //! guest memory, KVM VM, kernel (ELF vmlinux through its 64-bit entry, or bzImage), zero page,
-//! the legacy devices on the port bus, one thread per vCPU.
+//! the legacy devices on the port bus, virtio devices on virtio-mmio (announced on the command
+//! line), one thread per vCPU.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -20,12 +21,24 @@ use crate::arch::x86_64::{self as arch, layout};
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::legacy::serial::{SerialConsole, COM1_BASE, COM1_IRQ};
 use crate::devices::legacy::PioBus;
+use crate::devices::virtio::{self, InterruptLine, MmioTransport, VirtioDevice};
+use crate::devices::MmioBus;
 use crate::vstate::vcpu::{Vcpu, VcpuError, VmExit};
 use crate::vstate::vm::{Vm, VmError};
 
 /// What the guest kernel needs on a machine with only these devices: the console on COM1, no
 /// PCI probing, the i8042 without its keyboard and mouse probes.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// What a guest kernel needs on a host whose /dev/kvm is kvm_pvm (a nested paravirtual
+/// hypervisor that emulates guest ring 0): features its instruction emulator lacks are hidden,
+/// and KPTI is off for the guest kernel's syscall-entry workaround (guest-image/patches/).
+pub const PVM_COMPAT_CMDLINE: &str = "noxsave nopti clearcpuid=popcnt,cx16,umip,smap,smep,avx,avx2,avx512f,movbe,bmi1,bmi2,fsgsbase,rdpid,erms,fsrm";
+
+/// Whether this host's /dev/kvm is kvm_pvm.
+pub fn host_kvm_is_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
 
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -35,7 +48,61 @@ pub struct VmConfig {
     pub memory_mib: u64,
     /// Where COM1's output goes.
     pub console: Box<dyn Write + Send>,
+    pub devices: Devices,
+    /// Install seccomp filters on the vCPU and device threads (off only for debugging).
+    pub seccomp: bool,
 }
+
+/// The virtio devices of a VM. The guest sees disks first (vda, vdb, ... in this order), then
+/// vsock, the shares and rng.
+#[derive(Debug, Default, Clone)]
+pub struct Devices {
+    pub disks: Vec<DiskConfig>,
+    pub nics: Vec<NicConfig>,
+    pub vsock: Option<VsockConfig>,
+    pub shares: Vec<ShareConfig>,
+    pub rng: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct NicConfig {
+    pub tap: TapSource,
+    /// The guest NIC's MAC address.
+    pub mac: [u8; 6],
+}
+
+#[derive(Debug, Clone)]
+pub enum TapSource {
+    /// Opened (created if missing) by name.
+    Name(String),
+    /// An open tap fd this process owns (the shim hands it over as a child's fd).
+    Fd(i32),
+}
+
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// What GET_ID answers (/sys/block/vdX/serial), at most 20 bytes.
+    pub id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    /// The hybrid vsock's host socket (`CONNECT <port>`; guest connections go to `<uds>_<port>`).
+    pub uds: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShareConfig {
+    pub tag: String,
+    pub dir: PathBuf,
+}
+
+/// The legacy IRQs virtio-mmio devices get: the PIC's lines no device of this machine uses
+/// (0 timer, 1 keyboard, 2 cascade, 4 COM1, 8 RTC are taken or reserved).
+const VIRTIO_IRQS: [u32; 9] = [5, 6, 7, 9, 10, 11, 12, 14, 15];
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -57,10 +124,16 @@ pub enum BootError {
     Arch(#[from] arch::ArchError),
     #[error("Cannot set up the {what}: {reason}.")]
     Device { what: &'static str, reason: String },
+    #[error("Cannot set up the virtio device {name}: {reason}.")]
+    Virtio { name: String, reason: String },
+    #[error("A VM can have at most {max} virtio devices; {asked} were asked for.")]
+    TooManyDevices { asked: usize, max: usize },
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("Cannot start a vCPU thread: {0}.")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// The signal that kicks a vCPU thread out of KVM_RUN so that it sees the stop flag.
@@ -87,18 +160,143 @@ fn load_kernel(vm: &Vm, path: &PathBuf) -> Result<(GuestAddress, Option<linux_lo
     }
 }
 
+/// Creates the virtio devices, puts each on the MMIO bus with its irqfd and ioeventfds, and
+/// returns the command-line words that announce them.
+fn attach_virtio(vm: &Vm, devices: &Devices, bus: &mut MmioBus, seccomp: Option<&crate::seccomp::Filter>) -> Result<Vec<String>, BootError> {
+    let err = |name: &str| {
+        let name = name.to_string();
+        move |reason: String| BootError::Virtio { name: name.clone(), reason }
+    };
+    let mut list: Vec<(String, Arc<Mutex<dyn VirtioDevice>>)> = Vec::new();
+    for (i, d) in devices.disks.iter().enumerate() {
+        let name = format!("block{i}");
+        let dev = virtio::block::BlockDevice::open(&d.path, d.read_only, &d.id).map_err(|e| err(&name)(e.to_string()))?;
+        list.push((name, Arc::new(Mutex::new(dev))));
+    }
+    for (i, n) in devices.nics.iter().enumerate() {
+        let name = format!("net{i}");
+        let tap = match &n.tap {
+            TapSource::Name(t) => virtio::net::Tap::open(t),
+            // SAFETY: the configuration says this process owns the fd (CLI `--net fd=N`).
+            TapSource::Fd(fd) => unsafe { virtio::net::Tap::from_raw_fd(*fd) },
+        }
+        .map_err(|e| err(&name)(e.to_string()))?;
+        list.push((name, Arc::new(Mutex::new(virtio::net::NetDevice::new(tap, n.mac)))));
+    }
+    if let Some(v) = &devices.vsock {
+        let dev = virtio::vsock::VsockDevice::new(v.guest_cid, &v.uds).map_err(|e| err("vsock")(e.to_string()))?;
+        list.push(("vsock".into(), Arc::new(Mutex::new(dev))));
+    }
+    for s in &devices.shares {
+        let name = format!("fs-{}", s.tag);
+        let dev = virtio::fs::FsDevice::new(&s.dir, &s.tag).map_err(|e| err(&name)(e.to_string()))?;
+        list.push((name, Arc::new(Mutex::new(dev))));
+    }
+    if devices.rng {
+        list.push(("rng".into(), Arc::new(Mutex::new(virtio::rng::RngDevice::default()))));
+    }
+    if list.len() > VIRTIO_IRQS.len() {
+        return Err(BootError::TooManyDevices { asked: list.len(), max: VIRTIO_IRQS.len() });
+    }
+    let mut words = Vec::new();
+    for (i, (name, device)) in list.into_iter().enumerate() {
+        let base = layout::MMIO_GAP_START + i as u64 * virtio::mmio::MMIO_LEN;
+        let irq = VIRTIO_IRQS[i];
+        let e = err(&name);
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|x| e(x.to_string()))?;
+        vm.fd.register_irqfd(&irqfd, irq).map_err(|x| e(format!("irqfd: {x}")))?;
+        let transport = MmioTransport::new(&name, device, vm.memory.clone(), InterruptLine::new(irqfd), seccomp.cloned()).map_err(|x| e(x.to_string()))?;
+        for (q, evt) in transport.queue_evts().iter().enumerate() {
+            let addr = kvm_ioctls::IoEventAddress::Mmio(base + virtio::mmio::regs::QUEUE_NOTIFY);
+            vm.fd.register_ioevent(evt, &addr, q as u32).map_err(|x| e(format!("ioeventfd: {x}")))?;
+        }
+        bus.insert(base, virtio::mmio::MMIO_LEN, Arc::new(Mutex::new(transport))).map_err(|x| e(x.to_string()))?;
+        tracing::debug!(device = %name, base = format_args!("{base:#x}"), irq, "virtio-mmio device");
+        words.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+    }
+    Ok(words)
+}
+
 /// Boots the VM and runs it until the guest resets or powers off, or a vCPU fails.
 pub fn run(config: VmConfig) -> Result<VmExit, BootError> {
+    start(config)?.wait()
+}
+
+/// A running VM: its vCPU threads, and what stops them.
+pub struct RunningVm {
+    started: Instant,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    results: mpsc::Receiver<Result<VmExit, VcpuError>>,
+    wake: mpsc::Sender<Result<VmExit, VcpuError>>,
+    /// Dropped after the vCPUs: devices and memory outlive every vCPU thread.
+    vm: Option<Vm>,
+    _mmio: Arc<MmioBus>,
+}
+
+impl RunningVm {
+    /// A handle that ends the VM from another thread.
+    pub fn stopper(&self) -> Stopper {
+        Stopper { wake: self.wake.clone() }
+    }
+
+    /// Waits until the guest ends the VM (or `Stopper::stop`), stops every vCPU, and says how
+    /// it ended.
+    pub fn wait(mut self) -> Result<VmExit, BootError> {
+        // The first vCPU to end the VM decides how it ended; the others are stopped.
+        let result = self.results.recv().unwrap_or(Ok(VmExit::Stopped));
+        self.stop.store(true, Ordering::SeqCst);
+        for t in &self.threads {
+            while !t.is_finished() {
+                let _ = t.kill(kick_signal());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        drop(self.vm.take());
+        let ran_ms = self.started.elapsed().as_millis() as u64;
+        match &result {
+            Ok(exit) => tracing::info!(?exit, ran_ms, "VM ended"),
+            Err(e) => tracing::error!(error = %e, ran_ms, "VM failed"),
+        }
+        Ok(result?)
+    }
+}
+
+/// Ends a running VM from outside: every vCPU leaves KVM_RUN and the VM's `wait` returns
+/// `VmExit::Stopped`.
+#[derive(Clone)]
+pub struct Stopper {
+    wake: mpsc::Sender<Result<VmExit, VcpuError>>,
+}
+
+impl Stopper {
+    pub fn stop(&self) {
+        // `wait` takes this as the VM's end and kicks the vCPUs out of KVM_RUN itself.
+        let _ = self.wake.send(Ok(VmExit::Stopped));
+    }
+}
+
+/// Builds the VM and starts its vCPUs.
+pub fn start(config: VmConfig) -> Result<RunningVm, BootError> {
     let started = Instant::now();
     if config.vcpus == 0 || config.vcpus == 255 {
         return Err(BootError::Vcpus(config.vcpus));
     }
+    let filters = if config.seccomp { Some(crate::seccomp::VmFilters::new()?) } else { None };
     let memory = crate::vstate::memory::create(config.memory_mib)?;
     let vm = Vm::new(memory)?;
 
     let (entry, setup_header, kernel_end) = load_kernel(&vm, &config.kernel)?;
+    let mut mmio = MmioBus::default();
+    let announce = attach_virtio(&vm, &config.devices, &mut mmio, filters.as_ref().map(|f| &f.device))?;
     let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
     cmdline.insert_str(&config.cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    for word in &announce {
+        cmdline.insert_str(word).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    }
     load_cmdline(&vm.memory, GuestAddress(layout::CMDLINE_START), &cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
     let cmdline_len = cmdline.as_cstring().map(|c| c.as_bytes_with_nul().len()).map_err(|e| BootError::Cmdline(e.to_string()))?;
     let initramfs = match &config.initramfs {
@@ -122,6 +320,7 @@ pub fn run(config: VmConfig) -> Result<VmExit, BootError> {
         .map_err(device("serial console"))?;
     bus.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::default()))).map_err(device("i8042"))?;
     let bus = Arc::new(bus);
+    let mmio = Arc::new(mmio);
 
     let mut vcpus = Vec::new();
     for id in 0..config.vcpus {
@@ -134,35 +333,21 @@ pub fn run(config: VmConfig) -> Result<VmExit, BootError> {
     let (tx, rx) = mpsc::channel();
     let mut threads = Vec::new();
     for mut vcpu in vcpus {
-        let (bus, stop, tx) = (bus.clone(), stop.clone(), tx.clone());
+        let (bus, mmio, stop, tx) = (bus.clone(), mmio.clone(), stop.clone(), tx.clone());
+        let filter = filters.as_ref().map(|f| f.vcpu.clone());
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id))
             .spawn(move || {
-                let r = vcpu.run(&bus, &stop);
+                if let Some(Err(e)) = filter.map(|f| f.apply()) {
+                    let _ = tx.send(Err(VcpuError::Seccomp { id: vcpu.id, reason: e.to_string() }));
+                    return;
+                }
+                let r = vcpu.run(&bus, &mmio, &stop);
                 let _ = tx.send(r);
             })
             .map_err(BootError::Thread)?;
         threads.push(thread);
     }
-    drop(tx);
-    tracing::info!(vcpus = config.vcpus, memory_mib = config.memory_mib, setup_ms = started.elapsed().as_millis() as u64, "VM running");
-    // The first vCPU to end the VM decides how it ended; the others are stopped.
-    let result = rx.recv().unwrap_or(Ok(VmExit::Stopped));
-    stop.store(true, Ordering::SeqCst);
-    for t in &threads {
-        while !t.is_finished() {
-            let _ = t.kill(kick_signal());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-    for t in threads {
-        let _ = t.join();
-    }
-    // Keep the VM (and its memory) until every vCPU thread is gone.
-    drop(vm);
-    match &result {
-        Ok(exit) => tracing::info!(?exit, ran_ms = started.elapsed().as_millis() as u64, "VM ended"),
-        Err(e) => tracing::error!(error = %e, ran_ms = started.elapsed().as_millis() as u64, "VM failed"),
-    }
-    Ok(result?)
+    tracing::info!(vcpus = config.vcpus, memory_mib = config.memory_mib, virtio_devices = announce.len(), seccomp = config.seccomp, setup_ms = started.elapsed().as_millis() as u64, "VM running");
+    Ok(RunningVm { started, stop, threads, results: rx, wake: tx, vm: Some(vm), _mmio: mmio })
 }

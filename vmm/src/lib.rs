@@ -8,5 +8,6 @@
 pub mod arch;
 pub mod builder;
 pub mod devices;
+pub mod seccomp;
 pub mod vhost_user;
 pub mod vstate;

@@ -50,6 +50,13 @@ enum Cmd {
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 256)]
         memory: u32,
+        /// What runs the VM: auto (builtin where KVM has hardware virtualization, else QEMU),
+        /// builtin (hull-vmm) or qemu.
+        #[arg(long, default_value = "auto", value_parser = parse_hypervisor)]
+        hypervisor: hull_runtime::config::Hypervisor,
+        /// Seconds to wait for the guest agent.
+        #[arg(long, default_value_t = 120)]
+        boot_timeout: u64,
         /// Say how the VM was booted and how long it took.
         #[arg(short, long)]
         verbose: bool,
@@ -112,11 +119,14 @@ fn check(config: Option<&Path>) -> Result<i32, CliError> {
     let kvm = accel == hull_runtime::vm::Accel::Kvm;
     line(kvm, "QEMU with KVM", why.clone(), false);
     line(true, "QEMU with TCG", "always available (slow: no hardware virtualization)".into(), false);
-    let pvm = Path::new("/sys/module/kvm_pvm").exists();
-    line(false, "builtin hull-vmm", if pvm {
-        "kvm_pvm host: the guest needs hull's compatibility kernel; hull-vmm does not run pods yet".into()
+    let pvm = hull_vmm::builder::host_kvm_is_pvm();
+    let kvm_dev = Path::new("/dev/kvm").exists();
+    line(kvm_dev, "builtin hull-vmm", if pvm {
+        "kvm_pvm host: runs with hull's compatibility kernel and command line, but every guest kernel instruction is emulated (minutes per boot); auto uses QEMU here".into()
+    } else if kvm {
+        "KVM with hardware virtualization: auto uses it".into()
     } else {
-        "hull-vmm does not run pods yet".into()
+        "needs /dev/kvm".into()
     }, false);
     let containerd = Path::new("/usr/bin/containerd").exists();
     line(containerd, "containerd", "runtime_type = \"io.containerd.hull.v2\" needs containerd-shim-hull-v2 on its PATH".into(), false);
@@ -146,6 +156,8 @@ enum CliError {
     NoPowerOff,
     #[error(transparent)]
     Image(#[from] hull_runtime::image::ImageError),
+    #[error("Cannot run this VM: {0}.")]
+    Engine(String),
     #[error("No command to run: give one after --, or use an image with an Entrypoint or Cmd.")]
     NoCommand,
     #[error("No running hull pod has an id starting with {0:?} (see `hull ps`).")]
@@ -342,6 +354,25 @@ fn apply_image(spec: &mut serde_json::Value, image: &ImageConfig) {
     }
 }
 
+fn parse_hypervisor(s: &str) -> Result<hull_runtime::config::Hypervisor, String> {
+    use hull_runtime::config::Hypervisor;
+    match s {
+        "auto" => Ok(Hypervisor::Auto),
+        "builtin" => Ok(Hypervisor::Builtin),
+        "qemu" => Ok(Hypervisor::Qemu),
+        other => Err(format!("{other:?} is not auto, builtin or qemu")),
+    }
+}
+
+/// How `hull run` boots its VM.
+struct VmChoice {
+    guest: Option<PathBuf>,
+    memory: u32,
+    hypervisor: hull_runtime::config::Hypervisor,
+    boot_timeout: u64,
+    verbose: bool,
+}
+
 fn checked_rootfs(rootfs: &Path) -> Result<PathBuf, CliError> {
     if !rootfs.is_dir() {
         return Err(CliError::NoRootfs(rootfs.into()));
@@ -367,7 +398,8 @@ fn beside_exe(name: &str) -> PathBuf {
     std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join(name))).unwrap_or_else(|| name.into())
 }
 
-async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], image: &ImageConfig, guest: Option<PathBuf>, memory: u32, verbose: bool) -> Result<i32, CliError> {
+async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], image: &ImageConfig, choice: VmChoice) -> Result<i32, CliError> {
+    let VmChoice { guest, memory, hypervisor, boot_timeout, verbose } = choice;
     let rootfs = checked_rootfs(rootfs)?;
     let guest = guest
         .or_else(|| std::env::var_os("HULL_GUEST_DIR").map(PathBuf::from))
@@ -376,7 +408,7 @@ async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], image: &Im
         .prefix("hull-run-")
         .tempdir()
         .map_err(|source| CliError::Agent { path: "tempdir".into(), source })?;
-    let (accel, why) = detect_accel();
+    let (engine, why) = hull_runtime::vm::choose_engine(hypervisor).map_err(CliError::Engine)?;
     let t = Instant::now();
     let mut vm = QemuVm::start(QemuConfig {
         qemu: std::env::var_os("HULL_QEMU").map(PathBuf::from).unwrap_or_else(|| "qemu-system-x86_64".into()),
@@ -385,7 +417,7 @@ async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], image: &Im
         initramfs: guest.join("initramfs.cpio"),
         vcpus: 1,
         memory_mib: memory,
-        accel,
+        engine,
         guest_cid: 3,
         workdir: work.path().into(),
         cmdline_extra: vec![],
@@ -394,9 +426,9 @@ async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], image: &Im
         shared_dir: Some(rootfs.clone()),
         nic: None,
     })?;
-    let conn = vm.wait_for_agent(Duration::from_secs(120)).await?;
+    let conn = vm.wait_for_agent(Duration::from_secs(boot_timeout)).await?;
     if verbose {
-        eprintln!("hull: microVM ready in {:.2} s under QEMU/{accel:?} ({why})", t.elapsed().as_secs_f64());
+        eprintln!("hull: microVM ready in {:.2} s under {engine:?} ({why})", t.elapsed().as_secs_f64());
     }
     let mut sandbox = hull_proto::agent::CreateSandboxRequest::new();
     sandbox.sandbox_id = format!("run-{}", std::process::id());
@@ -427,7 +459,7 @@ fn main() -> ExitCode {
         .build()
         .map_err(CliError::Runtime)
         .and_then(|rt| match &cli.cmd {
-            Cmd::Run { rootfs, image, hostname, host, guest, memory, verbose, command } => {
+            Cmd::Run { rootfs, image, hostname, host, guest, memory, hypervisor, boot_timeout, verbose, command } => {
                 // The unpacked image lives as long as the run.
                 let unpacked = tempfile::Builder::new().prefix("hull-image-").tempdir().map_err(|source| CliError::Agent { path: "tempdir".into(), source });
                 let prepared = unpacked.and_then(|dir| {
@@ -449,7 +481,8 @@ fn main() -> ExitCode {
                     if *host {
                         rt.block_on(run_on_host(&rootfs, hostname, &command, &config))
                     } else {
-                        rt.block_on(run_in_vm(&rootfs, hostname, &command, &config, guest.clone(), *memory, *verbose))
+                        let choice = VmChoice { guest: guest.clone(), memory: *memory, hypervisor: *hypervisor, boot_timeout: *boot_timeout, verbose: *verbose };
+                        rt.block_on(run_in_vm(&rootfs, hostname, &command, &config, choice))
                     }
                 })
             }

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::agent_client::{ctx, AgentConn, ClientError};
-use crate::config::{Config, Hypervisor};
+use crate::config::Config;
 use crate::network::{self, NetworkError, PodNetwork};
 use crate::vm::qemu::{Nic, QemuConfig, QemuError, QemuVm};
-use crate::vm::{detect_accel, Accel};
+use crate::vm::{choose_engine, Engine};
 
 /// Where the guest mounts the pod's share: each container mounts it at
 /// `GUEST_SHARE/<container>` and finds its rootfs at `<that>/<container>/rootfs`.
@@ -19,7 +19,7 @@ pub const GUEST_SHARE: &str = "/run/hull/share";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
-    #[error("The builtin hypervisor cannot boot pods on this host yet: {0}. Set hypervisor = \"qemu\" or \"auto\".")]
+    #[error("The builtin hypervisor cannot boot this pod: {0}. Set hypervisor = \"qemu\" or \"auto\".")]
     Builtin(String),
     #[error("Cannot prepare the pod's state directory {path:?}: {source}.")]
     StateDir { path: PathBuf, source: std::io::Error },
@@ -57,19 +57,16 @@ impl PodVm {
     /// `netns` is the pod's network namespace (CRI's, from the sandbox spec); its interface is
     /// carried into the VM.
     pub async fn boot(config: &Config, dir: PathBuf, id: &str, hostname: &str, netns: Option<&Path>) -> Result<PodVm, PodError> {
-        let (accel, why) = match config.hypervisor {
-            Hypervisor::Builtin => return Err(PodError::Builtin("hull-vmm boots guests but does not run pods yet".into())),
-            Hypervisor::Qemu | Hypervisor::Auto => detect_accel(),
-        };
-        tracing::info!(sandbox_id = %id, hypervisor = "qemu", accel = ?accel, why = %why, vcpus = config.vcpus, memory_mib = config.memory_mib, "booting the pod VM");
-        let result = Self::boot_qemu(config, &dir, id, hostname, netns, accel).await;
+        let (engine, why) = choose_engine(config.hypervisor).map_err(PodError::Builtin)?;
+        tracing::info!(sandbox_id = %id, hypervisor = ?config.hypervisor, engine = ?engine, why = %why, vcpus = config.vcpus, memory_mib = config.memory_mib, "booting the pod VM");
+        let result = Self::boot_vm(config, &dir, id, hostname, netns, engine).await;
         if result.is_err() {
             cleanup_pod(&dir);
         }
         result
     }
 
-    async fn boot_qemu(config: &Config, dir: &Path, id: &str, hostname: &str, netns: Option<&Path>, accel: Accel) -> Result<PodVm, PodError> {
+    async fn boot_vm(config: &Config, dir: &Path, id: &str, hostname: &str, netns: Option<&Path>, engine: Engine) -> Result<PodVm, PodError> {
         let shared = dir.join("shared");
         let work = dir.join("vm");
         for d in [&shared, &work] {
@@ -95,7 +92,7 @@ impl PodVm {
             initramfs: config.initramfs.clone(),
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
-            accel,
+            engine,
             guest_cid: 3,
             workdir: work,
             cmdline_extra: if config.debug_console { vec!["loglevel=7".into()] } else { vec![] },

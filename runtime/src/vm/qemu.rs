@@ -1,6 +1,8 @@
-//! A pod VM under QEMU: hull's vsock and fs devices run as vhost-user backends (`hull-vmm
-//! vhost-user vsock|fs`), QEMU drives them with `vhost-user-vsock-pci` and `vhost-user-fs-pci`,
-//! and the host reaches the guest agent through the vsock backend's hybrid socket.
+//! A pod VM's processes. Under QEMU, hull's vsock and fs devices run as vhost-user backends
+//! (`hull-vmm vhost-user vsock|fs`), QEMU drives them with `vhost-user-vsock-pci` and
+//! `vhost-user-fs-pci`; under the builtin engine one `hull-vmm boot` process is the whole VM
+//! (`super::builtin`). Either way the host reaches the guest agent through a hybrid vsock
+//! socket, and the rest of hull sees one `QemuVm` with one VMM pid.
 
 use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
@@ -8,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::Accel;
+use super::{Accel, Engine};
 use crate::agent_client::AgentConn;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +23,7 @@ pub enum QemuError {
     BackendExited { what: &'static str, status: String, log: String },
     #[error("A device backend did not create {0:?} within 5 s.")]
     BackendTimeout(PathBuf),
-    #[error("QEMU exited with {status} before the agent answered; console: {console}")]
+    #[error("The VMM exited with {status} before the agent answered; console: {console}")]
     QemuExited { status: String, console: String },
     #[error("The guest agent did not answer within {secs} s; console: {console}")]
     AgentTimeout { secs: u64, console: String },
@@ -36,7 +38,7 @@ pub struct QemuConfig {
     pub initramfs: PathBuf,
     pub vcpus: u32,
     pub memory_mib: u32,
-    pub accel: Accel,
+    pub engine: Engine,
     pub guest_cid: u64,
     /// Sockets, console log.
     pub workdir: PathBuf,
@@ -60,8 +62,24 @@ pub struct Nic {
     pub mac: String,
 }
 
-/// The descriptor number QEMU finds the tap at.
-const TAP_FD: RawFd = 3;
+/// The descriptor number the VMM (QEMU or hull-vmm) finds the tap at.
+pub const TAP_FD: RawFd = 3;
+
+/// Makes the child of `cmd` find `fd` (the caller's tap) at TAP_FD.
+pub fn pass_tap(cmd: &mut Command, fd: RawFd) {
+    // SAFETY: the closure runs in the forked child before exec and calls only dup2 and
+    // fcntl, which are async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself would keep FD_CLOEXEC: clear it instead.
+            let r = if fd == TAP_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, TAP_FD) };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
 
 /// The virtio-fs tag of a VM's shared directory.
 pub const FS_TAG: &str = "hull";
@@ -87,9 +105,12 @@ pub struct QemuVm {
     pub config: QemuConfig,
     /// The vhost-user backends: vsock first, then fs if a directory is shared.
     backends: Vec<Child>,
+    /// QEMU, or `hull-vmm boot` under the builtin engine.
     qemu: Child,
     pub vsock_uds: PathBuf,
     pub console: PathBuf,
+    /// The VMM process's own log in the workdir.
+    vmm_log: &'static str,
 }
 
 fn exists(what: &'static str, p: &Path) -> Result<(), QemuError> {
@@ -144,6 +165,10 @@ impl QemuVm {
         let fs_sock = config.workdir.join("vhost-fs.sock");
         let uds = config.workdir.join("vsock.sock");
         let console = config.workdir.join("console.log");
+        let accel = match config.engine {
+            Engine::Qemu(accel) => accel,
+            Engine::Builtin => return Self::start_builtin(config, uds, console),
+        };
         let cid = config.guest_cid.to_string();
         let vsock_args = [
             "vsock".as_ref(),
@@ -171,7 +196,7 @@ impl QemuVm {
             .map(String::from)
             .collect::<Vec<_>>();
         cmdline.extend(config.cmdline_extra.iter().cloned());
-        let accel = match config.accel {
+        let accel_name = match accel {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
         };
@@ -183,8 +208,8 @@ impl QemuVm {
             }
         };
         let mut cmd = Command::new(&config.qemu);
-        cmd.args(["-machine", &format!("pc,accel={accel},memory-backend=mem")])
-            .args(["-cpu", if config.accel == Accel::Kvm { "host" } else { "max" }])
+        cmd.args(["-machine", &format!("pc,accel={accel_name},memory-backend=mem")])
+            .args(["-cpu", if accel == Accel::Kvm { "host" } else { "max" }])
             .args(["-smp", &config.vcpus.to_string(), "-m", &format!("{mem}M")])
             // vhost-user needs guest memory the backends can map.
             .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")])
@@ -205,19 +230,7 @@ impl QemuVm {
             // romfile=: no PXE option ROM; the guest boots from -kernel.
             cmd.args(["-netdev", &format!("tap,id=net0,fd={TAP_FD}")])
                 .args(["-device", &format!("virtio-net-pci,netdev=net0,mac={},romfile=", nic.mac)]);
-            let fd = nic.tap_fd;
-            // SAFETY: the closure runs in the forked child before exec and calls only dup2 and
-            // fcntl, which are async-signal-safe; it allocates nothing and takes no lock.
-            unsafe {
-                cmd.pre_exec(move || {
-                    // dup2 onto itself would keep FD_CLOEXEC: clear it instead.
-                    let r = if fd == TAP_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, TAP_FD) };
-                    if r < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            pass_tap(&mut cmd, nic.tap_fd);
         }
         let qemu = cmd.args(&config.qemu_extra).stdin(Stdio::null()).stdout(qout).stderr(qerr).spawn();
         let qemu = match qemu {
@@ -227,7 +240,22 @@ impl QemuVm {
                 return Err(QemuError::Spawn { what: "qemu", source });
             }
         };
-        Ok(QemuVm { config, backends, qemu, vsock_uds: uds, console })
+        Ok(QemuVm { config, backends, qemu, vsock_uds: uds, console, vmm_log: "qemu.log" })
+    }
+
+    fn start_builtin(config: QemuConfig, uds: PathBuf, console: PathBuf) -> Result<QemuVm, QemuError> {
+        if config.vcpus > 1 {
+            tracing::warn!(vcpus = config.vcpus, "the builtin VMM gives the guest one vCPU until it writes MP tables");
+        }
+        let _ = std::fs::remove_file(&uds);
+        let (out, err) = log_files(&config.workdir, "hull-vmm.log")?;
+        let vmm = super::builtin::command(&config, &uds, &console)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|source| QemuError::Spawn { what: "hull-vmm boot", source })?;
+        Ok(QemuVm { config, backends: Vec::new(), qemu: vmm, vsock_uds: uds, console, vmm_log: "hull-vmm.log" })
     }
 
     pub fn console_text(&self) -> String {
@@ -242,7 +270,7 @@ impl QemuVm {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.qemu.try_wait() {
-                let qemu_log = std::fs::read_to_string(self.config.workdir.join("qemu.log")).unwrap_or_default();
+                let qemu_log = std::fs::read_to_string(self.config.workdir.join(self.vmm_log)).unwrap_or_default();
                 let console = format!("{}\n{}", qemu_log.trim_end(), self.console_text());
                 return Err(QemuError::QemuExited { status: status.to_string(), console });
             }

@@ -37,6 +37,28 @@ enum Cmd {
         /// Where the serial console goes: a file, or - for stdout.
         #[arg(long, default_value = "-")]
         console: PathBuf,
+        /// A virtio block device: PATH[,ro][,id=ID] (repeatable; vda, vdb, ... in order).
+        #[arg(long = "disk", value_parser = parse_disk)]
+        disks: Vec<hull_vmm::builder::DiskConfig>,
+        /// A virtio-net device on a tap: tap=NAME,mac=MAC or fd=N,mac=MAC (an inherited tap fd
+        /// opened with IFF_VNET_HDR).
+        #[arg(long = "net", value_parser = parse_nic)]
+        nics: Vec<hull_vmm::builder::NicConfig>,
+        /// A hybrid vsock device whose host side is this unix socket.
+        #[arg(long)]
+        vsock_uds: Option<PathBuf>,
+        /// The guest's vsock CID.
+        #[arg(long, default_value_t = 3)]
+        guest_cid: u64,
+        /// A virtio-fs share: TAG=DIR (repeatable; the guest mounts `-t virtiofs TAG`).
+        #[arg(long = "share", value_parser = parse_share)]
+        shares: Vec<hull_vmm::builder::ShareConfig>,
+        /// A virtio-rng device.
+        #[arg(long)]
+        rng: bool,
+        /// Run without seccomp filters (for debugging only).
+        #[arg(long)]
+        no_seccomp: bool,
     },
     /// Serve a device to QEMU over vhost-user.
     #[command(subcommand)]
@@ -73,14 +95,66 @@ enum VhostUserCmd {
     },
 }
 
-fn boot(kernel: PathBuf, initramfs: Option<PathBuf>, cmdline: String, vcpus: u8, memory_mib: u64, console: PathBuf) -> Result<(), String> {
+fn parse_disk(s: &str) -> Result<hull_vmm::builder::DiskConfig, String> {
+    let mut parts = s.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or("a disk needs a path")?;
+    let mut disk = hull_vmm::builder::DiskConfig { path: path.into(), read_only: false, id: String::new() };
+    for opt in parts {
+        match opt.split_once('=') {
+            None if opt == "ro" => disk.read_only = true,
+            Some(("id", id)) => disk.id = id.into(),
+            _ => return Err(format!("unknown disk option {opt:?} (ro, id=ID)")),
+        }
+    }
+    Ok(disk)
+}
+
+fn parse_nic(s: &str) -> Result<hull_vmm::builder::NicConfig, String> {
+    use hull_vmm::builder::TapSource;
+    let (mut tap, mut mac) = (None, None);
+    for opt in s.split(',') {
+        match opt.split_once('=') {
+            Some(("tap", name)) => tap = Some(TapSource::Name(name.into())),
+            Some(("fd", n)) => tap = Some(TapSource::Fd(n.parse().map_err(|_| format!("{n:?} is not an fd number"))?)),
+            Some(("mac", m)) => mac = Some(hull_vmm::devices::virtio::net::parse_mac(m).map_err(|e| e.to_string())?),
+            _ => return Err(format!("unknown net option {opt:?} (tap=NAME or fd=N, mac=MAC)")),
+        }
+    }
+    let tap = tap.ok_or("a net device needs tap=NAME or fd=N")?;
+    // A locally administered address when none is given.
+    let mac = mac.unwrap_or([0x02, 0x68, 0x75, 0x6c, 0x6c, 0x00]);
+    Ok(hull_vmm::builder::NicConfig { tap, mac })
+}
+
+fn parse_share(s: &str) -> Result<hull_vmm::builder::ShareConfig, String> {
+    let (tag, dir) = s.split_once('=').ok_or("a share is TAG=DIR")?;
+    Ok(hull_vmm::builder::ShareConfig { tag: tag.into(), dir: dir.into() })
+}
+
+struct BootArgs {
+    kernel: PathBuf,
+    initramfs: Option<PathBuf>,
+    cmdline: String,
+    vcpus: u8,
+    memory_mib: u64,
+    console: PathBuf,
+    devices: hull_vmm::builder::Devices,
+    seccomp: bool,
+}
+
+fn boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp }: BootArgs) -> Result<(), String> {
     let console: Box<dyn std::io::Write + Send> = if console.as_os_str() == "-" {
         Box::new(std::io::stdout())
     } else {
         Box::new(std::fs::File::create(&console).map_err(|e| format!("Cannot create the console file {console:?}: {e}."))?)
     };
-    let config = hull_vmm::builder::VmConfig { kernel, initramfs, cmdline, vcpus, memory_mib, console };
-    let exit = hull_vmm::builder::run(config).map_err(|e| e.to_string())?;
+    let config = hull_vmm::builder::VmConfig { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp };
+    let vm = hull_vmm::builder::start(config).map_err(|e| e.to_string())?;
+    if seccomp {
+        // Everything this thread still does is waiting for the VM's end and tearing it down.
+        hull_vmm::seccomp::main_thread().and_then(|f| f.apply()).map_err(|e| e.to_string())?;
+    }
+    let exit = vm.wait().map_err(|e| e.to_string())?;
     tracing::info!(?exit, "the guest ended the VM");
     Ok(())
 }
@@ -91,7 +165,11 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match cli.cmd {
-        Cmd::Boot { kernel, initramfs, cmdline, vcpus, memory_mib, console } => boot(kernel, initramfs, cmdline, vcpus, memory_mib, console),
+        Cmd::Boot { kernel, initramfs, cmdline, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, shares, rng, no_seccomp } => {
+            let vsock = vsock_uds.map(|uds| hull_vmm::builder::VsockConfig { guest_cid, uds });
+            let devices = hull_vmm::builder::Devices { disks, nics, vsock, shares, rng };
+            boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp: !no_seccomp })
+        }
         Cmd::VhostUser(VhostUserCmd::Vsock { socket, uds, guest_cid }) => {
             hull_vmm::vhost_user::vsock::serve(&socket, &uds, guest_cid).map_err(|e| e.to_string())
         }

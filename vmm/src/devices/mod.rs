@@ -1,4 +1,7 @@
 //! Emulated devices.
 
 pub mod legacy;
+pub mod mmio_bus;
 pub mod virtio;
+
+pub use mmio_bus::MmioBus;

@@ -12,6 +12,7 @@ use vm_memory::GuestAddress;
 use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, interrupts, regs};
 use crate::devices::legacy::{IoAction, PioBus};
+use crate::devices::MmioBus;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -19,6 +20,8 @@ pub enum VcpuError {
     Ioctl { id: u8, what: &'static str, source: kvm_ioctls::Error },
     #[error("Cannot set up vCPU {id}: {source}")]
     Regs { id: u8, source: regs::RegsError },
+    #[error("vCPU {id} cannot install its seccomp filter: {reason}")]
+    Seccomp { id: u8, reason: String },
     #[error("vCPU {id} stopped the VM on a {exit} exit; {regs}")]
     Exit { id: u8, exit: String, regs: String },
 }
@@ -80,7 +83,7 @@ impl Vcpu {
     }
 
     /// Runs until the VM ends. `stop` (with a signal to interrupt KVM_RUN) ends it from outside.
-    pub fn run(&mut self, bus: &PioBus, stop: &AtomicBool) -> Result<VmExit, VcpuError> {
+    pub fn run(&mut self, bus: &PioBus, mmio: &MmioBus, stop: &AtomicBool) -> Result<VmExit, VcpuError> {
         let mut first = true;
         loop {
             if stop.load(Ordering::SeqCst) {
@@ -110,12 +113,19 @@ impl Vcpu {
                         continue;
                     }
                 },
-                // No MMIO device yet: reads float, writes are dropped, as for ports.
-                VcpuExit::MmioRead(_, data) => {
-                    data.fill(0xff);
+                // Unclaimed addresses float and drop writes, as ports do.
+                VcpuExit::MmioRead(addr, data) => {
+                    if !mmio.read(addr, data) {
+                        tracing::trace!(addr, "read of an unclaimed MMIO address");
+                    }
                     continue;
                 }
-                VcpuExit::MmioWrite(..) => continue,
+                VcpuExit::MmioWrite(addr, data) => {
+                    if !mmio.write(addr, data) {
+                        tracing::trace!(addr, "write to an unclaimed MMIO address");
+                    }
+                    continue;
+                }
                 VcpuExit::SystemEvent(kind, _) if kind == KVM_SYSTEM_EVENT_SHUTDOWN => return Ok(VmExit::Shutdown),
                 VcpuExit::SystemEvent(kind, _) if kind == KVM_SYSTEM_EVENT_RESET => return Ok(VmExit::Reset),
                 VcpuExit::Shutdown => "shutdown (triple fault)".to_string(),

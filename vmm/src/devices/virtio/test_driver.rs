@@ -13,9 +13,9 @@ const VRING_DESC_F_WRITE: u16 = 2;
 
 pub struct TestQueue {
     pub queue: Queue,
-    desc: GuestAddress,
-    avail: GuestAddress,
-    used: GuestAddress,
+    pub desc: GuestAddress,
+    pub avail: GuestAddress,
+    pub used: GuestAddress,
     next_desc: u16,
     avail_idx: Wrapping<u16>,
     used_seen: Wrapping<u16>,

@@ -90,3 +90,31 @@ impl FsDevice {
         self.server.handle_message(reader, writer.into(), None, None).map_err(|e| e.to_string())
     }
 }
+
+impl crate::devices::virtio::device::VirtioDevice for FsDevice {
+    fn device_type(&self) -> u32 {
+        crate::devices::virtio::device::TYPE_FS
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![super::QUEUE_SIZE; super::NUM_QUEUES]
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::devices::virtio::device::read_config_bytes(&self.config(), offset, data);
+    }
+
+    fn process(&mut self, event: crate::devices::virtio::device::DeviceEvent, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        match event {
+            crate::devices::virtio::device::DeviceEvent::Queue(i) => match queues.get_mut(i) {
+                Some(q) => self.process_queue(q, mem),
+                None => false,
+            },
+            crate::devices::virtio::device::DeviceEvent::Host(_) => false,
+        }
+    }
+}

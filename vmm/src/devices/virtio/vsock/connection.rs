@@ -5,7 +5,7 @@ use std::io::{ErrorKind, Write};
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
 
-use super::{CONN_BUF_ALLOC, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND};
+use super::{CONN_BUF_ALLOC, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, SHUTDOWN_SEND};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -168,9 +168,11 @@ impl Connection {
         }
     }
 
-    /// The flags of a SHUTDOWN we send: the host neither sends nor receives any more.
+    /// The flags of the SHUTDOWN we send at the host's end of file: the host sends no more.
+    /// It may still receive (a half-closed unix socket); if it was closed outright, the next
+    /// write fails and the connection is reset then.
     pub fn shutdown_flags() -> u32 {
-        SHUTDOWN_RCV | SHUTDOWN_SEND
+        SHUTDOWN_SEND
     }
 }
 

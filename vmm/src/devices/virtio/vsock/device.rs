@@ -87,3 +87,48 @@ impl VsockDevice {
     }
 }
 
+
+impl crate::devices::virtio::device::VirtioDevice for VsockDevice {
+    fn device_type(&self) -> u32 {
+        crate::devices::virtio::device::TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![super::QUEUE_SIZE; super::NUM_QUEUES]
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::devices::virtio::device::read_config_bytes(&self.config(), offset, data);
+    }
+
+    fn host_fds(&self) -> Vec<std::os::fd::RawFd> {
+        vec![self.muxer.epoll_fd()]
+    }
+
+    fn process(&mut self, event: crate::devices::virtio::device::DeviceEvent, queues: &mut [Queue], mem: &vm_memory::GuestMemoryMmap) -> bool {
+        use crate::devices::virtio::device::DeviceEvent;
+        let mut used = false;
+        match event {
+            DeviceEvent::Queue(super::TX_QUEUE) => {
+                if let Some(tx) = queues.get_mut(super::TX_QUEUE).filter(|q| q.ready()) {
+                    used |= self.process_tx(tx, mem);
+                }
+            }
+            DeviceEvent::Host(_) => {
+                self.muxer.process_host_events();
+            }
+            // RX buffers arrived (served below); the event queue carries nothing hull sends.
+            DeviceEvent::Queue(_) => {}
+        }
+        if let Some(rx) = queues.get_mut(super::RX_QUEUE).filter(|q| q.ready()) {
+            if self.muxer.has_rx() {
+                used |= self.process_rx(rx, mem);
+            }
+        }
+        used
+    }
+}

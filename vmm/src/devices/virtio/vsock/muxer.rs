@@ -356,6 +356,10 @@ impl VsockMuxer {
                     self.reset_conn(key);
                 } else if c.tx_buffered() == 0 && c.peer_shutdown & SHUTDOWN_SEND != 0 {
                     let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                    if c.host_eof {
+                        // Neither side sends any more: the connection is done.
+                        self.reset_conn(key);
+                    }
                 }
             }
             OP_RST => {

@@ -185,8 +185,26 @@ fn host_initiated_connection_carries_bytes_both_ways() {
     // The host closes: the guest is told with a SHUTDOWN, answers RST, the connection goes.
     drop(host);
     let (h, _) = f.receive_one();
-    assert_eq!((h.op, h.flags), (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND));
+    assert_eq!((h.op, h.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
     f.send(Hdr::guest(1024, local, OP_RST), &[]);
+    assert_eq!(f.dev.muxer.connection_count(), 0);
+}
+
+#[test]
+fn a_half_closed_host_still_receives_until_the_guest_shuts_down() {
+    let mut f = Fixture::new();
+    let (mut host, local) = f.host_connect(1024);
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    let (h, _) = f.receive_one();
+    assert_eq!((h.op, h.flags), (OP_SHUTDOWN, SHUTDOWN_SEND), "the host only stopped sending");
+    f.send(Hdr::guest(1024, local, OP_RW), b"answer");
+    f.send(Hdr { flags: SHUTDOWN_SEND, ..Hdr::guest(1024, local, OP_SHUTDOWN) }, &[]);
+    let mut got = Vec::new();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    host.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"answer", "the guest's bytes, then end of file");
+    let (h, _) = f.receive_one();
+    assert_eq!(h.op, OP_RST, "both directions done: the connection ends");
     assert_eq!(f.dev.muxer.connection_count(), 0);
 }
 

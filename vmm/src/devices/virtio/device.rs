@@ -1,0 +1,92 @@
+//! What a virtio device is to its transport: a type, queues, features, a config space, and a
+//! function that serves the queues when the guest or the host side has something for it.
+//!
+//! The vhost-user backends (`crate::vhost_user`) call the devices' own queue functions; the
+//! in-process VMM reaches them through this trait, from the virtio-mmio transport's worker.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Device ids (virtio 1.2, 5).
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
+pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_FS: u32 = 26;
+
+/// Feature bits every device offers.
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// Why the device's worker woke up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceEvent {
+    /// The driver notified queue N.
+    Queue(usize),
+    /// The device's host fd N (index into `host_fds()`) is readable.
+    Host(usize),
+}
+
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// The largest size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// The features offered (F_VERSION_1 is added by the transport).
+    fn features(&self) -> u64;
+    /// Reads the config space at `offset` (bytes past its end read as zero).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes to the config space; ignored unless the device has writable fields.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Host-side fds whose readiness the device serves (vsock's muxer).
+    fn host_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// Whether the host fds are watched edge-triggered: the device then drains them whenever
+    /// it can, instead of being woken while it cannot (a tap with no RX buffers to fill).
+    fn host_fds_edge_triggered(&self) -> bool {
+        false
+    }
+    /// Serves the queues after `event`. Returns whether buffers were used (the guest is then
+    /// interrupted). Runs on the device's worker thread with the queues the driver set up.
+    fn process(&mut self, event: DeviceEvent, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
+    /// The driver reset the device: forget per-driver state.
+    fn reset(&mut self) {}
+}
+
+/// The device's interrupt: the virtio-mmio interrupt status bits and an irqfd KVM injects.
+#[derive(Clone)]
+pub struct InterruptLine {
+    pub status: Arc<AtomicU32>,
+    irqfd: Arc<EventFd>,
+}
+
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+impl InterruptLine {
+    pub fn new(irqfd: EventFd) -> InterruptLine {
+        InterruptLine { status: Arc::new(AtomicU32::new(0)), irqfd: Arc::new(irqfd) }
+    }
+
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+
+    pub fn signal(&self, why: u32) {
+        self.status.fetch_or(why, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::error!(error = %e, "virtio: cannot raise the interrupt");
+        }
+    }
+}
+
+/// Copies `data.len()` bytes of `config` from `offset`, zeros past its end.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset).ok().and_then(|o| o.checked_add(i)).and_then(|o| config.get(o)).copied().unwrap_or(0);
+    }
+}

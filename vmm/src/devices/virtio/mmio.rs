@@ -1,0 +1,332 @@
+//! The virtio-mmio transport (virtio 1.2, 4.2, version 2 "modern" layout): the registers a
+//! driver programs to negotiate features and place the queues. On DRIVER_OK the queues go to a
+//! worker thread that serves the device; queue notifications arrive on eventfds (KVM signals
+//! them directly when they are registered as ioeventfds on QueueNotify) and the device's
+//! interrupt is an irqfd. The transport knows nothing of KVM: the builder does the wiring.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::{InterruptLine, VirtioDevice, F_VERSION_1, INT_CONFIG};
+use super::worker::{Worker, WorkerError, WorkerSetup};
+
+/// One page per device.
+pub const MMIO_LEN: u64 = 0x1000;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x6c6c_7568; // "hull"
+
+pub mod regs {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const FAILED: u32 = 0x80;
+}
+
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: GuestMemoryMmap,
+    interrupt: InterruptLine,
+    /// One per queue; registered as ioeventfds by the builder.
+    queue_evts: Vec<EventFd>,
+    queues: Vec<Queue>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+    /// Serves the device once activated; started with the transport.
+    worker: Worker,
+    active: bool,
+    name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    #[error("Cannot create a queue eventfd: {0}.")]
+    EventFd(std::io::Error),
+    #[error("The device offers a queue of size {0}, which virtio does not allow.")]
+    QueueSize(u16),
+    #[error("Cannot start the device's worker: {0}.")]
+    Worker(#[from] WorkerError),
+}
+
+impl MmioTransport {
+    /// The device's worker thread starts now and installs `seccomp` (if any) on itself.
+    pub fn new(
+        name: &str,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemoryMmap,
+        interrupt: InterruptLine,
+        seccomp: Option<crate::seccomp::Filter>,
+    ) -> Result<MmioTransport, MmioError> {
+        let sizes = lock(&device).queue_max_sizes();
+        let mut queues = Vec::new();
+        let mut queue_evts = Vec::new();
+        for size in sizes {
+            queues.push(Queue::new(size).map_err(|_| MmioError::QueueSize(size))?);
+            queue_evts.push(EventFd::new(libc::EFD_NONBLOCK).map_err(MmioError::EventFd)?);
+        }
+        let worker = Worker::spawn(WorkerSetup {
+            name: name.into(),
+            device: device.clone(),
+            queue_evts: queue_evts.iter().map(EventFd::try_clone).collect::<Result<_, _>>().map_err(MmioError::EventFd)?,
+            mem: mem.clone(),
+            interrupt: interrupt.clone(),
+            seccomp,
+        })?;
+        Ok(MmioTransport {
+            device,
+            mem,
+            interrupt,
+            queue_evts,
+            queues,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+            worker,
+            active: false,
+            name: name.into(),
+        })
+    }
+
+    /// The queue notification eventfds, in queue order (for KVM_IOEVENTFD with the queue
+    /// index as datamatch).
+    pub fn queue_evts(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn features(&self) -> u64 {
+        lock(&self.device).features() | F_VERSION_1
+    }
+
+    fn selected(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// Queue registers may change only before DRIVER_OK (virtio 1.2, 4.2.3.2).
+    fn configuring(&self) -> bool {
+        self.status & status::DRIVER_OK == 0 && self.status & status::FAILED == 0
+    }
+
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= regs::CONFIG {
+            lock(&self.device).read_config(offset - regs::CONFIG, data);
+            return;
+        }
+        // Registers are 32-bit; other widths read as zero (the spec makes them undefined).
+        let value = if data.len() == 4 {
+            match offset {
+                regs::MAGIC => MAGIC,
+                regs::VERSION => VERSION,
+                regs::DEVICE_ID => lock(&self.device).device_type(),
+                regs::VENDOR_ID => VENDOR_ID,
+                regs::DEVICE_FEATURES => match self.device_features_sel {
+                    0 => self.features() as u32,
+                    1 => (self.features() >> 32) as u32,
+                    _ => 0,
+                },
+                regs::QUEUE_NUM_MAX => self.queues.get(self.queue_sel as usize).map_or(0, |q| u32::from(q.max_size())),
+                regs::QUEUE_READY => self.queues.get(self.queue_sel as usize).map_or(0, |q| u32::from(q.ready())),
+                regs::INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
+                regs::STATUS => self.status,
+                regs::CONFIG_GENERATION => self.config_generation,
+                _ => 0,
+            }
+        } else {
+            0
+        };
+        data.fill(0);
+        let bytes = value.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&bytes[..n]);
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= regs::CONFIG {
+            lock(&self.device).write_config(offset - regs::CONFIG, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            tracing::debug!(device = %self.name, offset, len = data.len(), "virtio-mmio: register write of the wrong width ignored");
+            return;
+        };
+        let v = u32::from_le_bytes(bytes);
+        let configuring = self.configuring();
+        match offset {
+            regs::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            regs::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            regs::DRIVER_FEATURES if self.status & status::FEATURES_OK == 0 => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
+                _ => {}
+            },
+            regs::QUEUE_SEL => self.queue_sel = v,
+            regs::QUEUE_NUM if configuring => {
+                if let Some(q) = self.selected() {
+                    q.set_size(v as u16);
+                }
+            }
+            regs::QUEUE_READY if configuring => {
+                if let Some(q) = self.selected() {
+                    q.set_ready(v == 1);
+                }
+            }
+            regs::QUEUE_DESC_LOW if configuring => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
+            regs::QUEUE_DESC_HIGH if configuring => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
+            regs::QUEUE_DRIVER_LOW if configuring => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
+            regs::QUEUE_DRIVER_HIGH if configuring => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
+            regs::QUEUE_DEVICE_LOW if configuring => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
+            regs::QUEUE_DEVICE_HIGH if configuring => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
+            // Reached only when the notify is not an ioeventfd (or for a queue the device does
+            // not have): signal the queue's eventfd the way KVM would.
+            regs::QUEUE_NOTIFY => match self.queue_evts.get(v as usize) {
+                Some(evt) => {
+                    let _ = evt.write(1);
+                }
+                None => tracing::debug!(device = %self.name, queue = v, "virtio-mmio: notify for a queue the device does not have"),
+            },
+            regs::INTERRUPT_ACK => {
+                self.interrupt.status.fetch_and(!v, Ordering::SeqCst);
+            }
+            regs::STATUS => self.set_status(v),
+            _ => tracing::debug!(device = %self.name, offset, value = v, "virtio-mmio: write to a read-only or unknown register ignored"),
+        }
+    }
+
+    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if let Some(q) = self.selected() {
+            f(q);
+        }
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        // The driver only ever adds bits (virtio 1.2, 2.1.2); anything else is refused.
+        if v & self.status != self.status {
+            tracing::warn!(device = %self.name, from = self.status, to = v, "virtio-mmio: status bits cleared without a reset; ignored");
+            return;
+        }
+        let added = v & !self.status;
+        if added & status::FEATURES_OK != 0 {
+            let offered = self.features();
+            if self.driver_features & !offered != 0 || self.driver_features & F_VERSION_1 == 0 {
+                // Leaving FEATURES_OK unset tells the driver the features were not accepted.
+                tracing::warn!(device = %self.name, offered, asked = self.driver_features, "virtio-mmio: the driver asked for features the device does not offer, or not VERSION_1");
+                self.status = v & !status::FEATURES_OK;
+                return;
+            }
+        }
+        self.status = v;
+        if added & status::DRIVER_OK != 0 {
+            if let Err(e) = self.activate() {
+                tracing::error!(device = %self.name, error = %e, "virtio-mmio: cannot activate the device");
+                self.status |= status::DEVICE_NEEDS_RESET;
+                self.interrupt.signal(INT_CONFIG);
+            }
+        }
+    }
+
+    fn activate(&mut self) -> Result<(), ActivateError> {
+        if self.status & status::FEATURES_OK == 0 {
+            return Err(ActivateError::NoFeaturesOk);
+        }
+        for (i, q) in self.queues.iter().enumerate() {
+            if q.ready() && !q.is_valid(&self.mem) {
+                return Err(ActivateError::InvalidQueue(i));
+            }
+        }
+        // The worker gets its own copies of the queues; the transport's stay frozen until reset.
+        let queues = self.queues.iter().map(|q| Queue::try_from(q.state())).collect::<Result<Vec<_>, _>>().map_err(|_| ActivateError::InvalidQueue(usize::MAX))?;
+        self.worker.activate(queues)?;
+        self.active = true;
+        tracing::info!(device = %self.name, features = self.driver_features, "virtio device activated");
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // The worker resets the device itself, between two requests.
+        if let Err(e) = self.worker.reset() {
+            tracing::error!(device = %self.name, error = %e, "virtio-mmio: cannot reset the device");
+        }
+        self.active = false;
+        for q in &mut self.queues {
+            q.reset();
+        }
+        for evt in &self.queue_evts {
+            let _ = evt.read();
+        }
+        self.interrupt.status.store(0, Ordering::SeqCst);
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+    }
+
+    /// Whether the worker has stopped because the device broke (for tests and `state`).
+    pub fn broken(&self) -> bool {
+        self.status & status::DEVICE_NEEDS_RESET != 0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver set DRIVER_OK without FEATURES_OK")]
+    NoFeaturesOk,
+    #[error("queue {0} is ready but its rings are not in guest memory or its size is invalid")]
+    InvalidQueue(usize),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+}
+
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

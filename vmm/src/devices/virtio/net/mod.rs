@@ -1,0 +1,44 @@
+//! virtio-net backed by a tap device. The tap carries the 12-byte virtio-net header itself
+//! (IFF_VNET_HDR, TUNSETVNETHDRSZ 12), so frames pass between the queues and the tap without
+//! being reassembled. No offloads are offered: what the guest sends is what the wire gets.
+
+mod device;
+mod tap;
+#[cfg(test)]
+mod tests;
+
+pub use device::NetDevice;
+pub use tap::Tap;
+
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+pub const QUEUE_SIZE: u16 = 256;
+/// virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers.
+pub const HDR_LEN: usize = 12;
+/// The largest frame without GSO: a 64 KiB IP packet plus Ethernet and VLAN headers.
+pub const MAX_FRAME: usize = 65562;
+
+pub const F_MAC: u64 = 1 << 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("Cannot open the tap {name:?}: {source}.")]
+    Open { name: String, source: std::io::Error },
+    #[error("Cannot configure the tap: {0}.")]
+    Configure(std::io::Error),
+    #[error("{0:?} is not a MAC address.")]
+    Mac(String),
+}
+
+/// Parses "aa:bb:cc:dd:ee:ff".
+pub fn parse_mac(s: &str) -> Result<[u8; 6], NetError> {
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(NetError::Mac(s.into()));
+    }
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|_| NetError::Mac(s.into()))?;
+    }
+    Ok(mac)
+}

@@ -1,0 +1,90 @@
+//! A tap device opened by name (or adopted from an fd), non-blocking, carrying 12-byte
+//! virtio-net headers.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+
+use super::{NetError, HDR_LEN};
+
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    pad: [u8; 22],
+}
+
+pub struct Tap {
+    file: File,
+}
+
+impl Tap {
+    /// Opens (creating if needed) the tap `name`.
+    pub fn open(name: &str) -> Result<Tap, NetError> {
+        let open_err = |source| NetError::Open { name: name.into(), source };
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(open_err(std::io::Error::from(std::io::ErrorKind::InvalidInput)));
+        }
+        let file = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").map_err(open_err)?;
+        let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, pad: [0; 22] };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads an ifreq, which `req` is, laid out as the kernel expects.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+            return Err(open_err(std::io::Error::last_os_error()));
+        }
+        Tap::configure(file)
+    }
+
+    /// Adopts a tap fd someone else opened with IFF_VNET_HDR (the shim opens it in the pod's
+    /// network namespace).
+    ///
+    /// # Safety
+    /// `fd` must be an open tap fd the caller gives up.
+    pub unsafe fn from_raw_fd(fd: RawFd) -> Result<Tap, NetError> {
+        // SAFETY: the caller hands over ownership of an open fd.
+        Tap::configure(unsafe { File::from_raw_fd(fd) })
+    }
+
+    fn configure(file: File) -> Result<Tap, NetError> {
+        let fd = file.as_raw_fd();
+        let size: libc::c_int = HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads an int from the pointer, a live local.
+        if unsafe { libc::ioctl(fd, TUNSETVNETHDRSZ, &size) } < 0 {
+            return Err(NetError::Configure(std::io::Error::last_os_error()));
+        }
+        // SAFETY: TUNSETOFFLOAD takes its flags by value; 0 turns every offload off.
+        if unsafe { libc::ioctl(fd, TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
+            return Err(NetError::Configure(std::io::Error::last_os_error()));
+        }
+        // SAFETY: F_GETFL/F_SETFL on an fd this function holds.
+        let ok = unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0
+        };
+        if !ok {
+            return Err(NetError::Configure(std::io::Error::last_os_error()));
+        }
+        Ok(Tap { file })
+    }
+
+    pub fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.file.read(buf)
+    }
+
+    pub fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize> {
+        self.file.write(frame)
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}

@@ -1,0 +1,184 @@
+//! The thread that serves a virtio device in process (the transport's event handler). It is
+//! started with the device, before the VMM locks itself down with seccomp, and lives as long
+//! as the device: activation hands it the queues, a reset takes them back. It waits on the
+//! queues' notification eventfds and the device's host fds, calls the device, and raises the
+//! interrupt when buffers were used.
+
+use std::os::fd::AsRawFd;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::{DeviceEvent, InterruptLine, VirtioDevice, INT_USED_RING};
+use super::mmio::lock;
+
+const WAKE: u64 = 0;
+const QUEUE_BASE: u64 = 1;
+const HOST_BASE: u64 = 1 << 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot set up the worker's epoll: {0}")]
+    Epoll(std::io::Error),
+    #[error("cannot start the worker thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the device's worker thread is gone")]
+    Gone,
+}
+
+enum Command {
+    Activate(Vec<Queue>),
+    Reset,
+    Stop,
+}
+
+/// The transport's end of a worker.
+pub struct Worker {
+    commands: mpsc::Sender<Command>,
+    acks: mpsc::Receiver<()>,
+    wake: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What a worker thread runs with; `seccomp` is installed first thing on the thread.
+pub struct WorkerSetup {
+    pub name: String,
+    pub device: Arc<Mutex<dyn VirtioDevice>>,
+    pub queue_evts: Vec<EventFd>,
+    pub mem: GuestMemoryMmap,
+    pub interrupt: InterruptLine,
+    pub seccomp: Option<crate::seccomp::Filter>,
+}
+
+impl Worker {
+    pub fn spawn(setup: WorkerSetup) -> Result<Worker, WorkerError> {
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(WorkerError::EventFd)?;
+        let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
+        let add = |fd: i32, data: u64| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, data)).map_err(WorkerError::Epoll);
+        add(wake.as_raw_fd(), WAKE)?;
+        for (i, evt) in setup.queue_evts.iter().enumerate() {
+            add(evt.as_raw_fd(), QUEUE_BASE + i as u64)?;
+        }
+        let (host_fds, edge) = {
+            let d = lock(&setup.device);
+            (d.host_fds(), d.host_fds_edge_triggered())
+        };
+        let host_set = if edge { EventSet::IN | EventSet::EDGE_TRIGGERED } else { EventSet::IN };
+        for (i, fd) in host_fds.into_iter().enumerate() {
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(host_set, HOST_BASE + i as u64)).map_err(WorkerError::Epoll)?;
+        }
+        let (commands, command_rx) = mpsc::channel();
+        let (ack_tx, acks) = mpsc::channel();
+        let wake_fd = wake.try_clone().map_err(WorkerError::EventFd)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("virtio-{}", setup.name))
+            .spawn(move || run(setup, epoll, wake_fd, command_rx, ack_tx))
+            .map_err(WorkerError::Thread)?;
+        Ok(Worker { commands, acks, wake, thread: Some(thread) })
+    }
+
+    fn send(&self, c: Command) -> Result<(), WorkerError> {
+        self.commands.send(c).map_err(|_| WorkerError::Gone)?;
+        self.wake.write(1).map_err(|_| WorkerError::Gone)
+    }
+
+    /// Hands the worker the queues; it serves them from now on.
+    pub fn activate(&self, queues: Vec<Queue>) -> Result<(), WorkerError> {
+        self.send(Command::Activate(queues))?;
+        self.acks.recv().map_err(|_| WorkerError::Gone)
+    }
+
+    /// Takes the queues back and resets the device; when this returns the worker no longer
+    /// touches guest memory.
+    pub fn reset(&self) -> Result<(), WorkerError> {
+        self.send(Command::Reset)?;
+        self.acks.recv().map_err(|_| WorkerError::Gone)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.send(Command::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(setup: WorkerSetup, epoll: Epoll, wake: EventFd, commands: mpsc::Receiver<Command>, acks: mpsc::Sender<()>) {
+    let WorkerSetup { name, device, queue_evts, mem, interrupt, seccomp } = setup;
+    if let Some(filter) = seccomp {
+        if let Err(e) = filter.apply() {
+            tracing::error!(device = %name, error = %e, "virtio worker: cannot install its seccomp filter; the device stops");
+            return;
+        }
+    }
+    let mut queues: Vec<Queue> = Vec::new();
+    let mut events = vec![EpollEvent::default(); 16];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!(device = %name, error = %e, "virtio worker: epoll_wait failed; the device stops");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            let event = match ev.data() {
+                WAKE => {
+                    let _ = wake.read();
+                    while let Ok(c) = commands.try_recv() {
+                        match c {
+                            Command::Activate(q) => {
+                                queues = q;
+                                // Buffers queued before DRIVER_OK (vsock RX, say) are served now.
+                                for i in 0..queues.len() {
+                                    serve(&name, &device, DeviceEvent::Queue(i), &mut queues, &mem, &interrupt);
+                                }
+                                let _ = acks.send(());
+                            }
+                            Command::Reset => {
+                                queues.clear();
+                                lock(&device).reset();
+                                let _ = acks.send(());
+                            }
+                            Command::Stop => return,
+                        }
+                    }
+                    continue;
+                }
+                d if d >= HOST_BASE => DeviceEvent::Host((d - HOST_BASE) as usize),
+                d => {
+                    let i = (d - QUEUE_BASE) as usize;
+                    if let Some(evt) = queue_evts.get(i) {
+                        let _ = evt.read();
+                    }
+                    DeviceEvent::Queue(i)
+                }
+            };
+            serve(&name, &device, event, &mut queues, &mem, &interrupt);
+        }
+    }
+}
+
+fn serve(name: &str, device: &Mutex<dyn VirtioDevice>, event: DeviceEvent, queues: &mut [Queue], mem: &GuestMemoryMmap, interrupt: &InterruptLine) {
+    // Queues the driver did not enable (or not yet) are not the device's to touch; host events
+    // are served even then (the device buffers them until the guest is ready).
+    if let DeviceEvent::Queue(i) = event {
+        if !queues.get(i).is_some_and(|q| q.ready()) {
+            tracing::trace!(device = %name, queue = i, "virtio worker: notify for a queue that is not ready");
+            return;
+        }
+    }
+    if lock(device).process(event, queues, mem) {
+        interrupt.signal(INT_USED_RING);
+    }
+}
