@@ -4,13 +4,13 @@
 //! silently fall back to a default).
 //!
 //! ```toml
-//! # builtin | qemu | auto. auto: builtin where KVM can run the guest, else QEMU with KVM,
-//! # else QEMU with TCG.
+//! # builtin | qemu | auto. auto: builtin (hull-vmm) where KVM has VMX/SVM, else QEMU with
+//! # TCG. qemu: QEMU with KVM where it can, else TCG.
 //! hypervisor = "auto"
 //! # The guest kernel and initramfs (hull-guest-image build output).
 //! kernel = "/usr/share/hull/bzImage"
 //! initramfs = "/usr/share/hull/initramfs.cpio"
-//! # QEMU binary and hull-vmm binary (the device backends).
+//! # QEMU binary and hull-vmm binary (the builtin VMM; the device backends under QEMU).
 //! qemu = "qemu-system-x86_64"
 //! vmm = "<directory of the shim>/hull-vmm"
 //! # Pod VM size before the containers' limits are added.

@@ -2,7 +2,7 @@
 //! Linux kernel. Built by the test with plain `rustc` (std only, static), so it needs no
 //! crates and no busybox. It reports on the console, one `probe:` line per step, and reboots.
 //!
-//! Steps: read the first line of the read-only disk /dev/vda; write a marker to sector 0 of the
+//! Steps: count the CPUs; read the first line of the read-only disk /dev/vda; write a marker to sector 0 of the
 //! read-write disk /dev/vdb; read 16 bytes of /dev/hwrng; mount the virtio-fs share `share`,
 //! read in.txt and write out.txt; accept a host-initiated vsock connection on port 5000, echo
 //! one line, then read a payload to EOF and answer its length and byte sum; connect to the host
@@ -64,6 +64,7 @@ fn vsock_addr(cid: u32, port: u32) -> SockaddrVm {
 fn steps() -> Result<(), String> {
     mount_fs("devtmpfs", "/dev", "devtmpfs")?;
     say("up");
+    say(&format!("cpus {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)));
 
     let mut line = String::new();
     BufReader::new(File::open("/dev/vda").map_err(|e| format!("open vda: {e}"))?).read_line(&mut line).map_err(|e| format!("read vda: {e}"))?;

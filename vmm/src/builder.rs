@@ -6,7 +6,6 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +22,7 @@ use crate::devices::legacy::serial::{SerialConsole, COM1_BASE, COM1_IRQ};
 use crate::devices::legacy::PioBus;
 use crate::devices::virtio::{self, InterruptLine, MmioTransport, VirtioDevice};
 use crate::devices::MmioBus;
+use crate::vstate::control::{RunState, VcpuControl};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VmExit};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -122,6 +122,8 @@ pub enum BootError {
     Initramfs(String),
     #[error(transparent)]
     Arch(#[from] arch::ArchError),
+    #[error(transparent)]
+    MpTable(#[from] arch::mptable::MpTableError),
     #[error("Cannot set up the {what}: {reason}.")]
     Device { what: &'static str, reason: String },
     #[error("Cannot set up the virtio device {name}: {reason}.")]
@@ -222,11 +224,12 @@ pub fn run(config: VmConfig) -> Result<VmExit, BootError> {
     start(config)?.wait()
 }
 
-/// A running VM: its vCPU threads, and what stops them.
+/// A running VM: its vCPU threads, and what pauses and stops them.
 pub struct RunningVm {
     started: Instant,
-    stop: Arc<AtomicBool>,
+    control: Arc<VcpuControl>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    pthreads: Arc<Vec<libc::pthread_t>>,
     results: mpsc::Receiver<Result<VmExit, VcpuError>>,
     wake: mpsc::Sender<Result<VmExit, VcpuError>>,
     /// Dropped after the vCPUs: devices and memory outlive every vCPU thread.
@@ -235,17 +238,21 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
-    /// A handle that ends the VM from another thread.
-    pub fn stopper(&self) -> Stopper {
-        Stopper { wake: self.wake.clone() }
+    /// A handle that pauses, resumes and stops the VM from other threads.
+    pub fn controller(&self) -> Controller {
+        Controller { control: self.control.clone(), pthreads: self.pthreads.clone(), wake: self.wake.clone() }
     }
 
-    /// Waits until the guest ends the VM (or `Stopper::stop`), stops every vCPU, and says how
-    /// it ended.
+    /// Waits until the guest ends the VM (or `Controller::stop`), stops every vCPU, and says
+    /// how it ended.
     pub fn wait(mut self) -> Result<VmExit, BootError> {
         // The first vCPU to end the VM decides how it ended; the others are stopped.
         let result = self.results.recv().unwrap_or(Ok(VmExit::Stopped));
-        self.stop.store(true, Ordering::SeqCst);
+        {
+            // From here on no controller kicks a thread: they may be joined.
+            let mut g = self.control.lock();
+            self.control.set(&mut g, RunState::Ended);
+        }
         for t in &self.threads {
             while !t.is_finished() {
                 let _ = t.kill(kick_signal());
@@ -265,14 +272,49 @@ impl RunningVm {
     }
 }
 
-/// Ends a running VM from outside: every vCPU leaves KVM_RUN and the VM's `wait` returns
-/// `VmExit::Stopped`.
+/// Pauses, resumes or ends a running VM from outside.
 #[derive(Clone)]
-pub struct Stopper {
+pub struct Controller {
+    control: Arc<VcpuControl>,
+    pthreads: Arc<Vec<libc::pthread_t>>,
     wake: mpsc::Sender<Result<VmExit, VcpuError>>,
 }
 
-impl Stopper {
+impl Controller {
+    pub fn state(&self) -> RunState {
+        *self.control.lock()
+    }
+
+    /// Stops the vCPUs where they are; the devices keep serving what is in flight. Returns
+    /// the state before.
+    pub fn pause(&self) -> RunState {
+        let mut g = self.control.lock();
+        let before = *g;
+        if before == RunState::Running {
+            self.control.set(&mut g, RunState::Paused);
+            // Under the lock: `wait` cannot have joined the threads while the state is not
+            // Ended.
+            for &t in self.pthreads.iter() {
+                // SAFETY: `t` is a vCPU thread that has not been joined (the state is not
+                // Ended), so its pthread_t is valid; the kick signal has a no-op handler.
+                unsafe { libc::pthread_kill(t, kick_signal()) };
+            }
+            tracing::info!("VM paused");
+        }
+        before
+    }
+
+    pub fn resume(&self) -> RunState {
+        let mut g = self.control.lock();
+        let before = *g;
+        if before == RunState::Paused {
+            self.control.set(&mut g, RunState::Running);
+            tracing::info!("VM resumed");
+        }
+        before
+    }
+
+    /// Ends the VM: its `wait` returns `VmExit::Stopped`.
     pub fn stop(&self) {
         // `wait` takes this as the VM's end and kicks the vCPUs out of KVM_RUN itself.
         let _ = self.wake.send(Ok(VmExit::Stopped));
@@ -311,6 +353,7 @@ pub fn start(config: VmConfig) -> Result<RunningVm, BootError> {
         None => None,
     };
     arch::configure_system(&vm.memory, setup_header, cmdline_len, initramfs)?;
+    arch::mptable::setup(&vm.memory, config.vcpus)?;
 
     let mut bus = PioBus::default();
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BootError::Device { what: "serial interrupt", reason: e.to_string() })?;
@@ -329,11 +372,11 @@ pub fn start(config: VmConfig) -> Result<RunningVm, BootError> {
         vcpus.push(vcpu);
     }
     register_signal_handler(kick_signal(), on_kick).map_err(|e| BootError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
-    let stop = Arc::new(AtomicBool::new(false));
+    let control = Arc::new(VcpuControl::default());
     let (tx, rx) = mpsc::channel();
     let mut threads = Vec::new();
     for mut vcpu in vcpus {
-        let (bus, mmio, stop, tx) = (bus.clone(), mmio.clone(), stop.clone(), tx.clone());
+        let (bus, mmio, control, tx) = (bus.clone(), mmio.clone(), control.clone(), tx.clone());
         let filter = filters.as_ref().map(|f| f.vcpu.clone());
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id))
@@ -342,12 +385,13 @@ pub fn start(config: VmConfig) -> Result<RunningVm, BootError> {
                     let _ = tx.send(Err(VcpuError::Seccomp { id: vcpu.id, reason: e.to_string() }));
                     return;
                 }
-                let r = vcpu.run(&bus, &mmio, &stop);
+                let r = vcpu.run(&bus, &mmio, &control);
                 let _ = tx.send(r);
             })
             .map_err(BootError::Thread)?;
         threads.push(thread);
     }
     tracing::info!(vcpus = config.vcpus, memory_mib = config.memory_mib, virtio_devices = announce.len(), seccomp = config.seccomp, setup_ms = started.elapsed().as_millis() as u64, "VM running");
-    Ok(RunningVm { started, stop, threads, results: rx, wake: tx, vm: Some(vm), _mmio: mmio })
+    let pthreads = Arc::new(threads.iter().map(|t| std::os::unix::thread::JoinHandleExt::as_pthread_t(t) as libc::pthread_t).collect());
+    Ok(RunningVm { started, control, threads, pthreads, results: rx, wake: tx, vm: Some(vm), _mmio: mmio })
 }

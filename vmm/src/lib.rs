@@ -5,9 +5,11 @@
 //! `devices/` and knows nothing of how it is wired: the same vsock device serves the
 //! in-process VMM and, as a vhost-user backend, QEMU.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod devices;
+pub mod fuzzing;
 pub mod seccomp;
 pub mod vhost_user;
 pub mod vstate;

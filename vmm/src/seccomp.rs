@@ -88,6 +88,13 @@ pub fn main_thread() -> Result<Filter, SeccompError> {
     compile("main", &list, SeccompAction::KillProcess, SeccompAction::Allow)
 }
 
+/// The API thread: accepts control connections, reads a line, answers, kicks vCPUs on pause.
+pub fn api_thread() -> Result<Filter, SeccompError> {
+    let mut list = COMMON.to_vec();
+    list.extend([libc::SYS_accept, libc::SYS_accept4, libc::SYS_recvfrom, libc::SYS_sendto, libc::SYS_tgkill, libc::SYS_getpid, libc::SYS_gettid]);
+    compile("api", &list, SeccompAction::KillProcess, SeccompAction::Allow)
+}
+
 /// Device workers: everything but what no device needs.
 pub fn device() -> Result<Filter, SeccompError> {
     let denied = [

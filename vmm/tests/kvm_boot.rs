@@ -164,3 +164,72 @@ fn missing_kernel_and_oversized_initramfs_are_named() {
     let e = hull_vmm::builder::run(config(junk, None)).expect_err("junk kernel").to_string();
     assert!(e.contains("Cannot load the kernel"), "{e}");
 }
+
+/// Writes 'x' to COM1 forever, with a short delay loop between writes.
+fn chatty_guest() -> Vec<u8> {
+    vec![
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb9, 0x00, 0x10, 0x00, 0x00, // L: mov ecx, 0x1000
+        0xe2, 0xfe, // loop $
+        0xb0, b'x', // mov al, 'x'
+        0xee, // out dx, al
+        0xeb, 0xf4, // jmp L
+    ]
+}
+
+#[test]
+fn the_api_socket_pauses_resumes_and_stops_the_vm() {
+    require_kvm!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = write_kernel(dir.path(), &chatty_guest());
+    let console = dir.path().join("console.log");
+    let api = dir.path().join("api.sock");
+    let mut vmm = Command::new(env!("CARGO_BIN_EXE_hull-vmm"))
+        .args(["boot", "--memory-mib", "32"])
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--console")
+        .arg(&console)
+        .arg("--api-socket")
+        .arg(&api)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("hull-vmm starts");
+    let size = || std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
+    let ctl = |req: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_hull-vmm")).arg("ctl").arg("--api-socket").arg(&api).arg(req).output().expect("ctl runs");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let wait_growth = |from: u64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while size() <= from {
+            assert!(std::time::Instant::now() < deadline, "the guest does not write");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    wait_growth(0);
+    assert_eq!(ctl("state").1, "running");
+    assert_eq!(ctl("pause").1, "ok (was: running)");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let paused_at = size();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(size(), paused_at, "a paused guest does not run");
+    assert_eq!(ctl("state").1, "paused");
+    assert_eq!(ctl("resume").1, "ok (was: paused)");
+    wait_growth(paused_at);
+    let (ok, _, err) = ctl("explode");
+    assert!(!ok && err.contains("unknown request"), "{err}");
+    assert_eq!(ctl("stop").1, "ok");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = vmm.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "hull-vmm did not stop");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    let _ = std::io::Read::read_to_string(&mut vmm.stderr.take().expect("stderr"), &mut stderr);
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("Stopped"), "{stderr}");
+}

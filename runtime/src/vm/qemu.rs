@@ -244,9 +244,6 @@ impl QemuVm {
     }
 
     fn start_builtin(config: QemuConfig, uds: PathBuf, console: PathBuf) -> Result<QemuVm, QemuError> {
-        if config.vcpus > 1 {
-            tracing::warn!(vcpus = config.vcpus, "the builtin VMM gives the guest one vCPU until it writes MP tables");
-        }
         let _ = std::fs::remove_file(&uds);
         let (out, err) = log_files(&config.workdir, "hull-vmm.log")?;
         let vmm = super::builtin::command(&config, &uds, &console)

@@ -59,6 +59,15 @@ enum Cmd {
         /// Run without seccomp filters (for debugging only).
         #[arg(long)]
         no_seccomp: bool,
+        /// Serve the control API (state, pause, resume, stop) on this unix socket.
+        #[arg(long)]
+        api_socket: Option<PathBuf>,
+    },
+    /// Send a request to a running VM's control socket: state, pause, resume or stop.
+    Ctl {
+        #[arg(long)]
+        api_socket: PathBuf,
+        request: String,
     },
     /// Serve a device to QEMU over vhost-user.
     #[command(subcommand)]
@@ -140,16 +149,32 @@ struct BootArgs {
     console: PathBuf,
     devices: hull_vmm::builder::Devices,
     seccomp: bool,
+    api_socket: Option<PathBuf>,
 }
 
-fn boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp }: BootArgs) -> Result<(), String> {
+fn boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp, api_socket }: BootArgs) -> Result<(), String> {
     let console: Box<dyn std::io::Write + Send> = if console.as_os_str() == "-" {
         Box::new(std::io::stdout())
     } else {
         Box::new(std::fs::File::create(&console).map_err(|e| format!("Cannot create the console file {console:?}: {e}."))?)
     };
     let config = hull_vmm::builder::VmConfig { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp };
+    let listener = api_socket.as_deref().map(hull_vmm::api::bind).transpose().map_err(|e| e.to_string())?;
     let vm = hull_vmm::builder::start(config).map_err(|e| e.to_string())?;
+    if let Some(listener) = listener {
+        let controller = vm.controller();
+        let filter = if seccomp { Some(hull_vmm::seccomp::api_thread().map_err(|e| e.to_string())?) } else { None };
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || {
+                if let Some(Err(e)) = filter.map(|f| f.apply()) {
+                    tracing::error!(error = %e, "the API thread cannot install its seccomp filter; no API");
+                    return;
+                }
+                hull_vmm::api::serve(listener, controller)
+            })
+            .map_err(|e| format!("Cannot start the API thread: {e}."))?;
+    }
     if seccomp {
         // Everything this thread still does is waiting for the VM's end and tearing it down.
         hull_vmm::seccomp::main_thread().and_then(|f| f.apply()).map_err(|e| e.to_string())?;
@@ -163,13 +188,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colours only for a person at a terminal; log files stay plain.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     let result = match cli.cmd {
-        Cmd::Boot { kernel, initramfs, cmdline, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, shares, rng, no_seccomp } => {
+        Cmd::Boot { kernel, initramfs, cmdline, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, shares, rng, no_seccomp, api_socket } => {
             let vsock = vsock_uds.map(|uds| hull_vmm::builder::VsockConfig { guest_cid, uds });
             let devices = hull_vmm::builder::Devices { disks, nics, vsock, shares, rng };
-            boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp: !no_seccomp })
+            boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp: !no_seccomp, api_socket })
         }
+        Cmd::Ctl { api_socket, request } => hull_vmm::api::request(&api_socket, &request).map(|reply| println!("{reply}")).map_err(|e| e.to_string()),
         Cmd::VhostUser(VhostUserCmd::Vsock { socket, uds, guest_cid }) => {
             hull_vmm::vhost_user::vsock::serve(&socket, &uds, guest_cid).map_err(|e| e.to_string())
         }

@@ -3,12 +3,12 @@
 //! entry, emulation failure, an exit kind hull-vmm does not know) ends it with an error that
 //! names the exit and carries the vCPU's registers.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestAddress;
 
+use super::control::VcpuControl;
 use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, interrupts, regs};
 use crate::devices::legacy::{IoAction, PioBus};
@@ -82,11 +82,12 @@ impl Vcpu {
         VcpuError::Exit { id: self.id, exit, regs: self.dump() }
     }
 
-    /// Runs until the VM ends. `stop` (with a signal to interrupt KVM_RUN) ends it from outside.
-    pub fn run(&mut self, bus: &PioBus, mmio: &MmioBus, stop: &AtomicBool) -> Result<VmExit, VcpuError> {
+    /// Runs until the VM ends. `control` (with a signal to interrupt KVM_RUN) pauses it or
+    /// ends it from outside.
+    pub fn run(&mut self, bus: &PioBus, mmio: &MmioBus, control: &VcpuControl) -> Result<VmExit, VcpuError> {
         let mut first = true;
         loop {
-            if stop.load(Ordering::SeqCst) {
+            if !control.may_run() {
                 return Ok(VmExit::Stopped);
             }
             if first && self.id == 0 {

@@ -4,6 +4,7 @@
 pub mod cpuid;
 pub mod gdt;
 pub mod interrupts;
+pub mod mptable;
 pub mod regs;
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;

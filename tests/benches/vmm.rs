@@ -1,0 +1,199 @@
+//! hull-vmm in one run:
+//! - process start → first KVM_RUN (ms, p50 of 20): `hull-vmm boot` with a tiny guest, timed
+//!   from spawn to its "first KVM_RUN" log line;
+//! - RSS of the VM's processes once hull's guest kernel and agent are up, 128 MiB guest:
+//!   `hull-vmm boot` (builtin engine, KVM) vs QEMU + hull's vhost-user backends (same kernel
+//!   and initramfs), as a ratio. Where /dev/kvm is kvm_pvm the builtin boot takes minutes;
+//! - vsock throughput through the vhost-user backend under QEMU: 256 MiB each way between a
+//!   host process and a container's stdio in the guest, MB/s.
+//!
+//! Run with `scripts/bench` (release build). Needs root, /dev/kvm, QEMU and the guest image.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hull_proto::stdio::StreamKind;
+use hull_runtime::vm::qemu::{share_storage, QemuConfig, QemuVm};
+use hull_runtime::vm::{detect_accel, Engine};
+use hull_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MIB: usize = 256;
+
+/// A 64-bit ELF "kernel" that resets the machine through the i8042 at once.
+fn reset_guest(dir: &std::path::Path) -> std::path::PathBuf {
+    let code = [0xb0, 0xfe, 0xe6, 0x64, 0xf4]; // mov al, 0xfe; out 0x64, al; hlt
+    let load = 0x10_0000u64;
+    let mut e = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0".to_vec();
+    e.extend(2u16.to_le_bytes());
+    e.extend(0x3eu16.to_le_bytes());
+    e.extend(1u32.to_le_bytes());
+    e.extend(load.to_le_bytes());
+    e.extend(64u64.to_le_bytes());
+    e.extend(0u64.to_le_bytes());
+    e.extend(0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        e.extend(v.to_le_bytes());
+    }
+    e.extend(1u32.to_le_bytes());
+    e.extend(5u32.to_le_bytes());
+    for v in [120u64, load, load, code.len() as u64, code.len() as u64, 0x1000] {
+        e.extend(v.to_le_bytes());
+    }
+    e.extend(code);
+    let p = dir.join("reset.elf");
+    std::fs::write(&p, e).expect("kernel");
+    p
+}
+
+fn start_to_first_run(dir: &std::path::Path) -> f64 {
+    let kernel = reset_guest(dir);
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let mut child = Command::new(binary("hull-vmm"))
+            .args(["--log-level", "debug", "boot", "--memory-mib", "128", "--console", "/dev/null", "--kernel"])
+            .arg(&kernel)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("hull-vmm");
+        let reader = BufReader::new(child.stderr.take().expect("stderr"));
+        for line in reader.lines().map_while(Result::ok) {
+            if line.contains("first KVM_RUN") {
+                times.push(t.elapsed());
+                break;
+            }
+        }
+        let st = child.wait().expect("wait");
+        assert!(st.success(), "hull-vmm: {st}");
+    }
+    times.sort();
+    times[times.len() / 2].as_secs_f64() * 1000.0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn config(dir: &std::path::Path, engine: Engine) -> QemuConfig {
+    let guest = guest_image_dir();
+    QemuConfig {
+        qemu: "qemu-system-x86_64".into(),
+        vmm: binary("hull-vmm"),
+        kernel: guest.join("bzImage"),
+        initramfs: guest.join("initramfs.cpio"),
+        vcpus: 1,
+        memory_mib: 128,
+        engine,
+        guest_cid: 3,
+        workdir: dir.into(),
+        cmdline_extra: vec![],
+        qemu_extra: vec![],
+        shared_dir: None,
+        nic: None,
+    }
+}
+
+/// RSS (MiB) of every process of a VM booted to its agent.
+async fn booted_rss(dir: &std::path::Path, engine: Engine) -> (f64, Duration) {
+    let t = Instant::now();
+    let mut vm = QemuVm::start(config(dir, engine)).expect("VM starts");
+    vm.wait_for_agent(Duration::from_secs(1800)).await.expect("agent answers");
+    let boot = t.elapsed();
+    // Let the guest settle (the agent has just come up).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut pids = vec![vm.qemu_pid()];
+    pids.extend(vm.backend_pids());
+    let kib: u64 = pids.iter().map(|&p| rss_kib(p)).sum();
+    vm.kill();
+    (kib as f64 / 1024.0, boot)
+}
+
+async fn vsock_throughput(dir: &std::path::Path) -> (f64, f64) {
+    let rootfs = dir.join("rootfs");
+    busybox_rootfs(&rootfs).expect("rootfs");
+    let mut cfg = config(&dir.join("vm"), Engine::Qemu(detect_accel().0));
+    std::fs::create_dir_all(&cfg.workdir).expect("workdir");
+    cfg.memory_mib = 256;
+    cfg.shared_dir = Some(rootfs);
+    let mut vm = QemuVm::start(cfg).expect("QEMU starts");
+    let conn = vm.wait_for_agent(Duration::from_secs(120)).await.expect("agent");
+    let mut req = hull_proto::agent::CreateSandboxRequest::new();
+    req.sandbox_id = "bench".into();
+    conn.client.create_sandbox(ctx(), &req).await.expect("CreateSandbox");
+    let root = "/run/hull/rootfs";
+
+    // Guest -> host.
+    let count = format!("count={MIB}");
+    conn.create_on("out", &default_spec(&["dd", "if=/dev/zero", "bs=1M", &count], root), stdio(false, true, false), vec![share_storage(root)])
+        .await
+        .expect("create");
+    let mut out = conn.attach("out", "", StreamKind::Stdout).await.expect("stdout");
+    let t = Instant::now();
+    conn.start("out").await.expect("start");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    loop {
+        let n = out.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    let out_rate = total as f64 / 1e6 / t.elapsed().as_secs_f64();
+    assert_eq!(total, MIB << 20);
+    conn.wait("out", "").await.expect("wait");
+    conn.remove("out").await.expect("remove");
+
+    // Host -> guest.
+    conn.create_on("in", &default_spec(&["dd", "of=/dev/null", "bs=1M"], root), stdio(true, false, false), vec![share_storage(root)])
+        .await
+        .expect("create");
+    let mut input = conn.attach("in", "", StreamKind::Stdin).await.expect("stdin");
+    conn.start("in").await.expect("start");
+    let chunk = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    for _ in 0..MIB {
+        input.write_all(&chunk).await.expect("write");
+    }
+    input.shutdown().await.expect("eof");
+    let st = conn.wait("in", "").await.expect("wait");
+    let in_rate = (MIB << 20) as f64 / 1e6 / t.elapsed().as_secs_f64();
+    assert_eq!(st.exit_status, 0);
+    vm.kill();
+    (out_rate, in_rate)
+}
+
+#[tokio::main]
+async fn main() {
+    if let Some(why) = missing_prerequisite().or_else(missing_guest_image) {
+        println!("SKIP vmm bench: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    println!("hull-vmm process start -> first KVM_RUN: {:.1} ms (p50 of 20)", start_to_first_run(dir.path()));
+
+    let (out_rate, in_rate) = vsock_throughput(dir.path()).await;
+    println!("vsock through the vhost-user backend (QEMU/{:?}), {MIB} MiB: guest->host {out_rate:.0} MB/s, host->guest {in_rate:.0} MB/s", detect_accel().0);
+
+    let q = dir.path().join("qemu");
+    let b = dir.path().join("builtin");
+    for d in [&q, &b] {
+        std::fs::create_dir_all(d).expect("dir");
+    }
+    let (qemu_rss, qemu_boot) = booted_rss(&q, Engine::Qemu(detect_accel().0)).await;
+    let (hull_rss, hull_boot) = booted_rss(&b, Engine::Builtin).await;
+    println!(
+        "RSS with the agent up, 128 MiB guest: hull-vmm {hull_rss:.1} MiB (boot {:.0} s), QEMU + backends {qemu_rss:.1} MiB (boot {:.1} s), hull/QEMU = {:.2}",
+        hull_boot.as_secs_f64(),
+        qemu_boot.as_secs_f64(),
+        hull_rss / qemu_rss
+    );
+}
