@@ -243,7 +243,13 @@ impl QemuVm {
         Ok(QemuVm { config, backends, qemu, vsock_uds: uds, console, vmm_log: "qemu.log" })
     }
 
-    fn start_builtin(config: QemuConfig, uds: PathBuf, console: PathBuf) -> Result<QemuVm, QemuError> {
+    fn start_builtin(mut config: QemuConfig, uds: PathBuf, console: PathBuf) -> Result<QemuVm, QemuError> {
+        if config.vcpus > 1 && hull_vmm::builder::host_kvm_is_pvm() {
+            // Measured: a second vCPU never comes up under kvm_pvm (the boot stalls before the
+            // console); a pod that boots slowly beats one that does not boot.
+            tracing::warn!(vcpus = config.vcpus, "kvm_pvm host: the builtin VM gets one vCPU");
+            config.vcpus = 1;
+        }
         let _ = std::fs::remove_file(&uds);
         let (out, err) = log_files(&config.workdir, "hull-vmm.log")?;
         let vmm = super::builtin::command(&config, &uds, &console)
