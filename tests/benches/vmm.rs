@@ -60,12 +60,14 @@ fn start_to_first_run(dir: &std::path::Path) -> f64 {
             .spawn()
             .expect("hull-vmm");
         let reader = BufReader::new(child.stderr.take().expect("stderr"));
+        // Read to the end: hull-vmm must not meet a closed pipe.
+        let mut first_run = None;
         for line in reader.lines().map_while(Result::ok) {
-            if line.contains("first KVM_RUN") {
-                times.push(t.elapsed());
-                break;
+            if first_run.is_none() && line.contains("first KVM_RUN") {
+                first_run = Some(t.elapsed());
             }
         }
+        times.push(first_run.expect("hull-vmm logs its first KVM_RUN"));
         let st = child.wait().expect("wait");
         assert!(st.success(), "hull-vmm: {st}");
     }

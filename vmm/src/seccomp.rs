@@ -70,6 +70,9 @@ const COMMON: &[i64] = &[
     libc::SYS_getrandom,
     libc::SYS_exit,
     libc::SYS_exit_group,
+    // A panic's report asks for the working directory; let it report instead of dying of
+    // SIGSYS with no message.
+    libc::SYS_getcwd,
 ];
 
 /// vCPU threads: KVM_RUN and the register reads of an error report, the port and MMIO
