@@ -259,7 +259,7 @@ fn build_agent(opts: &Options) -> Result<PathBuf, BuildError> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run(
         Command::new(cargo)
-            .args(["build", "--release", "--locked", "-p", "hull-agent", "--target", AGENT_TARGET, "--target-dir"])
+            .args(["build", "--profile", "guest", "--locked", "-p", "hull-agent", "--target", AGENT_TARGET, "--target-dir"])
             .arg(&target_dir)
             .current_dir(&opts.workspace)
             // Static (the initramfs has no loader) and stripped (every byte is unpacked at boot).
@@ -268,7 +268,7 @@ fn build_agent(opts: &Options) -> Result<PathBuf, BuildError> {
             .env("LIBSECCOMP_LIB_PATH", "/usr/lib/x86_64-linux-gnu"),
         &log,
     )?;
-    Ok(target_dir.join(AGENT_TARGET).join("release/hull-agent"))
+    Ok(target_dir.join(AGENT_TARGET).join("guest/hull-agent"))
 }
 
 fn write_initramfs(path: &Path, agent: &[u8], busybox: &[u8]) -> Result<(), BuildError> {

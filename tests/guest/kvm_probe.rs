@@ -4,9 +4,9 @@
 //!
 //! Steps: count the CPUs; read the first line of the read-only disk /dev/vda; write a marker to sector 0 of the
 //! read-write disk /dev/vdb; read 16 bytes of /dev/hwrng; mount the virtio-fs share `share`,
-//! read in.txt and write out.txt; accept a host-initiated vsock connection on port 5000, echo
+//! (or `hull`) read in.txt and write out.txt; accept a host-initiated vsock connection on port 5000, echo
 //! one line, then read a payload to EOF and answer its length and byte sum; connect to the host
-//! (CID 2) port 5001, send a line and print the answer.
+//! (CID 2) port 5001, send a line, print the answer and stream 1 MiB back.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -83,7 +83,8 @@ fn steps() -> Result<(), String> {
     File::open("/dev/hwrng").and_then(|mut f| f.read_exact(&mut rnd)).map_err(|e| format!("hwrng: {e}"))?;
     say(&format!("hwrng gave {} nonzero bytes", rnd.iter().filter(|&&b| b != 0).count().min(1)));
 
-    mount_fs("share", "/mnt", "virtiofs")?;
+    // hull-vmm's test shares under `share`, the QEMU path under the runtime's tag `hull`.
+    mount_fs("share", "/mnt", "virtiofs").or_else(|_| mount_fs("hull", "/mnt", "virtiofs"))?;
     let text = std::fs::read_to_string("/mnt/in.txt").map_err(|e| format!("read share: {e}"))?;
     say(&format!("share says {}", text.trim_end()));
     std::fs::write("/mnt/out.txt", "written by the guest\n").map_err(|e| format!("write share: {e}"))?;
@@ -123,8 +124,13 @@ fn steps() -> Result<(), String> {
         let mut out = File::from_raw_fd(s);
         out.write_all(b"hello from the guest\n").map_err(|e| format!("vsock write: {e}"))?;
         let mut answer = String::new();
-        BufReader::new(out).read_line(&mut answer).map_err(|e| format!("vsock read: {e}"))?;
+        BufReader::new(out.try_clone().map_err(|e| e.to_string())?).read_line(&mut answer).map_err(|e| format!("vsock read: {e}"))?;
         say(&format!("host answered {}", answer.trim_end()));
+        // The host's payload sequence, back the other way; the host compares it byte for byte.
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        out.write_all(&data).map_err(|e| format!("vsock write: {e}"))?;
+        shutdown(s, 1);
+        say(&format!("sent the host {} bytes", data.len()));
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod probe;
 
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};

@@ -334,3 +334,70 @@ fn hull_run_image_runs_the_image_command() {
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is neither an OCI image layout"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// QEMU as the probe's host driver sees it.
+struct ProbeQemu(QemuVm);
+
+impl probe::ProbeVm for ProbeQemu {
+    fn exited(&mut self) -> Option<String> {
+        self.0.qemu_exited().map(|st| if st.success() { "exit 0".into() } else { st.to_string() })
+    }
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.0.console).unwrap_or_default()
+    }
+}
+
+/// The device probe of tests/tests/kvm/probe.rs, here under QEMU (2 vCPUs, virtio-pci) with
+/// hull's vsock and virtio-fs devices as vhost-user backends and QEMU's own disks and rng:
+/// host-initiated and guest-initiated vsock connections (the guest's goes to `<uds>_5001`
+/// through hull's backend), data both ways checked byte for byte, the share read and written;
+/// the guest reboots, QEMU exits 0 and so does every backend.
+#[test]
+fn the_device_probe_under_qemu_through_hull_vhost_user_backends() {
+    require_qemu!();
+    if let Some(why) = probe::missing_rustc() {
+        assert!(std::env::var_os("HULL_REQUIRE_ALL").is_none(), "prerequisite missing under HULL_REQUIRE_ALL: {why}");
+        eprintln!("SKIP the_device_probe_under_qemu: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = probe::ProbeFiles::create(dir.path());
+    let mut cfg = config(dir.path());
+    cfg.initramfs = probe::initramfs(dir.path());
+    cfg.vcpus = 2;
+    cfg.shared_dir = Some(files.share.clone());
+    // Fixed PCI slots so the read-only disk is vda.
+    cfg.qemu_extra = [
+        format!("-drive file={},if=none,id=ro,format=raw,readonly=on", files.ro.display()),
+        "-device virtio-blk-pci,drive=ro,addr=0x10".into(),
+        format!("-drive file={},if=none,id=rw,format=raw", files.rw.display()),
+        "-device virtio-blk-pci,drive=rw,addr=0x11".into(),
+        "-device virtio-rng-pci".into(),
+    ]
+    .iter()
+    .flat_map(|a| {
+        let (flag, value) = a.split_once(' ').expect("flag and value");
+        [flag.to_string(), value.to_string()]
+    })
+    .collect();
+    let uds = dir.path().join("vsock.sock");
+    let guest_connects = probe::listen_for_guest(&uds);
+    let started = Instant::now();
+    let mut vm = ProbeQemu(QemuVm::start(cfg).expect("QEMU starts"));
+    assert_eq!(vm.0.vsock_uds, uds, "the probe listens where the runtime puts the hybrid socket");
+    let deadline = started + Duration::from_secs(180);
+    probe::drive_vsock(&mut vm, &uds, &guest_connects, deadline);
+    let how = probe::wait_exit(&mut vm, deadline);
+    let text = probe::ProbeVm::console(&vm);
+    eprintln!("probe under QEMU, boot to reboot: {:?}", started.elapsed());
+    assert_eq!(how, "exit 0", "QEMU must exit 0 when the guest reboots; console:\n{text}");
+    probe::check_console(&text, 2);
+    files.check();
+    let backend_deadline = Instant::now() + Duration::from_secs(10);
+    while vm.0.backends_exited().iter().any(Option::is_none) && Instant::now() < backend_deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let statuses = vm.0.backends_exited();
+    assert_eq!(statuses.len(), 2, "vsock and fs backends");
+    assert!(statuses.iter().all(|s| s.is_some_and(|s| s.success())), "the backends exit 0 with their VM: {statuses:?}");
+}

@@ -27,8 +27,9 @@ use crate::vstate::vcpu::{Vcpu, VcpuError, VmExit};
 use crate::vstate::vm::{Vm, VmError};
 
 /// What the guest kernel needs on a machine with only these devices: the console on COM1, no
-/// PCI probing, the i8042 without its keyboard and mouse probes.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd";
+/// PCI probing, no ACPI (hull-vmm describes the machine with an MP table; hull's guest kernel
+/// has ACPI for QEMU's pc machine), the i8042 without its keyboard and mouse probes.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off acpi=off i8042.noaux i8042.nomux i8042.dumbkbd";
 
 /// What a guest kernel needs on a host whose /dev/kvm is kvm_pvm (a nested paravirtual
 /// hypervisor that emulates guest ring 0): features its instruction emulator lacks are hidden,
