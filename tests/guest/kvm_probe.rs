@@ -84,7 +84,7 @@ fn steps() -> Result<(), String> {
     say(&format!("hwrng gave {} nonzero bytes", rnd.iter().filter(|&&b| b != 0).count().min(1)));
 
     // hull-vmm's test shares under `share`, the QEMU path under the runtime's tag `hull`.
-    mount_fs("share", "/mnt", "virtiofs").or_else(|_| mount_fs("hull", "/mnt", "virtiofs"))?;
+    mount_fs("share", "/mnt", "virtiofs").or_else(|e| mount_fs("hull", "/mnt", "virtiofs").map_err(|f| format!("{e}; {f}")))?;
     let text = std::fs::read_to_string("/mnt/in.txt").map_err(|e| format!("read share: {e}"))?;
     say(&format!("share says {}", text.trim_end()));
     std::fs::write("/mnt/out.txt", "written by the guest\n").map_err(|e| format!("write share: {e}"))?;
@@ -130,6 +130,10 @@ fn steps() -> Result<(), String> {
         let data: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
         out.write_all(&data).map_err(|e| format!("vsock write: {e}"))?;
         shutdown(s, 1);
+        // The host closes once it has read everything: rebooting before that could lose bytes
+        // still queued in the guest kernel.
+        let mut rest = Vec::new();
+        out.read_to_end(&mut rest).map_err(|e| format!("vsock read to the host's close: {e}"))?;
         say(&format!("sent the host {} bytes", data.len()));
     }
     Ok(())

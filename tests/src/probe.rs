@@ -104,6 +104,7 @@ pub fn drive_vsock(vm: &mut dyn ProbeVm, uds: &Path, from_guest: &UnixListener, 
             panic!("the VM exited early ({how}); console:\n{}", vm.console());
         }
         if let Ok(mut s) = UnixStream::connect(uds) {
+            s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
             s.write_all(b"connect 5000\n").expect("CONNECT");
             let mut line = String::new();
             let mut r = BufReader::new(s.try_clone().expect("clone"));
@@ -128,7 +129,20 @@ pub fn drive_vsock(vm: &mut dyn ProbeVm, uds: &Path, from_guest: &UnixListener, 
     assert_eq!(answer, format!("{} {sum}\n", data.len()));
 
     // Guest-initiated: CID 2 port 5001 = <uds>_5001.
-    let (stream, _) = from_guest.accept().expect("the guest connects");
+    from_guest.set_nonblocking(true).expect("nonblocking listener");
+    let stream = loop {
+        match from_guest.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("accepting the guest's connection: {e}"),
+        }
+        assert!(Instant::now() < deadline, "the guest never connected to port {GUEST_CONNECT_PORT}; console:\n{}", vm.console());
+        if let Some(how) = vm.exited() {
+            panic!("the VM exited ({how}) before the guest connected; console:\n{}", vm.console());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    stream.set_nonblocking(false).expect("blocking stream");
     stream.set_read_timeout(Some(Duration::from_secs(300))).expect("timeout");
     let mut from = BufReader::new(stream.try_clone().expect("clone"));
     let mut line = String::new();
@@ -137,6 +151,9 @@ pub fn drive_vsock(vm: &mut dyn ProbeVm, uds: &Path, from_guest: &UnixListener, 
     (&stream).write_all(b"hello guest\n").expect("reply");
     let mut back = Vec::new();
     from.read_to_end(&mut back).expect("the guest's payload");
+    // Closing tells the guest everything arrived; it reboots after that.
+    drop(from);
+    drop(stream);
     assert!(back == data, "the guest streamed {} bytes that differ from the payload", back.len());
 }
 
