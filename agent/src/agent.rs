@@ -30,8 +30,8 @@ pub enum AgentError {
     DuplicateContainer(String),
     #[error("Cannot write the bundle of container {id}: {source}.")]
     Bundle { id: String, source: std::io::Error },
-    #[error("The resources for container {id} are malformed: {reason}.")]
-    BadResources { id: String, reason: String },
+    #[error("The resources for container {id} are malformed: {source}.")]
+    BadResources { id: String, source: serde_json::Error },
     #[error(transparent)]
     Spec(#[from] SpecError),
     #[error(transparent)]
@@ -379,7 +379,7 @@ impl Agent {
     pub fn update_container(&self, id: &str, resources_json: &str) -> Result<(), AgentError> {
         let container = self.container(id)?;
         let resources: oci_spec::runtime::LinuxResources = serde_json::from_str(resources_json)
-            .map_err(|e| AgentError::BadResources { id: id.into(), reason: e.to_string() })?;
+            .map_err(|source| AgentError::BadResources { id: id.into(), source })?;
         cgroups::update(&container.cgroup_path, id, &resources)?;
         tracing::info!(sandbox_id = %self.sandbox_label(), container_id = id, "container resources updated");
         Ok(())

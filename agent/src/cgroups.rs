@@ -7,21 +7,28 @@ use std::path::{Path, PathBuf};
 
 use hull_proto::agent::StatsContainerResponse;
 use libcgroups::common::{
-    create_cgroup_manager, get_cgroup_setup, AnyCgroupManager, CgroupConfig, CgroupManager,
-    CgroupSetup, ControllerOpt,
+    create_cgroup_manager, get_cgroup_setup, AnyCgroupManager, AnyManagerError, CgroupConfig,
+    CgroupManager, CgroupSetup, ControllerOpt, CreateCgroupSetupError,
 };
 use oci_spec::runtime::LinuxResources;
 
+use crate::helper::error_chain;
+
+/// The libcgroups variants' messages carry the whole chain: its top-level messages alone are
+/// vague.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("Cannot open the cgroup {path:?}: {reason}.")]
-    Open { path: PathBuf, reason: String },
-    #[error("Cannot read the statistics of cgroup {path:?}: {reason}.")]
-    Stats { path: PathBuf, reason: String },
-    #[error("Cannot apply resources to cgroup {path:?}: {reason}.")]
-    Apply { path: PathBuf, reason: String },
-    #[error("Cannot list the processes of cgroup {path:?}: {reason}.")]
-    Pids { path: PathBuf, reason: String },
+    #[error("Cannot open the cgroup {path:?}: {}.", error_chain(.source))]
+    Open { path: PathBuf, source: CreateCgroupSetupError },
+    #[error("Cannot read the statistics of cgroup {path:?}: {}.", error_chain(.source))]
+    Stats { path: PathBuf, source: AnyManagerError },
+    /// A cgroup v2 interface file, read directly (see `stats_v2`).
+    #[error("Cannot read the statistics of cgroup {path:?}: {source}.")]
+    StatsFile { path: PathBuf, source: std::io::Error },
+    #[error("Cannot apply resources to cgroup {path:?}: {}.", error_chain(.source))]
+    Apply { path: PathBuf, source: AnyManagerError },
+    #[error("Cannot list the processes of cgroup {path:?}: {}.", error_chain(.source))]
+    Pids { path: PathBuf, source: AnyManagerError },
 }
 
 fn manager(path: &Path, id: &str) -> Result<AnyCgroupManager, CgroupError> {
@@ -30,7 +37,7 @@ fn manager(path: &Path, id: &str) -> Result<AnyCgroupManager, CgroupError> {
         systemd_cgroup: false,
         container_name: id.to_string(),
     })
-    .map_err(|e| CgroupError::Open { path: path.into(), reason: crate::helper::error_chain(&e) })
+    .map_err(|source| CgroupError::Open { path: path.into(), source })
 }
 
 /// 2 for the unified hierarchy, 1 for v1 or hybrid.
@@ -47,7 +54,7 @@ pub fn stats(path: &Path, id: &str) -> Result<StatsContainerResponse, CgroupErro
     }
     let s = manager(path, id)?
         .stats()
-        .map_err(|e| CgroupError::Stats { path: path.into(), reason: crate::helper::error_chain(&e) })?;
+        .map_err(|source| CgroupError::Stats { path: path.into(), source })?;
     let io_bytes = |op: &str| -> u64 {
         s.blkio
             .service_bytes
@@ -83,7 +90,7 @@ fn stats_v2(path: &Path) -> Result<StatsContainerResponse, CgroupError> {
         if t.trim() == "max" { u64::MAX } else { t.trim().parse().unwrap_or(0) }
     };
     let cpu = std::fs::read_to_string(dir.join("cpu.stat"))
-        .map_err(|e| CgroupError::Stats { path: path.into(), reason: e.to_string() })?;
+        .map_err(|source| CgroupError::StatsFile { path: path.into(), source })?;
     let cpu_us = |key: &str| parse_counter(&cpu, key).unwrap_or(0).saturating_mul(1000);
     let io = read("io.stat");
     let io_sum = |key: &str| -> u64 {
@@ -115,13 +122,13 @@ pub fn update(path: &Path, id: &str, resources: &LinuxResources) -> Result<(), C
     };
     manager(path, id)?
         .apply(&opt)
-        .map_err(|e| CgroupError::Apply { path: path.into(), reason: crate::helper::error_chain(&e) })
+        .map_err(|source| CgroupError::Apply { path: path.into(), source })
 }
 
 pub fn pids(path: &Path, id: &str) -> Result<Vec<i32>, CgroupError> {
     let pids = manager(path, id)?
         .get_all_pids()
-        .map_err(|e| CgroupError::Pids { path: path.into(), reason: crate::helper::error_chain(&e) })?;
+        .map_err(|source| CgroupError::Pids { path: path.into(), source })?;
     Ok(pids.into_iter().map(|p| p.as_raw()).collect())
 }
 

@@ -26,8 +26,9 @@ pub enum ContainerError {
     BadSignal { signal: u32 },
     #[error("Cannot signal process {pid} of container {id}: {source}.")]
     Kill { id: String, pid: i32, source: nix::Error },
-    #[error("libcontainer cannot {op} container {id}: {reason}.")]
-    Libcontainer { id: String, op: &'static str, reason: String },
+    /// The message carries the whole chain: libcontainer's top-level messages alone are vague.
+    #[error("libcontainer cannot {op} container {id}: {}.", crate::helper::error_chain(.source))]
+    Libcontainer { id: String, op: &'static str, source: libcontainer::error::LibcontainerError },
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
@@ -106,13 +107,11 @@ impl Container {
     }
 
     fn libcontainer(&self, op: &'static str) -> Result<libcontainer::container::Container, ContainerError> {
-        libcontainer::container::Container::load(self.state_dir.clone()).map_err(|e| {
-            ContainerError::Libcontainer { id: self.id.clone(), op, reason: crate::helper::error_chain(&e) }
-        })
+        libcontainer::container::Container::load(self.state_dir.clone()).map_err(self.lc_err(op))
     }
 
     fn lc_err(&self, op: &'static str) -> impl Fn(libcontainer::error::LibcontainerError) -> ContainerError + '_ {
-        move |e| ContainerError::Libcontainer { id: self.id.clone(), op, reason: crate::helper::error_chain(&e) }
+        move |source| ContainerError::Libcontainer { id: self.id.clone(), op, source }
     }
 
     pub fn start(&self) -> Result<(), ContainerError> {

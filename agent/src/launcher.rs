@@ -39,9 +39,12 @@ pub enum LaunchError {
     BadReport { what: String, line: String },
     #[error("Cannot {what}: {reason}")]
     Failed { what: String, reason: String },
-    #[error("The terminal of {what} never arrived on the console socket: {reason}.")]
-    Console { what: String, reason: String },
+    #[error("The terminal of {what} never arrived on the console socket: {source}.")]
+    Console { what: String, source: BoxError },
 }
+
+/// The console socket fails in several ways (timeout, I/O, the message); any of them.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub struct Launched {
     pub pid: i32,
@@ -148,7 +151,7 @@ impl Launcher<'_> {
         if let Some((listener, path)) = console {
             let res = receive_pty(&listener).await;
             let _ = std::fs::remove_file(&path);
-            pending.tty = Some(res.map_err(|reason| LaunchError::Console { what: self.what.clone(), reason })?);
+            pending.tty = Some(res.map_err(|source| LaunchError::Console { what: self.what.clone(), source })?);
         }
         let _ = helper_exit.await;
         Ok(Launched { pid, stdio: pending })
@@ -156,23 +159,19 @@ impl Launcher<'_> {
 }
 
 /// Accepts libcontainer's connection on the console socket and receives the pty master.
-async fn receive_pty(listener: &UnixListener) -> Result<OwnedFd, String> {
+async fn receive_pty(listener: &UnixListener) -> Result<OwnedFd, BoxError> {
     let (stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
         .await
-        .map_err(|_| "no connection within 10 s".to_string())?
-        .map_err(|e| e.to_string())?;
-    let stream = stream.into_std().map_err(|e| e.to_string())?;
-    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    tokio::task::spawn_blocking(move || {
+        .map_err(|_| "no connection within 10 s")??;
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    tokio::task::spawn_blocking(move || -> Result<OwnedFd, BoxError> {
         let mut buf = [0u8; 1024];
         let mut iov = [IoSliceMut::new(&mut buf)];
         let mut space = nix::cmsg_space!([RawFd; 1]);
-        let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-            .map_err(|e| e.to_string())?;
-        for cmsg in msg.cmsgs().map_err(|e| e.to_string())? {
+        let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+        for cmsg in msg.cmsgs()? {
             if let ControlMessageOwned::ScmRights(fds) = cmsg {
                 if let Some(&fd) = fds.first() {
                     // SAFETY: the kernel just installed this descriptor for us via SCM_RIGHTS;
@@ -181,10 +180,9 @@ async fn receive_pty(listener: &UnixListener) -> Result<OwnedFd, String> {
                 }
             }
         }
-        Err("the message carried no descriptor".to_string())
+        Err("the message carried no descriptor".into())
     })
-    .await
-    .map_err(|e| e.to_string())?
+    .await?
 }
 
 /// The argument list of a helper command.

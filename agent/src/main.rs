@@ -69,8 +69,12 @@ enum Internal {
 enum MainError {
     #[error("The address {0:?} is neither vsock:PORT nor unix:PATH.")]
     BadAddress(String),
-    #[error("Cannot listen on {addr}: {reason}.")]
-    Listen { addr: String, reason: String },
+    #[error("Cannot listen on {addr}: {source}.")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("Cannot listen on {addr}: {source}.")]
+    Serve { addr: String, source: ttrpc::Error },
+    #[error("Cannot handle SIGTERM: {0}.")]
+    Sigterm(#[source] std::io::Error),
     #[error(transparent)]
     Reaper(#[from] reaper::ReaperError),
     #[error("Cannot find the agent's own executable: {0}.")]
@@ -174,9 +178,9 @@ async fn serve(cli: Cli, init_mode: bool) -> Result<(), MainError> {
     let agent = Agent::new(AgentConfig { state_dir: cli.state_dir.clone(), init_mode, exe }, reaper);
 
     let service = service::Service { agent: agent.clone() };
-    let listen_err = |addr: &Address, e: &dyn std::fmt::Display| MainError::Listen {
-        addr: format!("{addr:?}"),
-        reason: e.to_string(),
+    let serve_err = |addr: &Address| {
+        let addr = format!("{addr:?}");
+        move |source| MainError::Serve { addr, source }
     };
     for addr in [&api, &stdio_addr] {
         if let Address::Unix(p) = addr {
@@ -185,14 +189,15 @@ async fn serve(cli: Cli, init_mode: bool) -> Result<(), MainError> {
     }
     let mut server = ttrpc::r#async::Server::new()
         .bind(&api.ttrpc())
-        .map_err(|e| listen_err(&api, &e))?
+        .map_err(serve_err(&api))?
         .register_service(health_ttrpc::create_health(Arc::new(service.clone())))
         .register_service(agent_ttrpc::create_agent(Arc::new(service)));
-    spawn_stdio_listener(&stdio_addr, agent.clone()).map_err(|e| listen_err(&stdio_addr, &e))?;
-    server.start().await.map_err(|e| listen_err(&api, &e))?;
+    spawn_stdio_listener(&stdio_addr, agent.clone())
+        .map_err(|source| MainError::Listen { addr: format!("{stdio_addr:?}"), source })?;
+    server.start().await.map_err(serve_err(&api))?;
     tracing::info!(api = ?api, stdio = ?stdio_addr, init_mode, version = service::AGENT_VERSION, "agent ready");
 
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| listen_err(&api, &e))?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(MainError::Sigterm)?;
     tokio::select! {
         _ = agent.shutdown.notified() => {
             // Let the DestroySandbox reply leave before the listener goes.

@@ -17,7 +17,9 @@ use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
     #[error("Cannot talk netlink in the guest: {0}.")]
-    Netlink(String),
+    Connect(#[source] std::io::Error),
+    #[error("Cannot talk netlink in the guest: {0}.")]
+    Netlink(#[from] rtnetlink::Error),
     #[error("The interface {name} has an invalid MAC address {mac:?}.")]
     BadMac { name: String, mac: String },
     #[error("No guest NIC has the MAC address {mac} of the pod's interface {name} (the VM was started without it?).")]
@@ -28,14 +30,10 @@ pub enum NetworkError {
     BadAddress(String),
     #[error("The route {route:?} is not valid: {why}.")]
     BadRoute { route: String, why: String },
-    #[error("Cannot configure {what}: {error}.")]
-    Apply { what: String, error: String },
+    #[error("Cannot configure {what}: {source}.")]
+    Apply { what: String, source: rtnetlink::Error },
     #[error("Interfaces can only be configured by an agent that is the VM's init, not on a host.")]
     NotInit,
-}
-
-fn netlink(e: impl std::fmt::Display) -> NetworkError {
-    NetworkError::Netlink(e.to_string())
 }
 
 fn parse_mac(name: &str, mac: &str) -> Result<Vec<u8>, NetworkError> {
@@ -109,7 +107,7 @@ fn name_of(m: &LinkMessage) -> Option<&str> {
 /// Applies the pod's network in the agent's network namespace (the VM's).
 pub async fn apply(interfaces: &[Interface], routes: &[Route]) -> Result<(), NetworkError> {
     validate(interfaces, routes)?;
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(netlink)?;
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(NetworkError::Connect)?;
     let conn = tokio::spawn(conn);
     let r = apply_with(&handle, interfaces, routes).await;
     conn.abort();
@@ -117,8 +115,8 @@ pub async fn apply(interfaces: &[Interface], routes: &[Route]) -> Result<(), Net
 }
 
 async fn apply_with(handle: &Handle, interfaces: &[Interface], routes: &[Route]) -> Result<(), NetworkError> {
-    let apply_err = |what: String| move |e: rtnetlink::Error| NetworkError::Apply { what, error: e.to_string() };
-    let links: Vec<LinkMessage> = handle.link().get().execute().try_collect().await.map_err(netlink)?;
+    let apply_err = |what: String| move |source: rtnetlink::Error| NetworkError::Apply { what, source };
+    let links: Vec<LinkMessage> = handle.link().get().execute().try_collect().await?;
     if let Some(lo) = links.iter().find(|l| name_of(l) == Some("lo")) {
         handle.link().set(LinkUnspec::new_with_index(lo.header.index).up().build()).execute().await.map_err(apply_err("lo".into()))?;
     }
@@ -187,7 +185,7 @@ async fn apply_with(handle: &Handle, interfaces: &[Interface], routes: &[Route])
 async fn nic_with_mac(handle: &Handle, mac: &[u8]) -> Result<Option<u32>, NetworkError> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let links: Vec<LinkMessage> = handle.link().get().execute().try_collect().await.map_err(netlink)?;
+        let links: Vec<LinkMessage> = handle.link().get().execute().try_collect().await?;
         if let Some(l) = links.iter().find(|l| mac_of(l) == Some(mac)) {
             return Ok(Some(l.header.index));
         }

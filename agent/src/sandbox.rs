@@ -25,7 +25,9 @@ pub enum SandboxError {
     #[error("The hostname {0:?} is not valid (1 to 64 characters of letters, digits, '-', '.').")]
     BadHostname(String),
     #[error("Cannot start the sandbox namespace holder: {0}.")]
-    Holder(String),
+    Holder(#[source] std::io::Error),
+    #[error("Cannot start the sandbox namespace holder: it exited with status {status} before it was ready: {output}.")]
+    HolderNotReady { status: i32, output: String },
     #[error("Cannot write the sandbox's {path:?}: {source}.")]
     Write { path: PathBuf, source: std::io::Error },
 }
@@ -65,24 +67,24 @@ impl Sandbox {
         std::fs::write(&hosts, format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{hostname}\n"))
             .map_err(|source| SandboxError::Write { path: hosts.clone(), source })?;
 
-        let (ready_r, ready_w) = pipe().map_err(|e| SandboxError::Holder(e.to_string()))?;
+        let (ready_r, ready_w) = pipe().map_err(SandboxError::Holder)?;
         let mut cmd = std::process::Command::new(exe);
         cmd.args(["sandbox-holder", "--hostname", hostname]);
         if !init_mode {
             cmd.arg("--new-net");
         }
         cmd.stdin(std::process::Stdio::null()).stdout(ready_w).stderr(std::process::Stdio::inherit());
-        let child = cmd.spawn().map_err(|e| SandboxError::Holder(e.to_string()))?;
+        let child = cmd.spawn().map_err(SandboxError::Holder)?;
         drop(cmd);
         let pid = child.id() as i32;
         let exited = reaper.watch(pid);
         let mut line = String::new();
-        let mut reader = BufReader::new(AsyncFdStream::new(ready_r).map_err(|e| SandboxError::Holder(e.to_string()))?);
+        let mut reader = BufReader::new(AsyncFdStream::new(ready_r).map_err(SandboxError::Holder)?);
         let ok = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await;
         if !matches!(ok, Ok(Ok(_))) || line.trim() != "ready" {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             let status = exited.await.unwrap_or(-1);
-            return Err(SandboxError::Holder(format!("it exited with status {status} before it was ready: {}", line.trim())));
+            return Err(SandboxError::HolderNotReady { status, output: line.trim().into() });
         }
         // The holder is reaped by the reaper; its status is of no interest.
         drop(exited);
@@ -110,8 +112,7 @@ pub fn holder_main(hostname: &str, new_net: bool) -> i32 {
         flags |= CloneFlags::CLONE_NEWNET;
     }
     let setup = nix::sched::unshare(flags)
-        .and_then(|()| nix::unistd::sethostname(hostname))
-        .map_err(|e| e.to_string());
+        .and_then(|()| nix::unistd::sethostname(hostname));
     let mut out = std::io::stdout();
     match setup {
         Ok(()) => {

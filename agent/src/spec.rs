@@ -10,8 +10,8 @@ use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    #[error("The OCI spec of container {id} is malformed: {reason}.")]
-    Malformed { id: String, reason: String },
+    #[error("The OCI spec of container {id} is malformed: {source}.")]
+    Malformed { id: String, source: serde_json::Error },
     #[error("The OCI spec of container {id} has version {version}; hull-agent takes 1.x.")]
     Version { id: String, version: String },
     #[error("The OCI spec of container {id} has no process to run.")]
@@ -45,7 +45,7 @@ pub fn prepare_container_spec(
     sandbox: Option<&SandboxNamespaces>,
 ) -> Result<Spec, SpecError> {
     let mut spec: Spec = serde_json::from_str(json)
-        .map_err(|e| SpecError::Malformed { id: id.into(), reason: e.to_string() })?;
+        .map_err(|source| SpecError::Malformed { id: id.into(), source })?;
     if !spec.version().starts_with("1.") {
         return Err(SpecError::Version { id: id.into(), version: spec.version().clone() });
     }
@@ -103,7 +103,7 @@ pub fn prepare_container_spec(
 /// Parses and checks the process of an exec.
 pub fn prepare_exec_process(what: &str, json: &str) -> Result<Process, SpecError> {
     let process: Process = serde_json::from_str(json)
-        .map_err(|e| SpecError::Malformed { id: what.into(), reason: e.to_string() })?;
+        .map_err(|source| SpecError::Malformed { id: what.into(), source })?;
     check_process(&process, what)?;
     Ok(process)
 }

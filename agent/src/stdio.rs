@@ -29,8 +29,10 @@ pub enum StdioError {
     Read(#[source] std::io::Error),
     #[error(transparent)]
     Header(#[from] hull_proto::stdio::HeaderError),
-    #[error("{0}")]
-    Lookup(String),
+    #[error(transparent)]
+    Lookup(#[from] crate::agent::AgentError),
+    #[error(transparent)]
+    Stream(#[from] crate::process::ProcessError),
 }
 
 /// Serves one accepted connection until its stream ends.
@@ -105,10 +107,8 @@ where
         return Err(StdioError::HeaderTooLong);
     }
     let header = StreamHeader::parse(&String::from_utf8_lossy(&line))?;
-    let process = agent
-        .process(&header.container_id, &header.exec_id)
-        .map_err(|e| StdioError::Lookup(e.to_string()))?;
-    let fd = process.take_stream(header.kind).map_err(|e| StdioError::Lookup(e.to_string()))?;
+    let process = agent.process(&header.container_id, &header.exec_id)?;
+    let fd = process.take_stream(header.kind)?;
     Ok((header, process, fd))
 }
 

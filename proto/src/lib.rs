@@ -1,9 +1,11 @@
-//! hull's agent API: the messages and ttrpc services generated from `protos/`, and the header
-//! of the per-stream stdio connections.
+//! What both sides of hull's VM boundary agree on: the agent API (the messages and ttrpc
+//! services generated from `protos/`), the header of the per-stream stdio connections, and the
+//! hybrid vsock handshake; plus containerd's runtime options message the shim reads.
 
 #![allow(clippy::all)]
 
 /// Generated protobuf messages and ttrpc services.
+#[cfg(feature = "api")]
 #[allow(unknown_lints, clippy::all, dead_code, unused_imports, unused_results, unused_mut, missing_docs, nonstandard_style)]
 pub mod generated {
     pub mod agent {
@@ -18,10 +20,16 @@ pub mod generated {
     pub mod health_ttrpc {
         include!(concat!(env!("OUT_DIR"), "/health_ttrpc.rs"));
     }
+    /// containerd's `runtimeoptions.v1.Options` (the `options` of a runtime handler).
+    pub mod runtimeoptions {
+        include!(concat!(env!("OUT_DIR"), "/runtimeoptions.rs"));
+    }
 }
 
-pub use generated::{agent, agent_ttrpc, health, health_ttrpc};
+#[cfg(feature = "api")]
+pub use generated::{agent, agent_ttrpc, health, health_ttrpc, runtimeoptions};
 
+pub mod hvsock;
 pub mod stdio;
 
 /// Bumped on incompatible changes to the API or the stdio header.

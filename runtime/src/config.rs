@@ -126,9 +126,41 @@ impl Config {
     }
 }
 
+/// The `ConfigPath` of containerd's runtime options (`runtimeoptions.v1.Options`), from the
+/// serialized Any containerd writes to the shim's stdin at start.
+pub fn config_path_from_options(any_bytes: &[u8]) -> Option<PathBuf> {
+    use protobuf::Message;
+    let any = protobuf::well_known_types::any::Any::parse_from_bytes(any_bytes).ok()?;
+    config_path_from_any(&any)
+}
+
+/// The `ConfigPath` of the runtime options a Create carries.
+pub fn config_path_from_any(any: &protobuf::well_known_types::any::Any) -> Option<PathBuf> {
+    use protobuf::Message;
+    if !any.type_url.ends_with("runtimeoptions.v1.Options") {
+        return None;
+    }
+    let options = hull_proto::runtimeoptions::Options::parse_from_bytes(&any.value).ok()?;
+    Some(PathBuf::from(options.config_path)).filter(|p| !p.as_os_str().is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_path_comes_out_of_runtime_options() {
+        // runtimeoptions.v1.Options{type_url: "x", config_path: "/etc/hull/a.toml"}, as
+        // containerd encodes it (field 1 then field 2, length-delimited).
+        let mut value = vec![0x0a, 1, b'x', 0x12, 16];
+        value.extend(b"/etc/hull/a.toml");
+        let any = protobuf::well_known_types::any::Any { type_url: "runtimeoptions.v1.Options".into(), value, ..Default::default() };
+        assert_eq!(config_path_from_any(&any).as_deref(), Some(Path::new("/etc/hull/a.toml")));
+        let other = protobuf::well_known_types::any::Any { type_url: "containerd.runc.v1.Options".into(), ..Default::default() };
+        assert_eq!(config_path_from_any(&other), None);
+        assert_eq!(config_path_from_options(b"\xff\xff"), None);
+        assert_eq!(config_path_from_options(b""), None);
+    }
 
     #[test]
     fn every_key_parses_and_missing_keys_keep_their_defaults() {

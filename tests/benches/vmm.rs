@@ -14,8 +14,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hull_proto::stdio::StreamKind;
-use hull_runtime::vm::qemu::{share_storage, QemuConfig, QemuVm};
-use hull_runtime::vm::{detect_accel, Engine};
+use hull_runtime::host::Host;
+use hull_runtime::hypervisor::{Binaries, Engine, Share, Vm, VmDir, VmSpec};
+use hull_runtime::pod::share::{share_storage, FS_TAG};
 use hull_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -84,48 +85,51 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn config(dir: &std::path::Path, engine: Engine) -> QemuConfig {
+fn config() -> VmSpec {
     let guest = guest_image_dir();
-    QemuConfig {
-        qemu: "qemu-system-x86_64".into(),
-        vmm: binary("hull-vmm"),
+    VmSpec {
         kernel: guest.join("bzImage"),
         initramfs: guest.join("initramfs.cpio"),
         vcpus: 1,
         memory_mib: 128,
-        engine,
         guest_cid: 3,
-        workdir: dir.into(),
         cmdline_extra: vec![],
-        qemu_extra: vec![],
-        shared_dir: None,
+        vmm_extra: vec![],
+        share: None,
         nic: None,
     }
+}
+
+async fn start(spec: &VmSpec, dir: &std::path::Path, engine: Engine) -> Vm {
+    let hypervisor = engine.hypervisor(&Binaries { qemu: "qemu-system-x86_64".into(), vmm: binary("hull-vmm") });
+    Vm::start(hypervisor.as_ref(), spec, VmDir::new(dir)).await.expect("VM starts")
+}
+
+fn qemu_engine() -> Engine {
+    Engine::Qemu(Host::probe().qemu_accel().0)
 }
 
 /// RSS (MiB) of every process of a VM booted to its agent.
 async fn booted_rss(dir: &std::path::Path, engine: Engine) -> (f64, Duration) {
     let t = Instant::now();
-    let mut vm = QemuVm::start(config(dir, engine)).expect("VM starts");
+    let vm = start(&config(), dir, engine).await;
     vm.wait_for_agent(Duration::from_secs(1800)).await.expect("agent answers");
     let boot = t.elapsed();
     // Let the guest settle (the agent has just come up).
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut pids = vec![vm.qemu_pid()];
-    pids.extend(vm.backend_pids());
-    let kib: u64 = pids.iter().map(|&p| rss_kib(p)).sum();
-    vm.kill();
+    let kib: u64 = vm.pids().iter().map(|&p| rss_kib(p)).sum();
+    vm.kill().await;
     (kib as f64 / 1024.0, boot)
 }
 
 async fn vsock_throughput(dir: &std::path::Path) -> (f64, f64) {
     let rootfs = dir.join("rootfs");
     busybox_rootfs(&rootfs).expect("rootfs");
-    let mut cfg = config(&dir.join("vm"), Engine::Qemu(detect_accel().0));
-    std::fs::create_dir_all(&cfg.workdir).expect("workdir");
+    let mut cfg = config();
+    std::fs::create_dir_all(dir.join("vm")).expect("workdir");
     cfg.memory_mib = 256;
-    cfg.shared_dir = Some(rootfs);
-    let mut vm = QemuVm::start(cfg).expect("QEMU starts");
+    cfg.share = Some(Share { tag: FS_TAG.into(), dir: rootfs });
+    let vm = start(&cfg, &dir.join("vm"), qemu_engine()).await;
     let conn = vm.wait_for_agent(Duration::from_secs(120)).await.expect("agent");
     let mut req = hull_proto::agent::CreateSandboxRequest::new();
     req.sandbox_id = "bench".into();
@@ -169,7 +173,7 @@ async fn vsock_throughput(dir: &std::path::Path) -> (f64, f64) {
     let st = conn.wait("in", "").await.expect("wait");
     let in_rate = (MIB << 20) as f64 / 1e6 / t.elapsed().as_secs_f64();
     assert_eq!(st.exit_status, 0);
-    vm.kill();
+    vm.kill().await;
     (out_rate, in_rate)
 }
 
@@ -183,14 +187,14 @@ async fn main() {
     println!("hull-vmm process start -> first KVM_RUN: {:.1} ms (p50 of 20)", start_to_first_run(dir.path()));
 
     let (out_rate, in_rate) = vsock_throughput(dir.path()).await;
-    println!("vsock through the vhost-user backend (QEMU/{:?}), {MIB} MiB: guest->host {out_rate:.0} MB/s, host->guest {in_rate:.0} MB/s", detect_accel().0);
+    println!("vsock through the vhost-user backend (QEMU/{:?}), {MIB} MiB: guest->host {out_rate:.0} MB/s, host->guest {in_rate:.0} MB/s", Host::probe().qemu_accel().0);
 
     let q = dir.path().join("qemu");
     let b = dir.path().join("builtin");
     for d in [&q, &b] {
         std::fs::create_dir_all(d).expect("dir");
     }
-    let (qemu_rss, qemu_boot) = booted_rss(&q, Engine::Qemu(detect_accel().0)).await;
+    let (qemu_rss, qemu_boot) = booted_rss(&q, qemu_engine()).await;
     let (hull_rss, hull_boot) = booted_rss(&b, Engine::Builtin).await;
     println!(
         "RSS with the agent up, 128 MiB guest: hull-vmm {hull_rss:.1} MiB (boot {:.0} s), QEMU + backends {qemu_rss:.1} MiB (boot {:.1} s), hull/QEMU = {:.2}",

@@ -176,9 +176,9 @@ impl Drop for Containerd {
         let _ = Command::new("pkill").args(["-9", "-f", &format!("containerd-shim-hull-v2 -namespace {} ", self.namespace)]).status();
         let _ = Command::new("pkill").args(["-9", "-f", &format!("/run/hull/shim/{}/", self.namespace)]).status();
         std::thread::sleep(Duration::from_millis(100));
-        hull_runtime::shim::pod::umount_tree(&Path::new("/run/hull/shim").join(&self.namespace));
+        hull_runtime::pod::share::umount_tree(&Path::new(hull_runtime::pod::state::STATE_ROOT).join(&self.namespace));
         let _ = std::fs::remove_dir_all(Path::new("/run/hull/shim").join(&self.namespace));
-        hull_runtime::shim::pod::umount_tree(self.dir.path());
+        hull_runtime::pod::share::umount_tree(self.dir.path());
         for ns in cni_netns().into_iter().filter(|n| !self.netns_before.contains(n)) {
             let path = Path::new(NETNS_DIR).join(ns);
             let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);

@@ -11,7 +11,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-pub use hull_runtime::agent_client::{ctx, read_all, stdio, AgentConn, ClientError, RunOutput};
+pub use hull_runtime::agent::{ctx, read_all, stdio, AgentConn, ClientError, RunOutput};
 pub use hull_runtime::oci::{default_process as oci_process, default_spec};
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
@@ -195,6 +195,25 @@ impl Drop for TestAgent {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Polls `probe` every 10 ms until it gives a value or `limit` passes: a test waits for the
+/// condition itself, not for a guess of how long it takes.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = probe().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

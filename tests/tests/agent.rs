@@ -32,7 +32,8 @@ async fn signals_give_shell_exit_statuses() {
 
     // An exec'd process is not its pid namespace's init, so SIGTERM's default action applies.
     agent.exec(&id, "term", &oci_process(&["sleep", "1000"], false), stdio(false, false, false)).await.expect("exec");
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Signalled once it runs `sleep`, not while the process that starts it still runs.
+    sleeping(&agent, &id, 2).await;
     agent.signal(&id, "term", libc::SIGTERM, false).await.expect("SIGTERM");
     assert_eq!(agent.wait(&id, "term").await.expect("wait").exit_status, 143);
 
@@ -130,8 +131,8 @@ async fn pause_stops_the_counter_and_resume_restarts_it() {
             .unwrap_or(0)
     };
     let sleep = || tokio::time::sleep(std::time::Duration::from_millis(400));
-    sleep().await;
-    assert!(read() > 0, "the counter runs");
+    let running = eventually(std::time::Duration::from_secs(10), || async { (read() > 0).then_some(()) }).await;
+    assert!(running.is_some(), "the counter runs");
 
     let mut req = hull_proto::agent::PauseContainerRequest::new();
     req.container_id = id.clone();
@@ -144,8 +145,8 @@ async fn pause_stops_the_counter_and_resume_restarts_it() {
     let mut req = hull_proto::agent::ResumeContainerRequest::new();
     req.container_id = id.clone();
     agent.client.resume_container(ctx(), &req).await.expect("resume");
-    sleep().await;
-    assert!(read() > paused, "a resumed counter advances");
+    let advanced = eventually(std::time::Duration::from_secs(10), || async { (read() > paused).then_some(()) }).await;
+    assert!(advanced.is_some(), "a resumed counter advances");
     agent.remove(&id).await.expect("remove");
 }
 
@@ -196,7 +197,8 @@ async fn stats_processes_and_update() {
     let spec = agent.spec(&["sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 1000"]);
     agent.create(&id, &spec, stdio(false, false, false)).await.expect("create");
     agent.start(&id).await.expect("start");
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // The busy loop is over (and has used CPU) once `sleep 1000` runs.
+    sleeping(&agent, &id, 1).await;
 
     let mut req = hull_proto::agent::StatsContainerRequest::new();
     req.container_id = id.clone();
@@ -362,8 +364,8 @@ async fn bad_input_round(agent: &TestAgent, round: u32) {
     expect_err(agent.signal(&id, "", libc::SIGTERM, false).await.map(|_| 0), Code::FAILED_PRECONDITION, &["exited"]);
     agent.remove(&id).await.expect("remove");
 
-    // Nothing of any of that is left.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Nothing of any of that is left (the last processes are being reaped).
+    eventually(std::time::Duration::from_secs(5), || async { agent.children().is_empty().then_some(()) }).await;
     assert_eq!(agent.children(), Vec::<i32>::new(), "processes left");
     assert_eq!(agent.mounts(), Vec::<String>::new(), "mounts left");
     for id in [enoent.as_str(), eacces.as_str(), id.as_str(), "hooks", "norootfs", "bad-json"] {
@@ -535,4 +537,16 @@ async fn storages_are_mounted_for_the_container_and_gone_after_it() {
     assert!(msg.contains("/dev/nonexistent-disk") && msg.contains("ext4"), "{msg}");
     assert_eq!(agent.mounts(), Vec::<String>::new());
     assert!(!cgroup_exists(&bad));
+}
+
+/// Waits until `n` processes of container `id` run `sleep 1000`.
+async fn sleeping(agent: &TestAgent, id: &str, n: usize) {
+    let found = eventually(std::time::Duration::from_secs(10), || async {
+        let mut req = hull_proto::agent::ListProcessesRequest::new();
+        req.container_id = id.into();
+        let ps = agent.client.list_processes(ctx(), &req).await.ok()?;
+        (ps.processes.iter().filter(|p| p.command == "sleep 1000").count() >= n).then_some(())
+    })
+    .await;
+    assert!(found.is_some(), "{n} `sleep 1000` processes never ran in {id}");
 }

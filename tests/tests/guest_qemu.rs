@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use hull_runtime::vm::qemu::{share_storage, QemuConfig, QemuVm};
-use hull_runtime::vm::detect_accel;
+use hull_runtime::host::Host;
+use hull_runtime::hypervisor::{Binaries, Engine, Share, Vm, VmDir, VmSpec};
+use hull_runtime::pod::share::{share_storage, FS_TAG};
 use hull_proto::stdio::StreamKind;
 use hull_tests::*;
 
@@ -28,23 +29,30 @@ macro_rules! require_qemu {
     };
 }
 
-fn config(workdir: &std::path::Path) -> QemuConfig {
+fn config() -> VmSpec {
     let guest = guest_image_dir();
-    QemuConfig {
-        qemu: QEMU.into(),
-        vmm: binary("hull-vmm"),
+    VmSpec {
         kernel: guest.join("bzImage"),
         initramfs: guest.join("initramfs.cpio"),
         vcpus: 1,
         memory_mib: 256,
-        engine: hull_runtime::vm::Engine::Qemu(detect_accel().0),
         guest_cid: 3,
-        workdir: workdir.into(),
         cmdline_extra: vec![],
-        qemu_extra: vec![],
-        shared_dir: None,
+        vmm_extra: vec![],
+        share: None,
         nic: None,
     }
+}
+
+/// Starts `spec` under QEMU (KVM where the host's KVM runs a stock guest, else TCG) with its
+/// files in `dir`.
+async fn start(spec: &VmSpec, dir: &std::path::Path) -> Vm {
+    let qemu = Engine::Qemu(Host::probe().qemu_accel().0).hypervisor(&Binaries { qemu: QEMU.into(), vmm: binary("hull-vmm") });
+    Vm::start(qemu.as_ref(), spec, VmDir::new(dir)).await.expect("QEMU starts")
+}
+
+fn share(dir: &std::path::Path) -> Option<Share> {
+    Some(Share { tag: FS_TAG.into(), dir: dir.into() })
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -52,7 +60,7 @@ async fn guest_agent_answers_over_hull_vsock_and_destroy_powers_off() {
     require_qemu!();
     let dir = tempfile::tempdir().expect("tempdir");
     let started = Instant::now();
-    let mut vm = QemuVm::start(config(dir.path())).expect("QEMU starts");
+    let vm = start(&config(), dir.path()).await;
     let conn = vm.wait_for_agent(Duration::from_secs(90)).await.expect("agent answers");
     let ready = started.elapsed();
 
@@ -65,7 +73,7 @@ async fn guest_agent_answers_over_hull_vsock_and_destroy_powers_off() {
     assert!(details.init_mode, "the agent is PID 1");
     assert_eq!(details.cgroup_version, 2, "the guest mounts the unified hierarchy");
     assert_eq!(details.online_cpus, 1);
-    eprintln!("boot to agent ready: {:.2} s ({:?})", ready.as_secs_f64(), detect_accel());
+    eprintln!("boot to agent ready: {:.2} s ({:?})", ready.as_secs_f64(), Host::probe().qemu_accel());
 
     let mut req = hull_proto::agent::CreateSandboxRequest::new();
     req.sandbox_id = "pod1".into();
@@ -76,9 +84,9 @@ async fn guest_agent_answers_over_hull_vsock_and_destroy_powers_off() {
     req.timeout_secs = 1;
     conn.client.destroy_sandbox(ctx(), &req).await.expect("DestroySandbox");
     let status = vm.wait_exit(Duration::from_secs(30)).await.expect("the VM exits after DestroySandbox");
-    assert!(status.success(), "QEMU exit: {status:?}; console: {}", vm.console_text());
+    assert!(status.success(), "QEMU exit: {status:?}; console: {}", vm.console_tail());
     // The backend serves one VM and leaves with it.
-    let statuses = backends_exit(&mut vm).await;
+    let statuses = vm.backends_wait(Duration::from_secs(10)).await;
     assert!(statuses.iter().all(Option::is_some), "the vsock backend outlived its VM: {statuses:?}");
 }
 
@@ -108,14 +116,14 @@ async fn a_container_in_the_guest_and_64_mib_each_way_over_vsock() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = pseudo_random(64 << 20);
     let img = rootfs_disk(dir.path(), &data);
-    let mut cfg = config(dir.path());
-    cfg.qemu_extra = vec![
+    let mut cfg = config();
+    cfg.vmm_extra = vec![
         "-drive".into(),
         format!("file={},if=none,id=rootfs,format=raw,readonly=on", img.display()),
         "-device".into(),
         "virtio-blk-pci,drive=rootfs".into(),
     ];
-    let mut vm = QemuVm::start(cfg).expect("QEMU starts");
+    let vm = start(&cfg, dir.path()).await;
     let conn = vm.wait_for_agent(Duration::from_secs(90)).await.expect("agent answers");
     let mut req = hull_proto::agent::CreateSandboxRequest::new();
     req.sandbox_id = "pod-guest".into();
@@ -210,24 +218,15 @@ async fn a_container_in_the_guest_and_64_mib_each_way_over_vsock() {
 const SHARE_ROOT: &str = "/run/hull/shared";
 
 /// Boots a VM sharing `share` through hull's virtio-fs and creates sandbox `sandbox_id`.
-async fn boot_sharing(dir: &std::path::Path, share: &std::path::Path, sandbox_id: &str) -> (QemuVm, AgentConn) {
-    let mut cfg = config(dir);
-    cfg.shared_dir = Some(share.into());
-    let mut vm = QemuVm::start(cfg).expect("QEMU starts");
+async fn boot_sharing(dir: &std::path::Path, shared: &std::path::Path, sandbox_id: &str) -> (Vm, AgentConn) {
+    let mut cfg = config();
+    cfg.share = share(shared);
+    let vm = start(&cfg, dir).await;
     let conn = vm.wait_for_agent(Duration::from_secs(90)).await.expect("agent answers");
     let mut req = hull_proto::agent::CreateSandboxRequest::new();
     req.sandbox_id = sandbox_id.into();
     conn.client.create_sandbox(ctx(), &req).await.expect("CreateSandbox");
     (vm, conn)
-}
-
-/// Waits up to 10 s for every device backend to exit; returns how each did.
-async fn backends_exit(vm: &mut QemuVm) -> Vec<Option<std::process::ExitStatus>> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while vm.backends_exited().iter().any(Option::is_none) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    vm.backends_exited()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -239,7 +238,7 @@ async fn a_container_on_hull_virtio_fs_reads_and_writes_host_files() {
     busybox_rootfs(&share).expect("busybox rootfs");
     let data = pseudo_random(8 << 20);
     std::fs::write(share.join("data"), &data).expect("write data");
-    let (mut vm, conn) = boot_sharing(dir.path(), &share, "pod-fs").await;
+    let (vm, conn) = boot_sharing(dir.path(), &share, "pod-fs").await;
 
     let script = "cat /late; sha256sum /data; echo written by the guest > /note; mkdir /made; grep -c virtiofs /proc/mounts";
     conn.create_on("fs", &default_spec(&["sh", "-c", script], SHARE_ROOT), stdio(false, true, true), vec![share_storage(SHARE_ROOT)])
@@ -266,7 +265,7 @@ async fn a_container_on_hull_virtio_fs_reads_and_writes_host_files() {
     conn.client.destroy_sandbox(ctx(), &req).await.expect("DestroySandbox");
     let status = vm.wait_exit(Duration::from_secs(30)).await.expect("the VM exits");
     assert!(status.success(), "QEMU exit: {status:?}");
-    let statuses = backends_exit(&mut vm).await;
+    let statuses = vm.backends_wait(Duration::from_secs(10)).await;
     assert!(statuses.iter().all(|s| s.is_some_and(|s| s.success())), "{statuses:?}");
 }
 
@@ -277,7 +276,7 @@ async fn killing_the_guest_mid_transfer_ends_the_backends_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let share = dir.path().join("share");
     busybox_rootfs(&share).expect("busybox rootfs");
-    let (mut vm, conn) = boot_sharing(dir.path(), &share, "pod-kill").await;
+    let (vm, conn) = boot_sharing(dir.path(), &share, "pod-kill").await;
     // An endless stream: the guest reads through virtio-fs and writes through vsock.
     conn.create_on("flood", &default_spec(&["sh", "-c", "while true; do cat /bin/busybox; done"], SHARE_ROOT), stdio(false, true, false), vec![share_storage(SHARE_ROOT)])
         .await
@@ -290,7 +289,7 @@ async fn killing_the_guest_mid_transfer_ends_the_backends_cleanly() {
         got += out.read(&mut buf).await.expect("read");
     }
     // SIGKILL: the guest disappears mid-transfer.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(vm.qemu_pid() as i32), nix::sys::signal::Signal::SIGKILL).expect("kill QEMU");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(vm.vmm_pid() as i32), nix::sys::signal::Signal::SIGKILL).expect("kill QEMU");
     let drained = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match out.read(&mut buf).await {
@@ -302,7 +301,7 @@ async fn killing_the_guest_mid_transfer_ends_the_backends_cleanly() {
     .await;
     assert!(drained.is_ok(), "the host side of the stream must end when the guest dies");
     assert!(vm.wait_exit(Duration::from_secs(5)).await.is_some());
-    let statuses = backends_exit(&mut vm).await;
+    let statuses = vm.backends_wait(Duration::from_secs(10)).await;
     assert!(statuses.iter().all(Option::is_some), "every backend exits when its VM dies: {statuses:?}");
     for log in ["vhost-user-vsock.log", "vhost-user-fs.log"] {
         let text = std::fs::read_to_string(dir.path().join(log)).unwrap_or_default();
@@ -336,14 +335,14 @@ fn hull_run_image_runs_the_image_command() {
 }
 
 /// QEMU as the probe's host driver sees it.
-struct ProbeQemu(QemuVm);
+struct ProbeQemu(Vm);
 
 impl probe::ProbeVm for ProbeQemu {
     fn exited(&mut self) -> Option<String> {
-        self.0.qemu_exited().map(|st| if st.success() { "exit 0".into() } else { st.to_string() })
+        self.0.exited().map(|st| if st.success() { "exit 0".into() } else { st.to_string() })
     }
     fn console(&self) -> String {
-        std::fs::read_to_string(&self.0.console).unwrap_or_default()
+        std::fs::read_to_string(self.0.dir().console()).unwrap_or_default()
     }
 }
 
@@ -362,12 +361,12 @@ fn the_device_probe_under_qemu_through_hull_vhost_user_backends() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let files = probe::ProbeFiles::create(dir.path());
-    let mut cfg = config(dir.path());
+    let mut cfg = config();
     cfg.initramfs = probe::initramfs(dir.path());
     cfg.vcpus = 2;
-    cfg.shared_dir = Some(files.share.clone());
+    cfg.share = share(&files.share);
     // Fixed PCI slots so the read-only disk is vda.
-    cfg.qemu_extra = [
+    cfg.vmm_extra = [
         format!("-drive file={},if=none,id=ro,format=raw,readonly=on", files.ro.display()),
         "-device virtio-blk-pci,drive=ro,addr=0x10".into(),
         format!("-drive file={},if=none,id=rw,format=raw", files.rw.display()),
@@ -383,8 +382,10 @@ fn the_device_probe_under_qemu_through_hull_vhost_user_backends() {
     let uds = dir.path().join("vsock.sock");
     let guest_connects = probe::listen_for_guest(&uds);
     let started = Instant::now();
-    let mut vm = ProbeQemu(QemuVm::start(cfg).expect("QEMU starts"));
-    assert_eq!(vm.0.vsock_uds, uds, "the probe listens where the runtime puts the hybrid socket");
+    // The probe's host side is synchronous; the VM's processes are watched by this runtime.
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let mut vm = ProbeQemu(rt.block_on(start(&cfg, dir.path())));
+    assert_eq!(vm.0.dir().vsock(), uds, "the probe listens where the runtime puts the hybrid socket");
     let deadline = started + Duration::from_secs(180);
     probe::drive_vsock(&mut vm, &uds, &guest_connects, deadline);
     let how = probe::wait_exit(&mut vm, deadline);
@@ -393,11 +394,7 @@ fn the_device_probe_under_qemu_through_hull_vhost_user_backends() {
     assert_eq!(how, "exit 0", "QEMU must exit 0 when the guest reboots; console:\n{text}");
     probe::check_console(&text, 2);
     files.check();
-    let backend_deadline = Instant::now() + Duration::from_secs(10);
-    while vm.0.backends_exited().iter().any(Option::is_none) && Instant::now() < backend_deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let statuses = vm.0.backends_exited();
+    let statuses = rt.block_on(vm.0.backends_wait(Duration::from_secs(10)));
     assert_eq!(statuses.len(), 2, "vsock and fs backends");
     assert!(statuses.iter().all(|s| s.is_some_and(|s| s.success())), "the backends exit 0 with their VM: {statuses:?}");
 }

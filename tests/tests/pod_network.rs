@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use hull_runtime::network::{self, TAP_NAME};
+use hull_runtime::pod::network::{self, TAP_NAME};
 use hull_tests::require_prerequisites;
 
 fn sh(cmd: &str) -> String {
@@ -134,8 +134,8 @@ fn loopback_only_namespace_gives_no_nic() {
 
 /// The pod's network namespace as the shim recorded it.
 fn pod_netns(pod: &hull_tests::cri::Pod) -> std::path::PathBuf {
-    let f = hull_runtime::shim::pod_dir("k8s.io", &pod.id).join("netns");
-    std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{f:?}: {e}")).trim().into()
+    let dir = hull_runtime::pod::state::PodDir::new("k8s.io", &pod.id);
+    dir.netns().unwrap_or_else(|| panic!("{:?} records no network namespace", dir.path()))
 }
 
 fn in_netns(netns: &std::path::Path, cmd: &str) -> String {

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
-use crate::builder::Controller;
+use crate::running_vm::Controller;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -1,15 +1,19 @@
 //! hull-vmm: hull's KVM microVM monitor and its virtio devices.
 //!
-//! `arch/` lays out what the guest expects before its first instruction, `vstate/` holds the
-//! KVM VM and vCPUs, `builder` puts a VM together and runs it. Device logic lives in
-//! `devices/` and knows nothing of how it is wired: the same vsock device serves the
-//! in-process VMM and, as a vhost-user backend, QEMU.
+//! `config` says what a VM is made of; `builder` puts one together from it (`arch/` lays out
+//! what the guest expects before its first instruction, `vstate/` holds the KVM VM and vCPUs,
+//! `device_manager` wires the devices) and hands back a `running_vm::RunningVm`, which `api`
+//! controls. Device logic lives in `devices/` and knows nothing of how it is wired: the same
+//! devices serve the in-process VMM and, through `vhost_user`'s one generic backend, QEMU.
 
 pub mod api;
 pub mod arch;
 pub mod builder;
+pub mod config;
+pub mod device_manager;
 pub mod devices;
 pub mod fuzzing;
+pub mod running_vm;
 pub mod seccomp;
 pub mod vhost_user;
 pub mod vstate;

@@ -15,10 +15,10 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
-    #[error("Cannot build the {which} seccomp filter: {reason}.")]
-    Build { which: &'static str, reason: String },
+    #[error("Cannot build the {which} seccomp filter: {source}.")]
+    Build { which: &'static str, source: seccompiler::BackendError },
     #[error("Cannot install the seccomp filter: {0}.")]
-    Apply(String),
+    Apply(#[source] seccompiler::Error),
 }
 
 /// A compiled filter, ready to install on the calling thread.
@@ -30,7 +30,7 @@ pub struct Filter {
 
 impl Filter {
     pub fn apply(&self) -> Result<(), SeccompError> {
-        seccompiler::apply_filter(&self.program).map_err(|e| SeccompError::Apply(e.to_string()))?;
+        seccompiler::apply_filter(&self.program).map_err(SeccompError::Apply)?;
         tracing::debug!(filter = self.which, "seccomp filter installed");
         Ok(())
     }
@@ -42,7 +42,7 @@ impl Filter {
 
 fn compile(which: &'static str, syscalls: &[i64], mismatch: SeccompAction, matched: SeccompAction) -> Result<Filter, SeccompError> {
     let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = syscalls.iter().map(|&nr| (nr, Vec::new())).collect();
-    let err = |e: seccompiler::BackendError| SeccompError::Build { which, reason: e.to_string() };
+    let err = |source| SeccompError::Build { which, source };
     let filter = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64).map_err(err)?;
     let program = BpfProgram::try_from(filter).map_err(err)?;
     Ok(Filter { which, program })

@@ -106,6 +106,48 @@ fn tiny_guest_prints_reads_its_zero_page_and_reboots() {
     assert_eq!(text, "ok HZ\n");
 }
 
+/// Prints the whole command line (through the pointer at rsi+0x228) on COM1, then a newline,
+/// then resets through the i8042.
+fn cmdline_guest() -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    c.extend_from_slice(&[0x8b, 0x9e, 0x28, 0x02, 0x00, 0x00]); // mov ebx, [rsi+0x228]
+    c.extend_from_slice(&[0x8a, 0x03]); // L: mov al, [rbx]
+    c.extend_from_slice(&[0x84, 0xc0]); // test al, al
+    c.extend_from_slice(&[0x74, 0x06]); // jz done
+    c.push(0xee); // out dx, al
+    c.extend_from_slice(&[0x48, 0xff, 0xc3]); // inc rbx
+    c.extend_from_slice(&[0xeb, 0xf2]); // jmp L
+    c.extend_from_slice(&[0xb0, b'\n', 0xee]); // done: mov al, '\n'; out dx, al
+    c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe; out 0x64, al
+    c.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // hlt; jmp hlt
+    c
+}
+
+#[test]
+fn append_adds_words_after_the_command_line_and_its_default() {
+    require_kvm!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = write_kernel(dir.path(), &cmdline_guest());
+    let console = dir.path().join("console.log");
+    let boot = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_hull-vmm"))
+            .args(["boot", "--memory-mib", "64"])
+            .args(args)
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--console")
+            .arg(&console)
+            .output()
+            .expect("hull-vmm runs");
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        assert!(out.status.success(), "exit {:?}: {} console: {text:?}", out.status, String::from_utf8_lossy(&out.stderr));
+        text
+    };
+    assert_eq!(boot(&["--cmdline", "first"]), "first\n", "no --append: the command line as given");
+    assert_eq!(boot(&["--cmdline", "first", "--append", "two words", "--append", "last"]), "first two words last\n");
+    assert_eq!(boot(&["--append", "panic=-1"]), format!("{} panic=-1\n", hull_vmm::config::DEFAULT_CMDLINE));
+}
+
 #[test]
 fn triple_fault_ends_the_vm_with_the_exit_and_registers() {
     require_kvm!();
@@ -123,7 +165,7 @@ fn triple_fault_ends_the_vm_with_the_exit_and_registers() {
             Ok(())
         }
     }
-    let config = hull_vmm::builder::VmConfig {
+    let config = hull_vmm::config::VmConfig {
         kernel,
         initramfs: None,
         cmdline: "x".into(),
@@ -142,7 +184,7 @@ fn triple_fault_ends_the_vm_with_the_exit_and_registers() {
 fn missing_kernel_and_oversized_initramfs_are_named() {
     require_kvm!();
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = |kernel: PathBuf, initramfs: Option<PathBuf>| hull_vmm::builder::VmConfig {
+    let config = |kernel: PathBuf, initramfs: Option<PathBuf>| hull_vmm::config::VmConfig {
         kernel,
         initramfs,
         cmdline: "x".into(),

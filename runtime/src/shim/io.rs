@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::task::JoinHandle;
 
-use crate::agent_client::{AgentConn, ClientError};
+use crate::agent::{AgentConn, ClientError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
@@ -104,14 +104,11 @@ pub async fn connect(conn: &Arc<AgentConn>, id: &str, exec_id: &str, paths: &Std
         }
         if let Some(rx) = stdin {
             // A tty stream carries both directions, so stdin's end is told with CloseStdin.
-            let client = conn.client.clone();
+            let conn = conn.clone();
             let (id, exec_id) = (id.to_string(), exec_id.to_string());
             tokio::spawn(async move {
                 copy_in(rx, wr).await;
-                let mut req = hull_proto::agent::CloseStdinRequest::new();
-                req.container_id = id;
-                req.exec_id = exec_id;
-                let _ = client.close_stdin(crate::agent_client::ctx(), &req).await;
+                let _ = conn.close_stdin(&id, &exec_id).await;
             });
         }
     } else {

@@ -7,26 +7,22 @@
 //! and v3 are identical, so the same service is registered under both names, and `start`
 //! prints the address. (0.11 would speak v2 but needs ttrpc 0.9; the agent client is on 0.10.)
 
+pub mod container;
+mod delete;
+pub mod events;
 pub mod io;
-pub mod pod;
-pub mod service;
-pub mod spec;
+mod start;
+pub mod task;
 
-use std::io::{Read, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use containerd_shim::Flags;
-use containerd_shim_protos::protobuf::Message;
 
 pub const RUNTIME_ID: &str = "io.containerd.hull.v2";
-/// Per-pod state: the VM's work directory, the virtio-fs share, the pids `delete` cleans up.
-pub const STATE_ROOT: &str = "/run/hull/shim";
 /// The CRI annotations that group containers into a pod.
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
-pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
@@ -34,8 +30,10 @@ pub enum ShimError {
     Args(String),
     #[error("Unknown shim action {0:?} (expected start, delete, or none to serve).")]
     Action(String),
-    #[error("Cannot read the bundle's OCI spec {path:?}: {reason}.")]
-    Spec { path: PathBuf, reason: String },
+    #[error("Cannot read the bundle's OCI spec {path:?}: {source}.")]
+    ReadSpec { path: PathBuf, source: std::io::Error },
+    #[error("The bundle's OCI spec {path:?} is not valid JSON: {source}.")]
+    ParseSpec { path: PathBuf, source: serde_json::Error },
     #[error("Cannot start the shim daemon: {0}.")]
     Spawn(#[source] std::io::Error),
     #[error("The shim daemon exited before serving on {address}: {status}.")]
@@ -60,8 +58,8 @@ pub fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let result = match flags.action.as_str() {
-        "start" => start(&flags),
-        "delete" => delete(&flags),
+        "start" => start::start(&flags),
+        "delete" => delete::delete(&flags),
         "" => serve(flags),
         other => Err(ShimError::Action(other.into())),
     };
@@ -80,8 +78,8 @@ fn fail(e: ShimError) -> ExitCode {
 /// The bundle's OCI spec as JSON (the bundle is the working directory containerd gives us).
 pub fn read_bundle_spec(bundle: &Path) -> Result<serde_json::Value, ShimError> {
     let path = bundle.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| ShimError::Spec { path: path.clone(), reason: e.to_string() })?;
-    serde_json::from_str(&text).map_err(|e| ShimError::Spec { path, reason: e.to_string() })
+    let text = std::fs::read_to_string(&path).map_err(|source| ShimError::ReadSpec { path: path.clone(), source })?;
+    serde_json::from_str(&text).map_err(|source| ShimError::ParseSpec { path, source })
 }
 
 pub fn annotation<'a>(spec: &'a serde_json::Value, key: &str) -> Option<&'a str> {
@@ -91,95 +89,6 @@ pub fn annotation<'a>(spec: &'a serde_json::Value, key: &str) -> Option<&'a str>
 /// Which pod a container belongs to: the CRI sandbox id, else (ctr run) the container itself.
 pub fn pod_id(spec: &serde_json::Value, id: &str) -> String {
     annotation(spec, SANDBOX_ID_ANNOTATION).filter(|s| !s.is_empty()).unwrap_or(id).to_string()
-}
-
-pub fn pod_dir(namespace: &str, pod: &str) -> PathBuf {
-    Path::new(STATE_ROOT).join(namespace).join(pod)
-}
-
-/// `start`: find or spawn the pod's shim daemon and print its address.
-fn start(flags: &Flags) -> Result<(), ShimError> {
-    let bundle = std::env::current_dir().map_err(ShimError::Spawn)?;
-    let spec = read_bundle_spec(&bundle)?;
-    let pod = pod_id(&spec, &flags.id);
-    // containerd writes the runtime options (an Any) to stdin; ConfigPath travels on to the
-    // daemon as HULL_CONFIG.
-    let mut options = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut options);
-    let config_path = spec::config_path_from_options(&options);
-    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &pod);
-    let socket = address.trim_start_matches("unix://").to_string();
-    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-        // The pod's shim already runs: this container joins it.
-        return write_address(&bundle, &address);
-    }
-    let _ = std::fs::remove_file(&socket);
-    if let Some(dir) = Path::new(&socket).parent() {
-        std::fs::create_dir_all(dir).map_err(|source| ShimError::Write { path: dir.into(), source })?;
-    }
-    let exe = std::env::current_exe().map_err(ShimError::Spawn)?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["-namespace", &flags.namespace, "-id", &flags.id, "-address", &flags.address])
-        .args(["-publish-binary", &flags.publish_binary, "-socket", &address])
-        .current_dir(&bundle)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        // Its own process group: the daemon outlives a containerd restart.
-        .process_group(0);
-    if flags.debug {
-        cmd.arg("-debug");
-    }
-    if let Some(p) = config_path {
-        cmd.env(crate::config::ENV_PATH, p);
-    }
-    let mut child = cmd.spawn().map_err(ShimError::Spawn)?;
-    // The daemon closes its stdout once it serves (or when it dies).
-    let mut out = String::new();
-    if let Some(mut pipe) = child.stdout.take() {
-        let _ = pipe.read_to_string(&mut out);
-    }
-    if let Ok(Some(status)) = child.try_wait() {
-        return Err(ShimError::DaemonDied { address, status: status.to_string() });
-    }
-    if std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        let status = child.try_wait().ok().flatten().map(|s| s.to_string()).unwrap_or_else(|| "not serving".into());
-        return Err(ShimError::DaemonDied { address, status });
-    }
-    write_address(&bundle, &address)
-}
-
-fn write_address(bundle: &Path, address: &str) -> Result<(), ShimError> {
-    let path = bundle.join("address");
-    std::fs::write(&path, address).map_err(|source| ShimError::Write { path, source })?;
-    let mut stdout = std::io::stdout();
-    let _ = stdout.write_all(address.as_bytes());
-    let _ = stdout.flush();
-    Ok(())
-}
-
-/// `delete`: containerd calls this when the shim died; undo what the shim left for this
-/// container (and the whole pod when it is the pod's own container), then print a
-/// DeleteResponse.
-fn delete(flags: &Flags) -> Result<(), ShimError> {
-    let bundle = if flags.bundle.is_empty() { std::env::current_dir().map_err(ShimError::Spawn)? } else { PathBuf::from(&flags.bundle) };
-    let pod = read_bundle_spec(&bundle).map(|s| pod_id(&s, &flags.id)).unwrap_or_else(|_| flags.id.clone());
-    let dir = pod_dir(&flags.namespace, &pod);
-    pod::cleanup_container(&dir, &bundle, &flags.id);
-    if pod == flags.id {
-        pod::cleanup_pod(&dir);
-    }
-    let resp = containerd_shim_protos::api::DeleteResponse {
-        pid: 0,
-        exit_status: 137,
-        exited_at: Some(containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp::now()).into(),
-        ..Default::default()
-    };
-    let bytes = resp.write_to_bytes().map_err(|e| ShimError::Write { path: "stdout".into(), source: std::io::Error::other(e) })?;
-    let mut stdout = std::io::stdout();
-    let _ = stdout.write_all(&bytes);
-    let _ = stdout.flush();
-    Ok(())
 }
 
 /// The daemon: serve the task API until the pod is gone.
@@ -198,10 +107,10 @@ fn serve(flags: Flags) -> Result<(), ShimError> {
     rt.block_on(async move {
         let exit = Arc::new(tokio::sync::Notify::new());
         let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
-        let events = service::Events::start(&ttrpc_address, &flags.namespace).await;
+        let events = events::Events::start(&ttrpc_address, &flags.namespace).await;
         let socket_path = PathBuf::from(flags.socket.trim_start_matches("unix://"));
         let retired = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let svc = service::TaskService::new(flags.namespace.clone(), config, events, exit.clone(), socket_path.clone(), retired.clone());
+        let svc = task::TaskService::new(flags.namespace.clone(), config, events, exit.clone(), socket_path.clone(), retired.clone());
         let task: Arc<dyn containerd_shim_protos::shim_async::Task + Send + Sync> = Arc::new(svc);
         let mut services = containerd_shim_protos::shim_async::create_task(task.clone());
         if let Some(v3) = containerd_shim_protos::shim_async::create_task(task).remove("containerd.task.v3.Task") {

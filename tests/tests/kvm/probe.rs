@@ -75,7 +75,8 @@ fn linux_guest_uses_every_virtio_mmio_device_and_reboots() {
     let guest_connects = probe::listen_for_guest(&uds);
     let console = dir.path().join("console.log");
 
-    let cmdline = format!("{} {} loglevel=4", hull_vmm::builder::DEFAULT_CMDLINE, if hull_vmm::builder::host_kvm_is_pvm() { hull_vmm::builder::PVM_COMPAT_CMDLINE } else { "" });
+    let pvm = if hull_runtime::host::kvm_is_pvm() { hull_runtime::host::PVM_COMPAT_CMDLINE } else { "" };
+    let cmdline = format!("{} {pvm} loglevel=4", hull_vmm::config::DEFAULT_CMDLINE);
     let started = Instant::now();
     let child = Command::new(binary("hull-vmm"))
         .args(["boot", "--memory-mib", "256", "--cmdline", &cmdline, "--guest-cid", "3", "--rng"])

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use hull_vmm::config::{Devices, DiskConfig, NicConfig, ShareConfig, TapSource, VmConfig, VsockConfig, DEFAULT_CMDLINE};
 
 #[derive(Debug, Parser)]
 #[command(name = "hull-vmm", version, about = "hull's KVM microVM monitor and device backends")]
@@ -27,9 +28,15 @@ enum Cmd {
         kernel: PathBuf,
         #[arg(long)]
         initramfs: Option<PathBuf>,
-        /// The kernel command line.
-        #[arg(long, default_value = hull_vmm::builder::DEFAULT_CMDLINE)]
+        /// The kernel command line. The default is what hull-vmm's machine needs (console,
+        /// no PCI or ACPI, the i8042 as reset line); replace it only for a guest that is not
+        /// Linux, and give a Linux guest's own options with --append.
+        #[arg(long, default_value = DEFAULT_CMDLINE)]
         cmdline: String,
+        /// Words appended to the kernel command line after --cmdline, e.g.
+        /// `--append "panic=-1 loglevel=4"` (repeatable; one value may hold several words).
+        #[arg(long = "append", value_name = "WORDS", allow_hyphen_values = true)]
+        append: Vec<String>,
         #[arg(long, default_value_t = 1)]
         vcpus: u8,
         #[arg(long, default_value_t = 128)]
@@ -39,11 +46,11 @@ enum Cmd {
         console: PathBuf,
         /// A virtio block device: PATH[,ro][,id=ID] (repeatable; vda, vdb, ... in order).
         #[arg(long = "disk", value_parser = parse_disk)]
-        disks: Vec<hull_vmm::builder::DiskConfig>,
+        disks: Vec<DiskConfig>,
         /// A virtio-net device on a tap: tap=NAME,mac=MAC or fd=N,mac=MAC (an inherited tap fd
         /// opened with IFF_VNET_HDR).
         #[arg(long = "net", value_parser = parse_nic)]
-        nics: Vec<hull_vmm::builder::NicConfig>,
+        nics: Vec<NicConfig>,
         /// A hybrid vsock device whose host side is this unix socket.
         #[arg(long)]
         vsock_uds: Option<PathBuf>,
@@ -52,7 +59,7 @@ enum Cmd {
         guest_cid: u64,
         /// A virtio-fs share: TAG=DIR (repeatable; the guest mounts `-t virtiofs TAG`).
         #[arg(long = "share", value_parser = parse_share)]
-        shares: Vec<hull_vmm::builder::ShareConfig>,
+        shares: Vec<ShareConfig>,
         /// A virtio-rng device.
         #[arg(long)]
         rng: bool,
@@ -104,10 +111,29 @@ enum VhostUserCmd {
     },
 }
 
-fn parse_disk(s: &str) -> Result<hull_vmm::builder::DiskConfig, String> {
+/// Why a subcommand failed; printed as `hull-vmm: <error>`.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("Cannot create the console file {path:?}: {source}.")]
+    Console { path: PathBuf, source: std::io::Error },
+    #[error("Cannot start the API thread: {0}.")]
+    ApiThread(#[source] std::io::Error),
+    #[error(transparent)]
+    Api(#[from] hull_vmm::api::ApiError),
+    #[error(transparent)]
+    Boot(#[from] hull_vmm::builder::BootError),
+    #[error(transparent)]
+    Vcpu(#[from] hull_vmm::vstate::vcpu::VcpuError),
+    #[error(transparent)]
+    Seccomp(#[from] hull_vmm::seccomp::SeccompError),
+    #[error(transparent)]
+    VhostUser(#[from] hull_vmm::vhost_user::VhostUserError),
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     let mut parts = s.split(',');
     let path = parts.next().filter(|p| !p.is_empty()).ok_or("a disk needs a path")?;
-    let mut disk = hull_vmm::builder::DiskConfig { path: path.into(), read_only: false, id: String::new() };
+    let mut disk = DiskConfig { path: path.into(), read_only: false, id: String::new() };
     for opt in parts {
         match opt.split_once('=') {
             None if opt == "ro" => disk.read_only = true,
@@ -118,26 +144,37 @@ fn parse_disk(s: &str) -> Result<hull_vmm::builder::DiskConfig, String> {
     Ok(disk)
 }
 
-fn parse_nic(s: &str) -> Result<hull_vmm::builder::NicConfig, String> {
-    use hull_vmm::builder::TapSource;
+fn parse_nic(s: &str) -> Result<NicConfig, Box<dyn std::error::Error + Send + Sync>> {
     let (mut tap, mut mac) = (None, None);
     for opt in s.split(',') {
         match opt.split_once('=') {
             Some(("tap", name)) => tap = Some(TapSource::Name(name.into())),
             Some(("fd", n)) => tap = Some(TapSource::Fd(n.parse().map_err(|_| format!("{n:?} is not an fd number"))?)),
-            Some(("mac", m)) => mac = Some(hull_vmm::devices::virtio::net::parse_mac(m).map_err(|e| e.to_string())?),
-            _ => return Err(format!("unknown net option {opt:?} (tap=NAME or fd=N, mac=MAC)")),
+            Some(("mac", m)) => mac = Some(hull_vmm::devices::virtio::net::parse_mac(m)?),
+            _ => return Err(format!("unknown net option {opt:?} (tap=NAME or fd=N, mac=MAC)").into()),
         }
     }
     let tap = tap.ok_or("a net device needs tap=NAME or fd=N")?;
     // A locally administered address when none is given.
     let mac = mac.unwrap_or([0x02, 0x68, 0x75, 0x6c, 0x6c, 0x00]);
-    Ok(hull_vmm::builder::NicConfig { tap, mac })
+    Ok(NicConfig { tap, mac })
 }
 
-fn parse_share(s: &str) -> Result<hull_vmm::builder::ShareConfig, String> {
+fn parse_share(s: &str) -> Result<ShareConfig, String> {
     let (tag, dir) = s.split_once('=').ok_or("a share is TAG=DIR")?;
-    Ok(hull_vmm::builder::ShareConfig { tag: tag.into(), dir: dir.into() })
+    Ok(ShareConfig { tag: tag.into(), dir: dir.into() })
+}
+
+/// `cmdline` followed by the words of each `--append` value, one space apart.
+fn kernel_cmdline(cmdline: String, append: &[String]) -> String {
+    let mut line = cmdline;
+    for word in append.iter().flat_map(|a| a.split_whitespace()) {
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    line
 }
 
 struct BootArgs {
@@ -147,23 +184,23 @@ struct BootArgs {
     vcpus: u8,
     memory_mib: u64,
     console: PathBuf,
-    devices: hull_vmm::builder::Devices,
+    devices: Devices,
     seccomp: bool,
     api_socket: Option<PathBuf>,
 }
 
-fn boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp, api_socket }: BootArgs) -> Result<(), String> {
+fn boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp, api_socket }: BootArgs) -> Result<(), CliError> {
     let console: Box<dyn std::io::Write + Send> = if console.as_os_str() == "-" {
         Box::new(std::io::stdout())
     } else {
-        Box::new(std::fs::File::create(&console).map_err(|e| format!("Cannot create the console file {console:?}: {e}."))?)
+        Box::new(std::fs::File::create(&console).map_err(|source| CliError::Console { path: console.clone(), source })?)
     };
-    let config = hull_vmm::builder::VmConfig { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp };
-    let listener = api_socket.as_deref().map(hull_vmm::api::bind).transpose().map_err(|e| e.to_string())?;
-    let vm = hull_vmm::builder::start(config).map_err(|e| e.to_string())?;
+    let config = VmConfig { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp };
+    let listener = api_socket.as_deref().map(hull_vmm::api::bind).transpose()?;
+    let vm = hull_vmm::builder::start(config)?;
     if let Some(listener) = listener {
         let controller = vm.controller();
-        let filter = if seccomp { Some(hull_vmm::seccomp::api_thread().map_err(|e| e.to_string())?) } else { None };
+        let filter = if seccomp { Some(hull_vmm::seccomp::api_thread()?) } else { None };
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
@@ -173,13 +210,13 @@ fn boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devic
                 }
                 hull_vmm::api::serve(listener, controller)
             })
-            .map_err(|e| format!("Cannot start the API thread: {e}."))?;
+            .map_err(CliError::ApiThread)?;
     }
     if seccomp {
         // Everything this thread still does is waiting for the VM's end and tearing it down.
-        hull_vmm::seccomp::main_thread().and_then(|f| f.apply()).map_err(|e| e.to_string())?;
+        hull_vmm::seccomp::main_thread().and_then(|f| f.apply())?;
     }
-    let exit = vm.wait().map_err(|e| e.to_string())?;
+    let exit = vm.wait()?;
     tracing::info!(?exit, "the guest ended the VM");
     Ok(())
 }
@@ -192,18 +229,15 @@ fn main() -> ExitCode {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     let result = match cli.cmd {
-        Cmd::Boot { kernel, initramfs, cmdline, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, shares, rng, no_seccomp, api_socket } => {
-            let vsock = vsock_uds.map(|uds| hull_vmm::builder::VsockConfig { guest_cid, uds });
-            let devices = hull_vmm::builder::Devices { disks, nics, vsock, shares, rng };
+        Cmd::Boot { kernel, initramfs, cmdline, append, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, shares, rng, no_seccomp, api_socket } => {
+            let vsock = vsock_uds.map(|uds| VsockConfig { guest_cid, uds });
+            let devices = Devices { disks, nics, vsock, shares, rng };
+            let cmdline = kernel_cmdline(cmdline, &append);
             boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp: !no_seccomp, api_socket })
         }
-        Cmd::Ctl { api_socket, request } => hull_vmm::api::request(&api_socket, &request).map(|reply| println!("{reply}")).map_err(|e| e.to_string()),
-        Cmd::VhostUser(VhostUserCmd::Vsock { socket, uds, guest_cid }) => {
-            hull_vmm::vhost_user::vsock::serve(&socket, &uds, guest_cid).map_err(|e| e.to_string())
-        }
-        Cmd::VhostUser(VhostUserCmd::Fs { socket, shared_dir, tag }) => {
-            hull_vmm::vhost_user::fs::serve(&socket, &shared_dir, &tag).map_err(|e| e.to_string())
-        }
+        Cmd::Ctl { api_socket, request } => hull_vmm::api::request(&api_socket, &request).map(|reply| println!("{reply}")).map_err(CliError::from),
+        Cmd::VhostUser(VhostUserCmd::Vsock { socket, uds, guest_cid }) => hull_vmm::vhost_user::serve_vsock(&socket, &uds, guest_cid).map_err(CliError::from),
+        Cmd::VhostUser(VhostUserCmd::Fs { socket, shared_dir, tag }) => hull_vmm::vhost_user::serve_fs(&socket, &shared_dir, &tag).map_err(CliError::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,12 +1,25 @@
-//! hull's devices as vhost-user backends, for QEMU (`vhost-user-vsock-pci`, `vhost-user-fs-pci`): the same
-//! device logic the in-process VMM uses, behind the vhost-user protocol.
+//! hull's devices as vhost-user backends, for QEMU (`vhost-user-vsock-pci`, `vhost-user-fs-pci`):
+//! the same `VirtioDevice`s the in-process VMM drives, behind one generic backend
+//! (`DeviceBackend`) that speaks the vhost-user protocol. Serving another device is one more
+//! `serve_*` here.
 
-pub mod fs;
-pub mod vsock;
+mod backend;
+
+pub use backend::{ConfigSpace, DeviceBackend};
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost_user_backend::VhostUserDaemon;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::devices::virtio::fs::FsDevice;
+use crate::devices::virtio::vsock::VsockDevice;
+use crate::devices::virtio::VirtioDevice;
 
 /// The virtio features every hull backend offers: virtio 1.0, and vhost-user protocol features
 /// (EVENT_IDX is not offered: every used buffer is signalled).
@@ -17,7 +30,7 @@ pub struct ExitEvent(EventConsumer, EventNotifier);
 
 impl ExitEvent {
     pub fn new() -> Result<ExitEvent, VhostUserError> {
-        let (c, n) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(|e| VhostUserError::Daemon(e.to_string()))?;
+        let (c, n) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(VhostUserError::ExitEvent)?;
         Ok(ExitEvent(c, n))
     }
 
@@ -27,6 +40,8 @@ impl ExitEvent {
     }
 }
 
+/// Why a backend could not serve. The vhost-user library's errors implement no
+/// `std::error::Error`, so they are kept as values, not as sources.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
     #[error(transparent)]
@@ -34,9 +49,60 @@ pub enum VhostUserError {
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     #[error("Cannot create the vhost-user daemon: {0}.")]
-    Daemon(String),
+    ExitEvent(#[source] std::io::Error),
+    #[error("Cannot create the vhost-user daemon: {0}.")]
+    Daemon(vhost_user_backend::Error),
     #[error("Cannot watch the device's host sockets: {0}.")]
     Register(#[source] std::io::Error),
-    #[error("The vhost-user connection on {socket:?} failed: {reason}.")]
-    Serve { socket: std::path::PathBuf, reason: String },
+    #[error("The vhost-user connection on {socket:?} failed: {error}.")]
+    Serve { socket: std::path::PathBuf, error: vhost_user_backend::Error },
+}
+
+/// A vhost-user daemon serving one device, its host fds watched; `serve` waits for QEMU.
+pub struct DeviceDaemon<D: VirtioDevice + Sync + 'static> {
+    daemon: VhostUserDaemon<Arc<RwLock<DeviceBackend<D>>>>,
+}
+
+impl<D: VirtioDevice + Sync + 'static> DeviceDaemon<D> {
+    /// `name` names the daemon's threads.
+    pub fn new(name: &str, device: D, config_space: ConfigSpace) -> Result<DeviceDaemon<D>, VhostUserError> {
+        let backend = DeviceBackend::new(device, config_space)?;
+        let (host_events, edge_triggered) = backend.host_events();
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let daemon = VhostUserDaemon::new(name.into(), Arc::new(RwLock::new(backend)), mem).map_err(VhostUserError::Daemon)?;
+        let events = if edge_triggered { EventSet::IN | EventSet::EDGE_TRIGGERED } else { EventSet::IN };
+        for handler in daemon.get_epoll_handlers() {
+            for &(fd, id) in &host_events {
+                handler.register_listener(fd, events, u64::from(id)).map_err(VhostUserError::Register)?;
+            }
+        }
+        Ok(DeviceDaemon { daemon })
+    }
+
+    /// Serves one vhost-user connection (one VM) on `socket` until the VM goes away.
+    pub fn serve(mut self, socket: &Path) -> Result<(), VhostUserError> {
+        self.daemon.serve(socket).map_err(|error| VhostUserError::Serve { socket: socket.into(), error })
+    }
+}
+
+/// Serves the vsock device, its hybrid host side on `uds`, on `socket` until the VM goes away.
+pub fn serve_vsock(socket: &Path, uds: &Path, guest_cid: u64) -> Result<(), VhostUserError> {
+    let device = VsockDevice::new(guest_cid, uds)?;
+    // QEMU's vhost-user-vsock-pci reads the guest CID from the backend.
+    let config_space = ConfigSpace::FromBackend { len: device.config().len() };
+    let daemon = DeviceDaemon::new("hull-vsock", device, config_space)?;
+    tracing::info!(socket = ?socket, uds = ?uds, guest_cid, "vhost-user vsock backend listening");
+    daemon.serve(socket)?;
+    tracing::info!(socket = ?socket, "vhost-user vsock backend: the VM disconnected");
+    Ok(())
+}
+
+/// Serves a virtio-fs device sharing `shared_dir` on `socket` until the VM goes away. The tag
+/// is for the log: QEMU's `vhost-user-fs-pci,tag=...` tells the guest.
+pub fn serve_fs(socket: &Path, shared_dir: &Path, tag: &str) -> Result<(), VhostUserError> {
+    let daemon = DeviceDaemon::new("hull-fs", FsDevice::new(shared_dir, tag)?, ConfigSpace::FromFrontend)?;
+    tracing::info!(socket = ?socket, shared_dir = ?shared_dir, tag, "vhost-user fs backend listening");
+    daemon.serve(socket)?;
+    tracing::info!(socket = ?socket, "vhost-user fs backend: the VM disconnected");
+    Ok(())
 }

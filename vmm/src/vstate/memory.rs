@@ -4,11 +4,11 @@ use vm_memory::GuestMemoryMmap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("Cannot map {mib} MiB of guest memory: {reason}.")]
-    Map { mib: u64, reason: String },
+    #[error("Cannot map {mib} MiB of guest memory: {source}.")]
+    Map { mib: u64, source: vm_memory::mmap::FromRangesError },
 }
 
 pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let regions = crate::arch::x86_64::memory_regions(mib << 20);
-    GuestMemoryMmap::from_ranges(&regions).map_err(|e| MemoryError::Map { mib, reason: e.to_string() })
+    GuestMemoryMmap::from_ranges(&regions).map_err(|source| MemoryError::Map { mib, source })
 }

@@ -20,8 +20,8 @@ pub enum VcpuError {
     Ioctl { id: u8, what: &'static str, source: kvm_ioctls::Error },
     #[error("Cannot set up vCPU {id}: {source}")]
     Regs { id: u8, source: regs::RegsError },
-    #[error("vCPU {id} cannot install its seccomp filter: {reason}")]
-    Seccomp { id: u8, reason: String },
+    #[error("vCPU {id} cannot install its seccomp filter: {source}")]
+    Seccomp { id: u8, source: crate::seccomp::SeccompError },
     #[error("vCPU {id} stopped the VM on a {exit} exit; {regs}")]
     Exit { id: u8, exit: String, regs: String },
 }

@@ -10,7 +10,7 @@ use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("Cannot open /dev/kvm: {0}.")]
-    Open(kvm_ioctls::Error),
+    Open(#[source] kvm_ioctls::Error),
     #[error("/dev/kvm speaks API version {0}, not 12.")]
     ApiVersion(i32),
     #[error("KVM on this host lacks {0:?}, which hull-vmm needs.")]

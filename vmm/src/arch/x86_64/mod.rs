@@ -44,7 +44,7 @@ pub enum ArchError {
     #[error("The initramfs ({size} bytes) does not fit in guest memory between the kernel's end ({kernel_end:#x}) and {top:#x}.")]
     InitramfsTooLarge { size: u64, kernel_end: u64, top: u64 },
     #[error("Cannot write the boot parameters into guest memory: {0}.")]
-    BootParams(String),
+    BootParams(#[source] linux_loader::configurator::Error),
 }
 
 /// The guest RAM regions for `mem_bytes` of memory: below the MMIO gap, and the rest above
@@ -116,7 +116,7 @@ pub fn configure_system(
     }
     params.e820_entries = map.len() as u8;
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)), mem)
-        .map_err(|e| ArchError::BootParams(e.to_string()))
+        .map_err(ArchError::BootParams)
 }
 
 #[cfg(test)]

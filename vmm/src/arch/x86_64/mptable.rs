@@ -34,7 +34,7 @@ pub enum MpTableError {
     #[error("An MP table cannot describe {0} vCPUs (at most 254).")]
     TooManyCpus(u8),
     #[error("Cannot write the MP table into guest memory: {0}.")]
-    Write(String),
+    Write(#[source] vm_memory::GuestMemoryError),
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
@@ -104,7 +104,7 @@ pub fn build(cpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
 /// Writes the table at the start of the EBDA.
 pub fn setup(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), MpTableError> {
     let bytes = build(cpus, EBDA_START)?;
-    mem.write_slice(&bytes, GuestAddress(EBDA_START)).map_err(|e| MpTableError::Write(e.to_string()))
+    mem.write_slice(&bytes, GuestAddress(EBDA_START)).map_err(MpTableError::Write)
 }
 
 #[cfg(test)]

@@ -1,26 +1,21 @@
 //! What a virtio device is to its transport: a type, queues, features, a config space, and a
 //! function that serves the queues when the guest or the host side has something for it.
 //!
-//! The vhost-user backends (`crate::vhost_user`) call the devices' own queue functions; the
-//! in-process VMM reaches them through this trait, from the virtio-mmio transport's worker.
+//! Both transports reach devices through this trait only: the in-process VMM from the
+//! virtio-mmio transport's worker, QEMU through the generic vhost-user backend
+//! (`crate::vhost_user::DeviceBackend`).
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-/// Device ids (virtio 1.2, 5).
-pub const TYPE_NET: u32 = 1;
-pub const TYPE_BLOCK: u32 = 2;
-pub const TYPE_RNG: u32 = 4;
-pub const TYPE_VSOCK: u32 = 19;
-pub const TYPE_FS: u32 = 26;
-
-/// Feature bits every device offers.
-pub const F_VERSION_1: u64 = 1 << 32;
+/// The feature every device offers (as a mask of the feature bit virtio_bindings numbers).
+pub const F_VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
 
 /// Why the device's worker woke up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +27,7 @@ pub enum DeviceEvent {
 }
 
 pub trait VirtioDevice: Send {
+    /// The device id (virtio 1.2, 5): one of virtio_bindings' `virtio_ids::VIRTIO_ID_*`.
     fn device_type(&self) -> u32;
     /// The largest size of each queue; its length is the number of queues.
     fn queue_max_sizes(&self) -> Vec<u16>;
@@ -57,15 +53,13 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) {}
 }
 
-/// The device's interrupt: the virtio-mmio interrupt status bits and an irqfd KVM injects.
+/// The device's interrupt: the virtio-mmio interrupt status bits (virtio_bindings'
+/// `VIRTIO_MMIO_INT_VRING` and `VIRTIO_MMIO_INT_CONFIG`) and an irqfd KVM injects.
 #[derive(Clone)]
 pub struct InterruptLine {
     pub status: Arc<AtomicU32>,
     irqfd: Arc<EventFd>,
 }
-
-pub const INT_USED_RING: u32 = 1;
-pub const INT_CONFIG: u32 = 2;
 
 impl InterruptLine {
     pub fn new(irqfd: EventFd) -> InterruptLine {

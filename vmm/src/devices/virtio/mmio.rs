@@ -2,16 +2,24 @@
 //! driver programs to negotiate features and place the queues. On DRIVER_OK the queues go to a
 //! worker thread that serves the device; queue notifications arrive on eventfds (KVM signals
 //! them directly when they are registered as ioeventfds on QueueNotify) and the device's
-//! interrupt is an irqfd. The transport knows nothing of KVM: the builder does the wiring.
+//! interrupt is an irqfd. The transport knows nothing of KVM: `device_manager` does the wiring.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET};
+use virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_CONFIG_GENERATION, VIRTIO_MMIO_DEVICE_FEATURES, VIRTIO_MMIO_DEVICE_FEATURES_SEL, VIRTIO_MMIO_DEVICE_ID,
+    VIRTIO_MMIO_DRIVER_FEATURES, VIRTIO_MMIO_DRIVER_FEATURES_SEL, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS, VIRTIO_MMIO_INT_CONFIG,
+    VIRTIO_MMIO_MAGIC_VALUE, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, VIRTIO_MMIO_QUEUE_AVAIL_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH, VIRTIO_MMIO_QUEUE_DESC_LOW,
+    VIRTIO_MMIO_QUEUE_NOTIFY, VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_NUM_MAX, VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_QUEUE_SEL,
+    VIRTIO_MMIO_QUEUE_USED_HIGH, VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VENDOR_ID, VIRTIO_MMIO_VERSION,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{InterruptLine, VirtioDevice, F_VERSION_1, INT_CONFIG};
+use super::device::{InterruptLine, VirtioDevice, F_VERSION_1};
 use super::worker::{Worker, WorkerError, WorkerSetup};
 
 /// One page per device.
@@ -21,48 +29,15 @@ const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x6c6c_7568; // "hull"
 
-pub mod regs {
-    pub const MAGIC: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const VENDOR_ID: u64 = 0x00c;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    pub const CONFIG: u64 = 0x100;
-}
-
-/// Device status bits (virtio 1.2, 2.1).
-pub mod status {
-    pub const ACKNOWLEDGE: u32 = 1;
-    pub const DRIVER: u32 = 2;
-    pub const DRIVER_OK: u32 = 4;
-    pub const FEATURES_OK: u32 = 8;
-    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
-    pub const FAILED: u32 = 0x80;
-}
+/// Where the device's config space starts in its page (virtio_bindings' `VIRTIO_MMIO_CONFIG`);
+/// the registers (virtio_bindings' `VIRTIO_MMIO_*` offsets) lie below it.
+const CONFIG: u64 = VIRTIO_MMIO_CONFIG as u64;
 
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
     mem: GuestMemoryMmap,
     interrupt: InterruptLine,
-    /// One per queue; registered as ioeventfds by the builder.
+    /// One per queue; registered as ioeventfds by `device_manager`.
     queue_evts: Vec<EventFd>,
     queues: Vec<Queue>,
     device_features_sel: u32,
@@ -80,7 +55,7 @@ pub struct MmioTransport {
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
     #[error("Cannot create a queue eventfd: {0}.")]
-    EventFd(std::io::Error),
+    EventFd(#[source] std::io::Error),
     #[error("The device offers a queue of size {0}, which virtio does not allow.")]
     QueueSize(u16),
     #[error("Cannot start the device's worker: {0}.")]
@@ -149,31 +124,32 @@ impl MmioTransport {
 
     /// Queue registers may change only before DRIVER_OK (virtio 1.2, 4.2.3.2).
     fn configuring(&self) -> bool {
-        self.status & status::DRIVER_OK == 0 && self.status & status::FAILED == 0
+        self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 && self.status & VIRTIO_CONFIG_S_FAILED == 0
     }
 
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= regs::CONFIG {
-            lock(&self.device).read_config(offset - regs::CONFIG, data);
+        if offset >= CONFIG {
+            lock(&self.device).read_config(offset - CONFIG, data);
             return;
         }
         // Registers are 32-bit; other widths read as zero (the spec makes them undefined).
+        // Below CONFIG the offset fits a u32, the type of virtio_bindings' offsets.
         let value = if data.len() == 4 {
-            match offset {
-                regs::MAGIC => MAGIC,
-                regs::VERSION => VERSION,
-                regs::DEVICE_ID => lock(&self.device).device_type(),
-                regs::VENDOR_ID => VENDOR_ID,
-                regs::DEVICE_FEATURES => match self.device_features_sel {
+            match offset as u32 {
+                VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+                VIRTIO_MMIO_VERSION => VERSION,
+                VIRTIO_MMIO_DEVICE_ID => lock(&self.device).device_type(),
+                VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+                VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
                     0 => self.features() as u32,
                     1 => (self.features() >> 32) as u32,
                     _ => 0,
                 },
-                regs::QUEUE_NUM_MAX => self.queues.get(self.queue_sel as usize).map_or(0, |q| u32::from(q.max_size())),
-                regs::QUEUE_READY => self.queues.get(self.queue_sel as usize).map_or(0, |q| u32::from(q.ready())),
-                regs::INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
-                regs::STATUS => self.status,
-                regs::CONFIG_GENERATION => self.config_generation,
+                VIRTIO_MMIO_QUEUE_NUM_MAX => self.queues.get(self.queue_sel as usize).map_or(0, |q| u32::from(q.max_size())),
+                VIRTIO_MMIO_QUEUE_READY => self.queues.get(self.queue_sel as usize).map_or(0, |q| u32::from(q.ready())),
+                VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
+                VIRTIO_MMIO_STATUS => self.status,
+                VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
                 _ => 0,
             }
         } else {
@@ -186,8 +162,8 @@ impl MmioTransport {
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset >= regs::CONFIG {
-            lock(&self.device).write_config(offset - regs::CONFIG, data);
+        if offset >= CONFIG {
+            lock(&self.device).write_config(offset - CONFIG, data);
             self.config_generation = self.config_generation.wrapping_add(1);
             return;
         }
@@ -197,43 +173,44 @@ impl MmioTransport {
         };
         let v = u32::from_le_bytes(bytes);
         let configuring = self.configuring();
-        match offset {
-            regs::DEVICE_FEATURES_SEL => self.device_features_sel = v,
-            regs::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            regs::DRIVER_FEATURES if self.status & status::FEATURES_OK == 0 => match self.driver_features_sel {
+        // Below CONFIG the offset fits a u32, the type of virtio_bindings' offsets.
+        match offset as u32 {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 => match self.driver_features_sel {
                 0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
                 1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
                 _ => {}
             },
-            regs::QUEUE_SEL => self.queue_sel = v,
-            regs::QUEUE_NUM if configuring => {
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            VIRTIO_MMIO_QUEUE_NUM if configuring => {
                 if let Some(q) = self.selected() {
                     q.set_size(v as u16);
                 }
             }
-            regs::QUEUE_READY if configuring => {
+            VIRTIO_MMIO_QUEUE_READY if configuring => {
                 if let Some(q) = self.selected() {
                     q.set_ready(v == 1);
                 }
             }
-            regs::QUEUE_DESC_LOW if configuring => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
-            regs::QUEUE_DESC_HIGH if configuring => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
-            regs::QUEUE_DRIVER_LOW if configuring => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
-            regs::QUEUE_DRIVER_HIGH if configuring => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
-            regs::QUEUE_DEVICE_LOW if configuring => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
-            regs::QUEUE_DEVICE_HIGH if configuring => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
+            VIRTIO_MMIO_QUEUE_DESC_LOW if configuring => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH if configuring => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW if configuring => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH if configuring => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
+            VIRTIO_MMIO_QUEUE_USED_LOW if configuring => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
+            VIRTIO_MMIO_QUEUE_USED_HIGH if configuring => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
             // Reached only when the notify is not an ioeventfd (or for a queue the device does
             // not have): signal the queue's eventfd the way KVM would.
-            regs::QUEUE_NOTIFY => match self.queue_evts.get(v as usize) {
+            VIRTIO_MMIO_QUEUE_NOTIFY => match self.queue_evts.get(v as usize) {
                 Some(evt) => {
                     let _ = evt.write(1);
                 }
                 None => tracing::debug!(device = %self.name, queue = v, "virtio-mmio: notify for a queue the device does not have"),
             },
-            regs::INTERRUPT_ACK => {
+            VIRTIO_MMIO_INTERRUPT_ACK => {
                 self.interrupt.status.fetch_and(!v, Ordering::SeqCst);
             }
-            regs::STATUS => self.set_status(v),
+            VIRTIO_MMIO_STATUS => self.set_status(v),
             _ => tracing::debug!(device = %self.name, offset, value = v, "virtio-mmio: write to a read-only or unknown register ignored"),
         }
     }
@@ -255,27 +232,27 @@ impl MmioTransport {
             return;
         }
         let added = v & !self.status;
-        if added & status::FEATURES_OK != 0 {
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             let offered = self.features();
             if self.driver_features & !offered != 0 || self.driver_features & F_VERSION_1 == 0 {
                 // Leaving FEATURES_OK unset tells the driver the features were not accepted.
                 tracing::warn!(device = %self.name, offered, asked = self.driver_features, "virtio-mmio: the driver asked for features the device does not offer, or not VERSION_1");
-                self.status = v & !status::FEATURES_OK;
+                self.status = v & !VIRTIO_CONFIG_S_FEATURES_OK;
                 return;
             }
         }
         self.status = v;
-        if added & status::DRIVER_OK != 0 {
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             if let Err(e) = self.activate() {
                 tracing::error!(device = %self.name, error = %e, "virtio-mmio: cannot activate the device");
-                self.status |= status::DEVICE_NEEDS_RESET;
-                self.interrupt.signal(INT_CONFIG);
+                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                self.interrupt.signal(VIRTIO_MMIO_INT_CONFIG);
             }
         }
     }
 
     fn activate(&mut self) -> Result<(), ActivateError> {
-        if self.status & status::FEATURES_OK == 0 {
+        if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
             return Err(ActivateError::NoFeaturesOk);
         }
         for (i, q) in self.queues.iter().enumerate() {
@@ -313,7 +290,7 @@ impl MmioTransport {
 
     /// Whether the worker has stopped because the device broke (for tests and `state`).
     pub fn broken(&self) -> bool {
-        self.status & status::DEVICE_NEEDS_RESET != 0
+        self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0
     }
 }
 

@@ -4,12 +4,11 @@
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 pub const QSIZE: u16 = 16;
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
 
 pub struct TestQueue {
     pub queue: Queue,
@@ -63,7 +62,8 @@ impl TestDriver {
         for (i, &(addr, len, write)) in descs.iter().enumerate() {
             let idx = (head + i as u16) % QSIZE;
             let last = i + 1 == descs.len();
-            let flags = if write { VRING_DESC_F_WRITE } else { 0 } | if last { 0 } else { VRING_DESC_F_NEXT };
+            // The descriptor's flags field is 16 bits; virtio_bindings' flags are u32.
+            let flags = (if write { VRING_DESC_F_WRITE } else { 0 } | if last { 0 } else { VRING_DESC_F_NEXT }) as u16;
             let next = (idx + 1) % QSIZE;
             let d = q.desc.unchecked_add(u64::from(idx) * 16);
             self.mem.write_obj(addr.to_le(), d).unwrap();

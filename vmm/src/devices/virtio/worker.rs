@@ -9,12 +9,13 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{DeviceEvent, InterruptLine, VirtioDevice, INT_USED_RING};
+use super::device::{DeviceEvent, InterruptLine, VirtioDevice};
 use super::mmio::lock;
 
 const WAKE: u64 = 0;
@@ -24,11 +25,11 @@ const HOST_BASE: u64 = 1 << 16;
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error("cannot create an eventfd: {0}")]
-    EventFd(std::io::Error),
+    EventFd(#[source] std::io::Error),
     #[error("cannot set up the worker's epoll: {0}")]
-    Epoll(std::io::Error),
+    Epoll(#[source] std::io::Error),
     #[error("cannot start the worker thread: {0}")]
-    Thread(std::io::Error),
+    Thread(#[source] std::io::Error),
     #[error("the device's worker thread is gone")]
     Gone,
 }
@@ -169,16 +170,24 @@ fn run(setup: WorkerSetup, epoll: Epoll, wake: EventFd, commands: mpsc::Receiver
     }
 }
 
+/// Whether `event` is the device's to serve. Queues the driver did not enable (or not yet) are
+/// not the device's to touch; host events are served even then (the device buffers them until
+/// the guest is ready). The vhost-user backend applies the same rule.
+pub(crate) fn should_serve(event: DeviceEvent, queues: &[Queue]) -> bool {
+    match event {
+        DeviceEvent::Queue(i) => queues.get(i).is_some_and(|q| q.ready()),
+        DeviceEvent::Host(_) => true,
+    }
+}
+
 fn serve(name: &str, device: &Mutex<dyn VirtioDevice>, event: DeviceEvent, queues: &mut [Queue], mem: &GuestMemoryMmap, interrupt: &InterruptLine) {
-    // Queues the driver did not enable (or not yet) are not the device's to touch; host events
-    // are served even then (the device buffers them until the guest is ready).
-    if let DeviceEvent::Queue(i) = event {
-        if !queues.get(i).is_some_and(|q| q.ready()) {
+    if !should_serve(event, queues) {
+        if let DeviceEvent::Queue(i) = event {
             tracing::trace!(device = %name, queue = i, "virtio worker: notify for a queue that is not ready");
-            return;
         }
+        return;
     }
     if lock(device).process(event, queues, mem) {
-        interrupt.signal(INT_USED_RING);
+        interrupt.signal(VIRTIO_MMIO_INT_VRING);
     }
 }

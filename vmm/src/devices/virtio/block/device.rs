@@ -5,11 +5,12 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestMemory, GuestMemoryMmap};
 
 use super::*;
-use crate::devices::virtio::device::{read_config_bytes, DeviceEvent, VirtioDevice, TYPE_BLOCK};
+use crate::devices::virtio::device::{read_config_bytes, DeviceEvent, VirtioDevice};
 
 /// Data moves between the file and guest memory through a buffer of this size, so a request of
 /// any length costs no more host memory than this.
@@ -25,9 +26,25 @@ pub struct BlockDevice {
     pub rejected: u64,
 }
 
-/// Why a request failed, reported to the guest as its status byte.
-enum Failure {
-    Io(String),
+/// Why a request failed, reported to the guest as its status byte (UNSUPP for an unknown
+/// request type, IOERR for the others) and logged.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error("write to a read-only disk")]
+    ReadOnly,
+    #[error("sector {sector} + {len} bytes is past the end of the disk ({sectors} sectors)")]
+    PastEnd { sector: u64, len: usize, sectors: u64 },
+    #[error("flush: {0}")]
+    Flush(#[source] std::io::Error),
+    #[error("read at {offset}: {source}")]
+    DiskRead { offset: u64, source: std::io::Error },
+    #[error("write at {offset}: {source}")]
+    DiskWrite { offset: u64, source: std::io::Error },
+    #[error("guest buffer: {0}")]
+    GuestBuffer(#[source] std::io::Error),
+    #[error("{0}")]
+    IdBuffer(#[source] std::io::Error),
+    #[error("unsupported request type {0}")]
     Unsupported(u32),
 }
 
@@ -95,30 +112,30 @@ impl BlockDevice {
         let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let sector = u64::from_le_bytes([header[8], header[9], header[10], header[11], header[12], header[13], header[14], header[15]]);
         let result = match kind {
-            REQ_IN => self.read_to_guest(sector, data_len, &mut writer),
-            REQ_OUT if self.read_only => Err(Failure::Io("write to a read-only disk".into())),
-            REQ_OUT => {
+            VIRTIO_BLK_T_IN => self.read_to_guest(sector, data_len, &mut writer),
+            VIRTIO_BLK_T_OUT if self.read_only => Err(RequestError::ReadOnly),
+            VIRTIO_BLK_T_OUT => {
                 let len = reader.available_bytes();
                 self.write_from_guest(sector, len, &mut reader)
             }
-            REQ_FLUSH => self.file.sync_all().map(|_| 0).map_err(|e| Failure::Io(format!("flush: {e}"))),
-            REQ_GET_ID => {
+            VIRTIO_BLK_T_FLUSH => self.file.sync_all().map(|_| 0).map_err(RequestError::Flush),
+            VIRTIO_BLK_T_GET_ID => {
                 let mut id = [0u8; ID_LEN];
                 id[..self.id.len()].copy_from_slice(self.id.as_bytes());
                 let n = writer.available_bytes().min(ID_LEN);
-                writer.write_all(&id[..n]).map(|_| n).map_err(|e| Failure::Io(e.to_string()))
+                writer.write_all(&id[..n]).map(|_| n).map_err(RequestError::IdBuffer)
             }
-            other => Err(Failure::Unsupported(other)),
+            other => Err(RequestError::Unsupported(other)),
         };
         let (status, written) = match result {
             Ok(n) => (STATUS_OK, n),
-            Err(Failure::Io(why)) => {
-                tracing::warn!(request = kind, sector, %why, "virtio-blk: request failed");
-                (STATUS_IOERR, writer.bytes_written())
-            }
-            Err(Failure::Unsupported(kind)) => {
+            Err(RequestError::Unsupported(kind)) => {
                 tracing::debug!(request = kind, "virtio-blk: unsupported request type");
                 (STATUS_UNSUPP, 0)
+            }
+            Err(why) => {
+                tracing::warn!(request = kind, sector, %why, "virtio-blk: request failed");
+                (STATUS_IOERR, writer.bytes_written())
             }
         };
         status_writer.write_all(&[status]).ok()?;
@@ -126,24 +143,24 @@ impl BlockDevice {
     }
 
     /// The byte offset of `sector` if `len` bytes from it lie within the disk.
-    fn range(&self, sector: u64, len: usize) -> Result<u64, Failure> {
+    fn range(&self, sector: u64, len: usize) -> Result<u64, RequestError> {
         let offset = sector.checked_mul(SECTOR_SIZE);
         let end = offset.and_then(|o| o.checked_add(len as u64));
         match (offset, end) {
             (Some(o), Some(e)) if e <= self.sectors * SECTOR_SIZE => Ok(o),
-            _ => Err(Failure::Io(format!("sector {sector} + {len} bytes is past the end of the disk ({} sectors)", self.sectors))),
+            _ => Err(RequestError::PastEnd { sector, len, sectors: self.sectors }),
         }
     }
 
     /// Fills `len` bytes of the guest's buffers from the disk at `sector`.
-    fn read_to_guest(&self, sector: u64, len: usize, out: &mut impl Write) -> Result<usize, Failure> {
+    fn read_to_guest(&self, sector: u64, len: usize, out: &mut impl Write) -> Result<usize, RequestError> {
         let mut offset = self.range(sector, len)?;
         let mut buf = vec![0u8; CHUNK.min(len)];
         let mut left = len;
         while left > 0 {
             let n = left.min(CHUNK);
-            self.file.read_exact_at(&mut buf[..n], offset).map_err(|e| Failure::Io(format!("read at {offset}: {e}")))?;
-            out.write_all(&buf[..n]).map_err(|e| Failure::Io(format!("guest buffer: {e}")))?;
+            self.file.read_exact_at(&mut buf[..n], offset).map_err(|source| RequestError::DiskRead { offset, source })?;
+            out.write_all(&buf[..n]).map_err(RequestError::GuestBuffer)?;
             offset += n as u64;
             left -= n;
         }
@@ -151,14 +168,14 @@ impl BlockDevice {
     }
 
     /// Writes `len` bytes of the guest's buffers to the disk at `sector`.
-    fn write_from_guest(&self, sector: u64, len: usize, input: &mut impl Read) -> Result<usize, Failure> {
+    fn write_from_guest(&self, sector: u64, len: usize, input: &mut impl Read) -> Result<usize, RequestError> {
         let mut offset = self.range(sector, len)?;
         let mut buf = vec![0u8; CHUNK.min(len)];
         let mut left = len;
         while left > 0 {
             let n = left.min(CHUNK);
-            input.read_exact(&mut buf[..n]).map_err(|e| Failure::Io(format!("guest buffer: {e}")))?;
-            self.file.write_all_at(&buf[..n], offset).map_err(|e| Failure::Io(format!("write at {offset}: {e}")))?;
+            input.read_exact(&mut buf[..n]).map_err(RequestError::GuestBuffer)?;
+            self.file.write_all_at(&buf[..n], offset).map_err(|source| RequestError::DiskWrite { offset, source })?;
             offset += n as u64;
             left -= n;
         }
@@ -168,7 +185,7 @@ impl BlockDevice {
 
 impl VirtioDevice for BlockDevice {
     fn device_type(&self) -> u32 {
-        TYPE_BLOCK
+        VIRTIO_ID_BLOCK
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {

@@ -6,22 +6,23 @@ mod tests;
 
 pub use device::BlockDevice;
 
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+// Request types (the header's first u32), as virtio_bindings names them.
+pub use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+
 pub const QUEUE_SIZE: u16 = 256;
 pub const SECTOR_SIZE: u64 = 512;
 /// The id string GET_ID returns is at most 20 bytes.
-pub const ID_LEN: usize = 20;
+pub const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 
-pub const F_RO: u64 = 1 << 5;
-pub const F_FLUSH: u64 = 1 << 9;
+/// Feature masks of virtio_bindings' feature bits.
+pub const F_RO: u64 = 1 << VIRTIO_BLK_F_RO;
+pub const F_FLUSH: u64 = 1 << VIRTIO_BLK_F_FLUSH;
 
-pub const REQ_IN: u32 = 0;
-pub const REQ_OUT: u32 = 1;
-pub const REQ_FLUSH: u32 = 4;
-pub const REQ_GET_ID: u32 = 8;
-
-pub const STATUS_OK: u8 = 0;
-pub const STATUS_IOERR: u8 = 1;
-pub const STATUS_UNSUPP: u8 = 2;
+/// The status byte ending each request: virtio_bindings' VIRTIO_BLK_S_* as the byte it is.
+pub const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
+pub const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+pub const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {

@@ -62,19 +62,19 @@ fn reads_writes_flushes_and_names_itself() {
     assert_eq!(u64::from_le_bytes(cfg), 8);
     assert_eq!(r.dev.features() & F_RO, 0);
 
-    let (len, status, data) = r.request(REQ_IN, 2, &[], 1024, true);
+    let (len, status, data) = r.request(VIRTIO_BLK_T_IN, 2, &[], 1024, true);
     assert_eq!((len, status), (1025, STATUS_OK));
     assert!(data[..512].iter().all(|&b| b == 3) && data[512..].iter().all(|&b| b == 4));
 
     let payload: Vec<u8> = (0..512u32).map(|i| (i % 251) as u8).collect();
-    let (len, status, _) = r.request(REQ_OUT, 7, &payload, 512, false);
+    let (len, status, _) = r.request(VIRTIO_BLK_T_OUT, 7, &payload, 512, false);
     assert_eq!((len, status), (1, STATUS_OK));
-    let (_, status, _) = r.request(REQ_FLUSH, 0, &[], 0, false);
+    let (_, status, _) = r.request(VIRTIO_BLK_T_FLUSH, 0, &[], 0, false);
     assert_eq!(status, STATUS_OK);
     let on_disk = std::fs::read(&r.path).unwrap();
     assert_eq!(&on_disk[7 * 512..8 * 512], payload.as_slice());
 
-    let (len, status, id) = r.request(REQ_GET_ID, 0, &[], 20, true);
+    let (len, status, id) = r.request(VIRTIO_BLK_T_GET_ID, 0, &[], 20, true);
     assert_eq!((len, status), (21, STATUS_OK));
     assert_eq!(&id[..11], b"hull-disk-0");
     assert!(id[11..].iter().all(|&b| b == 0));
@@ -85,30 +85,30 @@ fn read_only_disks_refuse_writes() {
     let mut r = rig(true);
     assert_ne!(r.dev.features() & F_RO, 0);
     let before = std::fs::read(&r.path).unwrap();
-    let (_, status, _) = r.request(REQ_OUT, 0, &[9u8; 512], 512, false);
+    let (_, status, _) = r.request(VIRTIO_BLK_T_OUT, 0, &[9u8; 512], 512, false);
     assert_eq!(status, STATUS_IOERR);
     assert_eq!(std::fs::read(&r.path).unwrap(), before);
-    let (_, status, _) = r.request(REQ_IN, 0, &[], 512, true);
+    let (_, status, _) = r.request(VIRTIO_BLK_T_IN, 0, &[], 512, true);
     assert_eq!(status, STATUS_OK, "reads still work");
 }
 
 #[test]
 fn out_of_range_unknown_and_malformed_requests_fail_alone() {
     let mut r = rig(false);
-    assert_eq!(r.request(REQ_IN, 8, &[], 512, true).1, STATUS_IOERR, "one past the end");
-    assert_eq!(r.request(REQ_IN, 7, &[], 1024, true).1, STATUS_IOERR, "runs past the end");
-    assert_eq!(r.request(REQ_OUT, u64::MAX, &[0; 512], 512, false).1, STATUS_IOERR, "offset overflows");
+    assert_eq!(r.request(VIRTIO_BLK_T_IN, 8, &[], 512, true).1, STATUS_IOERR, "one past the end");
+    assert_eq!(r.request(VIRTIO_BLK_T_IN, 7, &[], 1024, true).1, STATUS_IOERR, "runs past the end");
+    assert_eq!(r.request(VIRTIO_BLK_T_OUT, u64::MAX, &[0; 512], 512, false).1, STATUS_IOERR, "offset overflows");
     assert_eq!(r.request(99, 0, &[], 0, false).1, STATUS_UNSUPP);
 
     // No writable status byte: nothing can be reported; the buffer comes back unused.
-    let h = r.driver.buffer(&header(REQ_IN, 0), 16);
+    let h = r.driver.buffer(&header(VIRTIO_BLK_T_IN, 0), 16);
     let head = r.driver.post(&mut r.q, &[(h, 16, false)]);
     assert!(r.dev.process_queue(&mut r.q.queue, &r.driver.mem));
     assert_eq!(r.driver.take_used(&mut r.q), vec![(head, 0)]);
     assert_eq!(r.dev.rejected, 1);
 
     // A data descriptor outside guest memory.
-    let h = r.driver.buffer(&header(REQ_IN, 0), 16);
+    let h = r.driver.buffer(&header(VIRTIO_BLK_T_IN, 0), 16);
     let s = r.driver.buffer(&[0xff], 1);
     let head = r.driver.post(&mut r.q, &[(h, 16, false), (1 << 40, 512, true), (s, 1, true)]);
     assert!(r.dev.process_queue(&mut r.q.queue, &r.driver.mem));
@@ -124,7 +124,7 @@ fn out_of_range_unknown_and_malformed_requests_fail_alone() {
     r.driver.take_used(&mut r.q);
 
     // The device still serves good requests.
-    assert_eq!(r.request(REQ_IN, 0, &[], 512, true).1, STATUS_OK);
+    assert_eq!(r.request(VIRTIO_BLK_T_IN, 0, &[], 512, true).1, STATUS_OK);
 }
 
 #[test]

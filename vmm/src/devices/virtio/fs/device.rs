@@ -84,16 +84,16 @@ impl FsDevice {
         &self,
         mem: &GuestMemoryMmap,
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-    ) -> Result<usize, String> {
-        let reader = Reader::from_descriptor_chain(mem, chain.clone()).map_err(|e| e.to_string())?;
-        let writer = VirtioFsWriter::new(mem, chain).map_err(|e| e.to_string())?;
-        self.server.handle_message(reader, writer.into(), None, None).map_err(|e| e.to_string())
+    ) -> Result<usize, FsError> {
+        let reader = Reader::from_descriptor_chain(mem, chain.clone())?;
+        let writer = VirtioFsWriter::new(mem, chain)?;
+        Ok(self.server.handle_message(reader, writer.into(), None, None)?)
     }
 }
 
 impl crate::devices::virtio::device::VirtioDevice for FsDevice {
     fn device_type(&self) -> u32 {
-        crate::devices::virtio::device::TYPE_FS
+        virtio_bindings::virtio_ids::VIRTIO_ID_FS
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {

@@ -1,6 +1,6 @@
 //! virtio-fs: one host directory shared with the guest under a tag, served by an in-process
 //! FUSE passthrough server (fuse-backend-rs). The device knows nothing of its transport; the
-//! vhost-user backend (`vhost_user::fs`) and the in-process VMM drive the same `FsDevice`.
+//! vhost-user backend (`vhost_user::serve_fs`) and the in-process VMM drive the same `FsDevice`.
 
 mod device;
 #[cfg(test)]
@@ -24,4 +24,10 @@ pub enum FsError {
     Tag(String),
     #[error("Cannot set up the FUSE passthrough of {dir:?}: {source}.")]
     Passthrough { dir: std::path::PathBuf, source: std::io::Error },
+    /// A request whose descriptor chain cannot be read or written as a FUSE message.
+    #[error(transparent)]
+    Chain(#[from] fuse_backend_rs::transport::Error),
+    /// A request the FUSE server could not decode or answer.
+    #[error(transparent)]
+    Request(#[from] fuse_backend_rs::Error),
 }

@@ -3,11 +3,12 @@
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemory, GuestMemoryMmap};
 
 use super::*;
-use crate::devices::virtio::device::{read_config_bytes, DeviceEvent, VirtioDevice, TYPE_NET};
+use crate::devices::virtio::device::{read_config_bytes, DeviceEvent, VirtioDevice};
 
 pub struct NetDevice {
     tap: Tap,
@@ -119,7 +120,7 @@ impl NetDevice {
 
 impl VirtioDevice for NetDevice {
     fn device_type(&self) -> u32 {
-        TYPE_NET
+        VIRTIO_ID_NET
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {

@@ -10,22 +10,26 @@ mod tests;
 pub use device::NetDevice;
 pub use tap::Tap;
 
+use virtio_bindings::virtio_net::{virtio_net_hdr_v1, VIRTIO_NET_F_MAC};
+
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 pub const QUEUE_SIZE: u16 = 256;
-/// virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers.
-pub const HDR_LEN: usize = 12;
+/// virtio_net_hdr_v1 (12 bytes): flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
+/// num_buffers.
+pub const HDR_LEN: usize = std::mem::size_of::<virtio_net_hdr_v1>();
 /// The largest frame without GSO: a 64 KiB IP packet plus Ethernet and VLAN headers.
 pub const MAX_FRAME: usize = 65562;
 
-pub const F_MAC: u64 = 1 << 5;
+/// The feature mask of virtio_bindings' VIRTIO_NET_F_MAC bit: the config space has the MAC.
+pub const F_MAC: u64 = 1 << VIRTIO_NET_F_MAC;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("Cannot open the tap {name:?}: {source}.")]
     Open { name: String, source: std::io::Error },
     #[error("Cannot configure the tap: {0}.")]
-    Configure(std::io::Error),
+    Configure(#[source] std::io::Error),
     #[error("{0:?} is not a MAC address.")]
     Mac(String),
 }

@@ -1,25 +1,11 @@
 //! A tap device opened by name (or adopted from an fd), non-blocking, carrying 12-byte
-//! virtio-net headers.
+//! virtio-net headers. The ioctls, their flags and `struct ifreq` are libc's (linux/if_tun.h).
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
 use super::{NetError, HDR_LEN};
-
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    pad: [u8; 22],
-}
 
 pub struct Tap {
     file: File,
@@ -33,10 +19,15 @@ impl Tap {
             return Err(open_err(std::io::Error::from(std::io::ErrorKind::InvalidInput)));
         }
         let file = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").map_err(open_err)?;
-        let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, pad: [0; 22] };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: ifreq is plain data (a name array and a union of integers, socket addresses
+        // and a pointer), valid as all zero bytes.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+            *dst = *src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
         // SAFETY: TUNSETIFF reads an ifreq, which `req` is, laid out as the kernel expects.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
             return Err(open_err(std::io::Error::last_os_error()));
         }
         Tap::configure(file)
@@ -56,11 +47,11 @@ impl Tap {
         let fd = file.as_raw_fd();
         let size: libc::c_int = HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads an int from the pointer, a live local.
-        if unsafe { libc::ioctl(fd, TUNSETVNETHDRSZ, &size) } < 0 {
+        if unsafe { libc::ioctl(fd, libc::TUNSETVNETHDRSZ, &size) } < 0 {
             return Err(NetError::Configure(std::io::Error::last_os_error()));
         }
         // SAFETY: TUNSETOFFLOAD takes its flags by value; 0 turns every offload off.
-        if unsafe { libc::ioctl(fd, TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
+        if unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
             return Err(NetError::Configure(std::io::Error::last_os_error()));
         }
         // SAFETY: F_GETFL/F_SETFL on an fd this function holds.

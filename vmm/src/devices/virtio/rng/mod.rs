@@ -3,10 +3,11 @@
 
 use std::io::Write;
 
+use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemory, GuestMemoryMmap};
 
-use super::device::{DeviceEvent, VirtioDevice, TYPE_RNG};
+use super::device::{DeviceEvent, VirtioDevice};
 
 pub const QUEUE_SIZE: u16 = 64;
 /// Bytes served per buffer at most; a driver asking for more gets this much (as it allows).
@@ -73,7 +74,7 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
 
 impl VirtioDevice for RngDevice {
     fn device_type(&self) -> u32 {
-        TYPE_RNG
+        VIRTIO_ID_RNG
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {

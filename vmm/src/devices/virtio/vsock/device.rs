@@ -90,7 +90,7 @@ impl VsockDevice {
 
 impl crate::devices::virtio::device::VirtioDevice for VsockDevice {
     fn device_type(&self) -> u32 {
-        crate::devices::virtio::device::TYPE_VSOCK
+        virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {

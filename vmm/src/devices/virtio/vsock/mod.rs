@@ -2,7 +2,8 @@
 //!
 //! - A host process connects to the device's unix socket `uds`, writes `CONNECT <port>\n`, gets
 //!   `OK <hostport>\n`, and then has a byte stream to guest port `<port>` (Firecracker's
-//!   protocol; `connect` in any case is accepted).
+//!   protocol; `connect` in any case is accepted). Both ends of that handshake are
+//!   `hull_proto::hvsock`, shared with the runtime that writes it.
 //! - A guest connection to CID 2 port P is forwarded to the unix socket `<uds>_P`.
 //!
 //! Flow control is the virtio credit scheme: a connection never sends the guest more than the

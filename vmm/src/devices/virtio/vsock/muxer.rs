@@ -10,6 +10,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+use hull_proto::hvsock;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{ReadVolatile, VolatileSlice};
 use virtio_vsock::packet::VsockPacket;
@@ -21,8 +22,6 @@ use super::*;
 /// Connections are keyed by (host port, guest port).
 type ConnKey = (u32, u32);
 
-/// Longest `CONNECT <port>\n` line accepted from a host client.
-const MAX_CONNECT_LINE: usize = 32;
 /// Host ports for host-initiated connections start here, away from well-known guest ports.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Epoll data of the listener; connection streams use their fd.
@@ -54,15 +53,6 @@ pub struct VsockMuxer {
     orphan_rsts: VecDeque<OrphanRst>,
     next_local_port: u32,
     local_ports: HashSet<u32>,
-}
-
-fn parse_connect(line: &[u8]) -> Option<u32> {
-    let text = std::str::from_utf8(line).ok()?.trim_end_matches('\n').trim_end_matches('\r');
-    let (word, port) = text.split_once(' ')?;
-    if !word.eq_ignore_ascii_case("connect") {
-        return None;
-    }
-    port.trim().parse().ok()
 }
 
 impl VsockMuxer {
@@ -258,13 +248,14 @@ impl VsockMuxer {
     fn read_connect_line(&mut self, fd: RawFd) {
         let Some(p) = self.pending_hosts.get_mut(&fd) else { return };
         let mut byte = [0u8; 1];
-        // Byte by byte: whatever follows the line is the connection's first data.
+        // Byte by byte: whatever follows the line is the connection's first data. One byte past
+        // the longest line is enough to refuse it.
         loop {
             match p.stream.read(&mut byte) {
                 Ok(0) => break,
                 Ok(_) => {
                     p.line.push(byte[0]);
-                    if byte[0] == b'\n' || p.line.len() > MAX_CONNECT_LINE {
+                    if byte[0] == b'\n' || p.line.len() > hvsock::MAX_LINE {
                         break;
                     }
                 }
@@ -275,14 +266,14 @@ impl VsockMuxer {
         }
         let Some(p) = self.pending_hosts.remove(&fd) else { return };
         self.unwatch(fd);
-        match parse_connect(&p.line) {
-            Some(port) => {
+        match hvsock::parse_connect(&p.line) {
+            Ok(port) => {
                 let local = self.alloc_local_port();
                 tracing::debug!(local_port = local, guest_port = port, "vsock: host connects to guest");
                 self.add_conn(Connection::host_initiated(p.stream, local, port));
             }
-            None => {
-                tracing::warn!(line = %String::from_utf8_lossy(&p.line), "vsock: bad CONNECT line; closing");
+            Err(e) => {
+                tracing::warn!(line = %String::from_utf8_lossy(&p.line), error = %e, "vsock: bad CONNECT line; closing");
             }
         }
     }
@@ -327,7 +318,7 @@ impl VsockMuxer {
                 c.state = State::Established;
                 // A fresh socket's buffer always takes this short line; it is ours, not guest
                 // data, so it bypasses the credit-counted buffer.
-                let ok = format!("OK {}\n", c.local_port);
+                let ok = hvsock::ok_line(c.local_port);
                 if std::io::Write::write_all(&mut c.stream, ok.as_bytes()).is_err() {
                     self.reset_conn(key);
                 }
@@ -507,7 +498,7 @@ fn read_into<B: BitmapSlice>(stream: &mut UnixStream, slice: &VolatileSlice<B>) 
         match stream.read_volatile(&mut s) {
             Err(vm_memory::VolatileMemoryError::IOError(e)) if e.kind() == ErrorKind::Interrupted => continue,
             Err(vm_memory::VolatileMemoryError::IOError(e)) => return Err(e),
-            Err(e) => return Err(std::io::Error::other(e.to_string())),
+            Err(e) => return Err(std::io::Error::other(e)),
             Ok(n) => return Ok(n),
         }
     }
@@ -516,22 +507,5 @@ fn read_into<B: BitmapSlice>(stream: &mut UnixStream, slice: &VolatileSlice<B>) 
 impl Drop for VsockMuxer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.uds_path);
-    }
-}
-
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connect_lines_parse_in_any_case() {
-        assert_eq!(parse_connect(b"CONNECT 1024\n"), Some(1024));
-        assert_eq!(parse_connect(b"connect 52\n"), Some(52));
-        assert_eq!(parse_connect(b"Connect 7\r\n"), Some(7));
-        assert_eq!(parse_connect(b"CONNECT\n"), None);
-        assert_eq!(parse_connect(b"CONNECT x\n"), None);
-        assert_eq!(parse_connect(b"LISTEN 5\n"), None);
-        assert_eq!(parse_connect(b"CONNECT 99999999999\n"), None);
     }
 }

@@ -393,3 +393,30 @@ fn bytes_written_before_the_host_closes_all_reach_the_guest() {
     assert_eq!(got.len(), payload.len(), "every byte before the SHUTDOWN");
     assert!(got == payload, "in order");
 }
+
+#[test]
+fn a_bad_or_overlong_connect_line_closes_the_client_and_tells_the_guest_nothing() {
+    let mut f = Fixture::new();
+    // One byte longer than the handshake allows (hull_proto::hvsock::MAX_LINE, newline included).
+    let overlong = format!("CONNECT {:0>width$}\n", 9, width = hull_proto::hvsock::MAX_LINE - "CONNECT ".len());
+    assert_eq!(overlong.len(), hull_proto::hvsock::MAX_LINE + 1);
+    for line in ["LISTEN 9\n", overlong.as_str()] {
+        let mut host = UnixStream::connect(&f.uds).unwrap();
+        host.write_all(line.as_bytes()).unwrap();
+        host.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            assert!(f.receive(Duration::ZERO).is_empty(), "no packet for the guest after {line:?}");
+            match host.read(&mut [0u8; 1]) {
+                Ok(0) => break,
+                Ok(_) => panic!("the muxer answered {line:?}"),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "the client of {line:?} is never closed");
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => panic!("reading after {line:?}: {e}"),
+            }
+        }
+    }
+    assert_eq!(f.dev.muxer.connection_count(), 0);
+}

@@ -39,7 +39,15 @@ pub enum NetworkError {
     #[error("Cannot enter the pod network namespace {path:?}: {source}.")]
     Setns { path: PathBuf, source: nix::Error },
     #[error("Cannot talk netlink in the pod network namespace: {0}.")]
-    Netlink(String),
+    Netlink(#[source] rtnetlink::Error),
+    #[error("Cannot open a netlink connection in the pod network namespace: {0}.")]
+    NetlinkSocket(#[source] std::io::Error),
+    #[error("The netlink thread in the pod network namespace panicked.")]
+    Panicked,
+    #[error("{TAP_NAME} vanished from the pod network namespace while it was set up.")]
+    TapVanished,
+    #[error("The pod network set-up did not finish: {0}.")]
+    Thread(#[source] tokio::task::JoinError),
     #[error("hull gives a pod VM one network interface, but the pod network namespace has {0}; this network setup cannot be carried into a VM.")]
     TooManyInterfaces(String),
     #[error("The pod's interface {0} has no MAC address (not an Ethernet device); hull cannot carry it into the VM.")]
@@ -47,11 +55,7 @@ pub enum NetworkError {
     #[error("Cannot create the tap {TAP_NAME} in the pod network namespace: {0}.")]
     Tap(std::io::Error),
     #[error("Cannot redirect traffic between {veth} and {TAP_NAME} with tc: {error}.")]
-    Tc { veth: String, error: String },
-}
-
-fn netlink(e: impl std::fmt::Display) -> NetworkError {
-    NetworkError::Netlink(e.to_string())
+    Tc { veth: String, #[source] error: rtnetlink::Error },
 }
 
 /// What the pod VM gets: the tap to give QEMU, and the configuration for the agent.
@@ -87,16 +91,16 @@ where
     let path = netns.to_path_buf();
     let worker = std::thread::spawn(move || {
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|source| NetworkError::Setns { path, source })?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(netlink)?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(NetworkError::NetlinkSocket)?;
         rt.block_on(async move {
-            let (conn, handle, _) = rtnetlink::new_connection().map_err(netlink)?;
+            let (conn, handle, _) = rtnetlink::new_connection().map_err(NetworkError::NetlinkSocket)?;
             let conn = tokio::spawn(conn);
             let r = f(handle).await;
             conn.abort();
             r
         })
     });
-    worker.join().map_err(|_| NetworkError::Netlink("the netlink thread panicked".into()))?
+    worker.join().map_err(|_| NetworkError::Panicked)?
 }
 
 struct Link {
@@ -123,7 +127,7 @@ fn link_of(m: &LinkMessage) -> Option<Link> {
 }
 
 async fn links(handle: &Handle) -> Result<Vec<Link>, NetworkError> {
-    let msgs: Vec<LinkMessage> = handle.link().get().execute().try_collect().await.map_err(netlink)?;
+    let msgs: Vec<LinkMessage> = handle.link().get().execute().try_collect().await.map_err(NetworkError::Netlink)?;
     Ok(msgs.iter().filter_map(link_of).collect())
 }
 
@@ -218,7 +222,7 @@ pub fn setup(netns: &Path) -> Result<Option<PodNetwork>, NetworkError> {
             return Err(NetworkError::NotEthernet(link.name));
         }
         let addrs: Vec<AddressMessage> =
-            handle.address().get().set_link_index_filter(link.index).execute().try_collect().await.map_err(netlink)?;
+            handle.address().get().set_link_index_filter(link.index).execute().try_collect().await.map_err(NetworkError::Netlink)?;
         let mut interface = Interface::new();
         interface.name = link.name.clone();
         interface.mac = format_mac(&link.mac);
@@ -226,7 +230,7 @@ pub fn setup(netns: &Path) -> Result<Option<PodNetwork>, NetworkError> {
         interface.addresses = addrs.iter().filter_map(address_of).collect();
         let mut routes = Vec::new();
         for (v6, msg) in [(false, RouteMessageBuilder::<Ipv4Addr>::new().build()), (true, RouteMessageBuilder::<Ipv6Addr>::new().build())] {
-            let msgs: Vec<RouteMessage> = handle.route().get(msg).execute().try_collect().await.map_err(netlink)?;
+            let msgs: Vec<RouteMessage> = handle.route().get(msg).execute().try_collect().await.map_err(NetworkError::Netlink)?;
             routes.extend(msgs.iter().filter_map(|m| route_of(m, &link, v6)));
         }
         let tap = open_tap(TAP_NAME).map_err(NetworkError::Tap)?;
@@ -241,9 +245,9 @@ pub fn setup(netns: &Path) -> Result<Option<PodNetwork>, NetworkError> {
 
 /// Brings the tap up with the interface's MTU and adds the two redirects.
 async fn redirect(handle: &Handle, link: &Link) -> Result<(), NetworkError> {
-    let tc = |e: rtnetlink::Error| NetworkError::Tc { veth: link.name.clone(), error: e.to_string() };
-    let tap = links(handle).await?.into_iter().find(|l| l.name == TAP_NAME).ok_or_else(|| NetworkError::Netlink(format!("{TAP_NAME} vanished")))?;
-    handle.link().set(LinkUnspec::new_with_index(tap.index).mtu(link.mtu).up().build()).execute().await.map_err(netlink)?;
+    let tc = |error: rtnetlink::Error| NetworkError::Tc { veth: link.name.clone(), error };
+    let tap = links(handle).await?.into_iter().find(|l| l.name == TAP_NAME).ok_or(NetworkError::TapVanished)?;
+    handle.link().set(LinkUnspec::new_with_index(tap.index).mtu(link.mtu).up().build()).execute().await.map_err(NetworkError::Netlink)?;
     for (from, to) in [(link.index, tap.index), (tap.index, link.index)] {
         handle.qdisc().add(from as i32).ingress().execute().await.map_err(tc)?;
         handle
@@ -268,7 +272,7 @@ async fn remove(handle: &Handle) -> Result<(), NetworkError> {
             let _ = handle.link().del(link.index).execute().await;
             continue;
         }
-        let qdiscs: Vec<_> = handle.qdisc().get().index(link.index as i32).ingress().execute().try_collect().await.map_err(netlink)?;
+        let qdiscs: Vec<_> = handle.qdisc().get().index(link.index as i32).ingress().execute().try_collect().await.map_err(NetworkError::Netlink)?;
         for q in qdiscs {
             if q.header.index == link.index as i32 {
                 let mut del = handle.qdisc().del(link.index as i32);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, MsFlags};
 use serde_json::{json, Value};
 
-use super::pod::GUEST_SHARE;
+use super::share::guest_paths;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -15,13 +15,6 @@ pub enum SpecError {
     Shape { id: String },
     #[error("Cannot share {source_path:?} (mount {destination}) of container {id} with the guest: {reason}.")]
     Share { id: String, source_path: PathBuf, destination: String, reason: String },
-}
-
-/// The guest path of container `id`'s share mount and of its rootfs.
-pub fn guest_paths(id: &str) -> (String, String) {
-    let mount = format!("{GUEST_SHARE}/{id}");
-    let rootfs = format!("{mount}/{id}/rootfs");
-    (mount, rootfs)
 }
 
 fn is_bind(m: &Value) -> bool {
@@ -114,47 +107,6 @@ pub fn has_own_network(spec: &Value) -> bool {
         .is_some_and(|ns| ns.iter().any(|n| n.get("type").and_then(Value::as_str) == Some("network")))
 }
 
-/// The `ConfigPath` of containerd's runtime options (`runtimeoptions.v1.Options`: field 1
-/// type_url, field 2 config_path), from the serialized Any containerd passes. Hand-decoded:
-/// the protos crate has no type for it.
-pub fn config_path_from_options(any_bytes: &[u8]) -> Option<String> {
-    use containerd_shim_protos::protobuf::Message;
-    let any = containerd_shim_protos::protobuf::well_known_types::any::Any::parse_from_bytes(any_bytes).ok()?;
-    config_path_from_any(&any)
-}
-
-pub fn config_path_from_any(any: &containerd_shim_protos::protobuf::well_known_types::any::Any) -> Option<String> {
-    if !any.type_url.ends_with("runtimeoptions.v1.Options") {
-        return None;
-    }
-    // Two length-delimited string fields; walk them by hand.
-    let mut b = any.value.as_slice();
-    let mut path = None;
-    while let Some((&tag, rest)) = b.split_first() {
-        let (len, used) = varint(rest)?;
-        let end = used.checked_add(usize::try_from(len).ok()?)?;
-        let value = rest.get(used..end)?;
-        if tag == 0x12 {
-            path = Some(String::from_utf8(value.to_vec()).ok()?);
-        } else if tag & 7 != 2 {
-            return path;
-        }
-        b = &rest[end..];
-    }
-    path.filter(|p| !p.is_empty())
-}
-
-fn varint(b: &[u8]) -> Option<(u64, usize)> {
-    let mut v = 0u64;
-    for (i, &byte) in b.iter().enumerate().take(10) {
-        v |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Some((v, i + 1));
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,22 +157,5 @@ mod tests {
         assert!(has_own_network(&json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"}]}})));
         assert!(!has_own_network(&json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}})));
         assert!(!has_own_network(&json!({"process": {}})));
-    }
-
-    #[test]
-    fn config_path_comes_out_of_runtime_options() {
-        // runtimeoptions.v1.Options{type_url: "x", config_path: "/etc/hull/a.toml"}
-        let mut value = vec![0x0a, 1, b'x', 0x12, 16];
-        value.extend(b"/etc/hull/a.toml");
-        let any = containerd_shim_protos::protobuf::well_known_types::any::Any {
-            type_url: "runtimeoptions.v1.Options".into(),
-            value,
-            ..Default::default()
-        };
-        assert_eq!(config_path_from_any(&any).as_deref(), Some("/etc/hull/a.toml"));
-        let other = containerd_shim_protos::protobuf::well_known_types::any::Any { type_url: "containerd.runc.v1.Options".into(), ..Default::default() };
-        assert_eq!(config_path_from_any(&other), None);
-        assert_eq!(config_path_from_options(b"\xff\xff"), None);
-        assert_eq!(config_path_from_options(b""), None);
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use hull_proto::agent::{self, StdioRequest};
 use hull_proto::agent_ttrpc::AgentClient;
 use hull_proto::health_ttrpc::HealthClient;
+use hull_proto::hvsock;
 use hull_proto::stdio::{StreamHeader, StreamKind};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,8 +14,10 @@ use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("Cannot connect to the agent at {path:?}: {reason}.")]
-    Connect { path: PathBuf, reason: String },
+    #[error("Cannot connect to the agent at {path:?}: {source}.")]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("Cannot connect to the agent at {path:?}: {source}.")]
+    Ttrpc { path: PathBuf, source: ttrpc::Error },
     #[error("The agent refused the {call} call: {message}")]
     Rpc { call: &'static str, code: ttrpc::Code, message: String },
     #[error("The {kind} stream of {container} could not be attached: {reason}.")]
@@ -90,25 +93,20 @@ pub struct AgentConn {
     stdio: StdioEndpoint,
 }
 
-/// Opens a stream to guest vsock `port` through a hybrid vsock unix socket: `CONNECT <port>\n`,
-/// answered by `OK <hostport>\n`.
+/// Opens a stream to guest vsock `port` through a hybrid vsock unix socket (see
+/// `hull_proto::hvsock`).
 pub async fn hybrid_vsock_connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
     let mut s = UnixStream::connect(uds).await?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+    s.write_all(hvsock::connect_line(port).as_bytes()).await?;
     let mut line = Vec::new();
     // Byte by byte: the stream's own bytes follow the reply line.
     while line.last() != Some(&b'\n') {
-        if line.len() > 64 {
-            return Err(std::io::Error::other("hybrid vsock reply line too long"));
+        if line.len() > hvsock::MAX_LINE {
+            return Err(std::io::Error::other(hvsock::HandshakeError::TooLong));
         }
         line.push(s.read_u8().await?);
     }
-    if !line.starts_with(b"OK ") {
-        return Err(std::io::Error::other(format!(
-            "hybrid vsock refused port {port}: {:?}",
-            String::from_utf8_lossy(&line)
-        )));
-    }
+    hvsock::parse_ok(&line).map_err(std::io::Error::other)?;
     Ok(s)
 }
 
@@ -120,7 +118,7 @@ impl AgentConn {
     pub async fn connect_unix(api: &Path) -> Result<AgentConn, ClientError> {
         let c = ttrpc::r#async::Client::connect(&format!("unix://{}", api.display()))
             .await
-            .map_err(|e| ClientError::Connect { path: api.into(), reason: e.to_string() })?;
+            .map_err(|source| ClientError::Ttrpc { path: api.into(), source })?;
         Ok(AgentConn::from_client(c, StdioEndpoint::Unix(hull_proto::stdio_socket_path(api))))
     }
 
@@ -128,7 +126,7 @@ impl AgentConn {
     pub async fn connect_hybrid_vsock(uds: &Path) -> Result<AgentConn, ClientError> {
         let s = hybrid_vsock_connect(uds, hull_proto::AGENT_VSOCK_PORT)
             .await
-            .map_err(|e| ClientError::Connect { path: uds.into(), reason: e.to_string() })?;
+            .map_err(|source| ClientError::Connect { path: uds.into(), source })?;
         let c = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::from(s));
         Ok(AgentConn::from_client(c, StdioEndpoint::HybridVsock(uds.into())))
     }
@@ -195,6 +193,76 @@ impl AgentConn {
         req.container_id = id.into();
         req.timeout_secs = 2;
         self.client.remove_container(ctx(), &req).await.map(drop).map_err(|e| ClientError::rpc("RemoveContainer", e))
+    }
+
+    /// Creates the pod's sandbox in the guest: hostname, network interfaces and routes.
+    pub async fn create_sandbox(&self, req: &agent::CreateSandboxRequest) -> Result<(), ClientError> {
+        self.client.create_sandbox(ctx(), req).await.map(drop).map_err(|e| ClientError::rpc("CreateSandbox", e))
+    }
+
+    /// Stops every container and powers the VM off (the reply may never come: the VM is gone).
+    pub async fn destroy_sandbox(&self, timeout_secs: u32) -> Result<(), ClientError> {
+        let mut req = agent::DestroySandboxRequest::new();
+        req.timeout_secs = timeout_secs;
+        self.client.destroy_sandbox(ctx(), &req).await.map(drop).map_err(|e| ClientError::rpc("DestroySandbox", e))
+    }
+
+    /// The next OOM kill in the guest (waits until one happens).
+    pub async fn next_oom_event(&self) -> Result<String, ClientError> {
+        let r = self.client.get_oom_event(ctx_unbounded(), &agent::GetOOMEventRequest::new()).await;
+        r.map(|e| e.container_id).map_err(|e| ClientError::rpc("GetOOMEvent", e))
+    }
+
+    /// The guest pids of a container's processes.
+    pub async fn list_processes(&self, id: &str) -> Result<Vec<i32>, ClientError> {
+        let mut req = agent::ListProcessesRequest::new();
+        req.container_id = id.into();
+        let r = self.client.list_processes(ctx(), &req).await.map_err(|e| ClientError::rpc("ListProcesses", e))?;
+        Ok(r.processes.iter().map(|p| p.pid).collect())
+    }
+
+    pub async fn resize_tty(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<(), ClientError> {
+        let mut req = agent::TtyWinResizeRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        req.rows = rows;
+        req.cols = cols;
+        self.client.tty_win_resize(ctx(), &req).await.map(drop).map_err(|e| ClientError::rpc("TtyWinResize", e))
+    }
+
+    /// Closes a tty process's stdin (a tty stream carries both directions, so its end is told).
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), ClientError> {
+        let mut req = agent::CloseStdinRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        self.client.close_stdin(ctx(), &req).await.map(drop).map_err(|e| ClientError::rpc("CloseStdin", e))
+    }
+
+    /// Applies new resources (an OCI `LinuxResources` as JSON) to a container.
+    pub async fn update(&self, id: &str, resources_json: String) -> Result<(), ClientError> {
+        let mut req = agent::UpdateContainerRequest::new();
+        req.container_id = id.into();
+        req.resources_json = resources_json;
+        self.client.update_container(ctx(), &req).await.map(drop).map_err(|e| ClientError::rpc("UpdateContainer", e))
+    }
+
+    pub async fn stats(&self, id: &str) -> Result<agent::StatsContainerResponse, ClientError> {
+        let mut req = agent::StatsContainerRequest::new();
+        req.container_id = id.into();
+        self.client.stats_container(ctx(), &req).await.map_err(|e| ClientError::rpc("StatsContainer", e))
+    }
+
+    /// Freezes (`pause`) or thaws a container's processes.
+    pub async fn freeze(&self, id: &str, pause: bool) -> Result<(), ClientError> {
+        if pause {
+            let mut req = agent::PauseContainerRequest::new();
+            req.container_id = id.into();
+            self.client.pause_container(ctx(), &req).await.map(drop).map_err(|e| ClientError::rpc("PauseContainer", e))
+        } else {
+            let mut req = agent::ResumeContainerRequest::new();
+            req.container_id = id.into();
+            self.client.resume_container(ctx(), &req).await.map(drop).map_err(|e| ClientError::rpc("ResumeContainer", e))
+        }
     }
 
     /// Opens one stdio stream of a process; the returned socket carries its bytes.

@@ -1,0 +1,369 @@
+//! Pod VMs: one `Hypervisor` trait, one file per hypervisor. A hypervisor only starts a VM's
+//! host processes (the VMM and any device backends) from a `VmSpec`; everything after that is
+//! the same for all of them and lives here in `Vm`: the host reaches the guest agent through a
+//! hybrid vsock socket in the VM's directory, and the processes are watched, not polled.
+//!
+//! Adding a hypervisor: a file with a `Hypervisor` impl, a value of `config::Hypervisor`, and
+//! its arm in `Engine::hypervisor`.
+
+pub mod builtin;
+pub mod qemu;
+
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::process::Command;
+use tokio::sync::{watch, Notify};
+
+use crate::agent::AgentConn;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("{what} {path:?} does not exist.")]
+    Missing { what: &'static str, path: PathBuf },
+    #[error("Cannot start {what}: {source}.")]
+    Spawn { what: &'static str, source: std::io::Error },
+    #[error("Cannot create the log file {path:?}: {source}.")]
+    Log { path: PathBuf, source: std::io::Error },
+    #[error("{what} exited with {status} before it was ready: {log}")]
+    BackendExited { what: &'static str, status: String, log: String },
+    #[error("A device backend did not create {0:?} within 5 s.")]
+    BackendTimeout(PathBuf),
+    #[error("The VMM exited with {status} before the agent answered; console: {console}")]
+    VmmExited { status: String, console: String },
+    #[error("The guest agent did not answer within {secs} s; console: {console}")]
+    AgentTimeout { secs: u64, console: String },
+}
+
+/// What runs a pod VM, as the host offers it (see `crate::host`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// QEMU (KVM or TCG) driving hull's devices as vhost-user backends.
+    Qemu(Accel),
+    /// `hull-vmm boot`: hull's own KVM VMM with its devices in process.
+    Builtin,
+}
+
+/// How QEMU executes the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// The programs the hypervisors run.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub qemu: PathBuf,
+    /// hull-vmm: the builtin VMM, and the device backends under QEMU.
+    pub vmm: PathBuf,
+}
+
+impl Engine {
+    pub fn hypervisor(self, binaries: &Binaries) -> Box<dyn Hypervisor> {
+        match self {
+            Engine::Qemu(accel) => Box::new(qemu::Qemu { qemu: binaries.qemu.clone(), vmm: binaries.vmm.clone(), accel }),
+            Engine::Builtin => Box::new(builtin::Builtin { vmm: binaries.vmm.clone() }),
+        }
+    }
+}
+
+/// A VM to start, whatever runs it.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub guest_cid: u64,
+    /// Extra kernel command line words.
+    pub cmdline_extra: Vec<String>,
+    /// Extra arguments of the VMM process (QEMU's disks, for instance).
+    pub vmm_extra: Vec<String>,
+    /// A host directory the guest mounts with virtio-fs.
+    pub share: Option<Share>,
+    /// The pod's network: a tap the VMM's virtio-net drives.
+    pub nic: Option<Nic>,
+}
+
+/// A host directory exported to the guest as virtio-fs `tag`.
+#[derive(Debug, Clone)]
+pub struct Share {
+    pub tag: String,
+    pub dir: PathBuf,
+}
+
+/// A virtio-net NIC backed by a tap the caller opened (in the pod's network namespace, which
+/// the VMM is not in, so it cannot open it by name). The caller keeps `tap_fd` open until
+/// `Vm::start` returns; the VMM inherits its own copy.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub tap_fd: RawFd,
+    /// The guest NIC's MAC address ("aa:bb:cc:dd:ee:ff").
+    pub mac: String,
+}
+
+/// The VM's files: its sockets, console and process logs, in one directory nothing else uses.
+#[derive(Debug, Clone)]
+pub struct VmDir(PathBuf);
+
+impl VmDir {
+    pub fn new(path: impl Into<PathBuf>) -> VmDir {
+        VmDir(path.into())
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    /// The hybrid vsock socket: `CONNECT <port>` reaches the guest.
+    pub fn vsock(&self) -> PathBuf {
+        self.0.join("vsock.sock")
+    }
+    /// The guest's serial console.
+    pub fn console(&self) -> PathBuf {
+        self.0.join("console.log")
+    }
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+/// A started VM's processes, as a hypervisor hands them over.
+pub struct Launched {
+    /// QEMU or hull-vmm.
+    pub vmm: Command,
+    /// Its own log in the VM directory.
+    pub vmm_log: &'static str,
+    /// Device backends, already serving (vsock first).
+    pub backends: Vec<Watched>,
+}
+
+/// What runs a pod VM.
+#[async_trait::async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// For logs and errors.
+    fn name(&self) -> &'static str;
+    /// Starts whatever must serve before the VMM (device backends) and returns the VMM's
+    /// command, its hybrid vsock socket at `dir.vsock()` and its console at `dir.console()`.
+    async fn prepare(&self, spec: &VmSpec, dir: &VmDir) -> Result<Launched, HypervisorError>;
+}
+
+pub(crate) fn exists(what: &'static str, p: &Path) -> Result<(), HypervisorError> {
+    if p.exists() { Ok(()) } else { Err(HypervisorError::Missing { what, path: p.into() }) }
+}
+
+/// A log file in the VM directory as stdout and stderr of a child: the VMM's and backends' own
+/// messages go beside the console, not to the terminal of whoever runs the container.
+pub(crate) fn log_to(cmd: &mut Command, dir: &VmDir, name: &str) -> Result<(), HypervisorError> {
+    let path = dir.file(name);
+    let log_err = |source| HypervisorError::Log { path: path.clone(), source };
+    let f = std::fs::File::create(&path).map_err(log_err)?;
+    let g = f.try_clone().map_err(log_err)?;
+    cmd.stdin(Stdio::null()).stdout(f).stderr(g);
+    Ok(())
+}
+
+/// The descriptor number the VMM (QEMU or hull-vmm) finds the tap at.
+pub const TAP_FD: RawFd = 3;
+
+/// Makes the child of `cmd` find `fd` (the caller's tap) at TAP_FD.
+pub(crate) fn pass_tap(cmd: &mut Command, fd: RawFd) {
+    // SAFETY: the closure runs in the forked child before exec and calls only dup2 and
+    // fcntl, which are async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.as_std_mut().pre_exec(move || {
+            // dup2 onto itself would keep FD_CLOEXEC: clear it instead.
+            let r = if fd == TAP_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, TAP_FD) };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A child process whose exit is published as it happens: a task owns it, reaps it, and kills
+/// it when asked (or when the runtime goes away: kill_on_drop).
+pub struct Watched {
+    pid: u32,
+    status: watch::Receiver<Option<ExitStatus>>,
+    kill: Arc<Notify>,
+}
+
+impl Watched {
+    /// Spawns `cmd`; must run inside a tokio runtime.
+    pub fn spawn(cmd: &mut Command, what: &'static str) -> Result<Watched, HypervisorError> {
+        let mut child = cmd.kill_on_drop(true).spawn().map_err(|source| HypervisorError::Spawn { what, source })?;
+        let pid = child.id().unwrap_or(0);
+        let (tx, status) = watch::channel(None);
+        let kill = Arc::new(Notify::new());
+        let asked = kill.clone();
+        tokio::spawn(async move {
+            let exited = tokio::select! {
+                s = child.wait() => Some(s),
+                _ = asked.notified() => None,
+            };
+            let status = match exited {
+                Some(s) => s,
+                None => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            match status {
+                Ok(s) => {
+                    tx.send_replace(Some(s));
+                }
+                Err(e) => tracing::error!(pid, error = %e, "cannot wait for a VM process"),
+            }
+        });
+        Ok(Watched { pid, status, kill })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// How it exited, if it has.
+    pub fn exited(&self) -> Option<ExitStatus> {
+        *self.status.borrow()
+    }
+
+    /// Waits for it to exit, at most `limit`.
+    pub async fn wait(&self, limit: Duration) -> Option<ExitStatus> {
+        let mut rx = self.status.clone();
+        let status = tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await.ok()?.ok()?;
+        *status
+    }
+
+    /// Waits for it to exit, however long that takes.
+    pub async fn ended(&self) -> Option<ExitStatus> {
+        let mut rx = self.status.clone();
+        let status = rx.wait_for(Option::is_some).await.ok()?;
+        *status
+    }
+
+    /// Kills it (if it still runs) and waits until it is reaped.
+    pub async fn kill(&self) -> Option<ExitStatus> {
+        if self.exited().is_none() {
+            self.kill.notify_one();
+        }
+        self.ended().await
+    }
+}
+
+/// A running pod VM: the VMM, its device backends and the way to its agent.
+pub struct Vm {
+    dir: VmDir,
+    vmm: Watched,
+    /// The VMM's own log in `dir`.
+    vmm_log: &'static str,
+    /// The vhost-user backends: vsock first, then fs if a directory is shared.
+    backends: Vec<Watched>,
+}
+
+impl Vm {
+    /// Starts the VM under `hypervisor` with its files in `dir`. On failure nothing is left
+    /// running.
+    pub async fn start(hypervisor: &dyn Hypervisor, spec: &VmSpec, dir: VmDir) -> Result<Vm, HypervisorError> {
+        exists("The guest kernel", &spec.kernel)?;
+        exists("The guest initramfs", &spec.initramfs)?;
+        if let Some(share) = &spec.share {
+            exists("The shared directory", &share.dir)?;
+        }
+        let _ = std::fs::remove_file(dir.vsock());
+        let Launched { mut vmm, vmm_log, backends } = hypervisor.prepare(spec, &dir).await?;
+        let vmm = match log_to(&mut vmm, &dir, vmm_log).and_then(|()| Watched::spawn(&mut vmm, hypervisor.name())) {
+            Ok(v) => v,
+            Err(e) => {
+                for b in &backends {
+                    b.kill().await;
+                }
+                return Err(e);
+            }
+        };
+        Ok(Vm { dir, vmm, vmm_log, backends })
+    }
+
+    pub fn dir(&self) -> &VmDir {
+        &self.dir
+    }
+
+    /// The last lines of the guest console: they say why a boot failed.
+    pub fn console_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.console()).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Waits until the agent answers Check over vsock; returns a connection to it.
+    pub async fn wait_for_agent(&self, timeout: Duration) -> Result<AgentConn, HypervisorError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.vmm.exited() {
+                let log = std::fs::read_to_string(self.dir.file(self.vmm_log)).unwrap_or_default();
+                let console = format!("{}\n{}", log.trim_end(), self.console_tail());
+                return Err(HypervisorError::VmmExited { status: status.to_string(), console });
+            }
+            if let Ok(conn) = AgentConn::connect_hybrid_vsock(&self.dir.vsock()).await {
+                if conn.check().await.unwrap_or(false) {
+                    return Ok(conn);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(HypervisorError::AgentTimeout { secs: timeout.as_secs(), console: self.console_tail() });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The VMM's exit status, if it has exited (it died, or the guest powered off).
+    pub fn exited(&self) -> Option<ExitStatus> {
+        self.vmm.exited()
+    }
+
+    /// Waits for the VMM to exit on its own, at most `limit`.
+    pub async fn wait_exit(&self, limit: Duration) -> Option<ExitStatus> {
+        self.vmm.wait(limit).await
+    }
+
+    /// Waits until the VMM has exited, however long that takes.
+    pub async fn ended(&self) -> Option<ExitStatus> {
+        self.vmm.ended().await
+    }
+
+    /// How each backend (vsock first, then fs) has exited, if it has.
+    pub fn backends_exited(&self) -> Vec<Option<ExitStatus>> {
+        self.backends.iter().map(Watched::exited).collect()
+    }
+
+    /// Waits up to `limit` for every backend to exit; returns how each did.
+    pub async fn backends_wait(&self, limit: Duration) -> Vec<Option<ExitStatus>> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        for b in &self.backends {
+            out.push(b.wait(deadline.saturating_duration_since(tokio::time::Instant::now())).await);
+        }
+        out
+    }
+
+    /// Kills the VMM and the backends and waits until they are reaped.
+    pub async fn kill(&self) {
+        for p in std::iter::once(&self.vmm).chain(&self.backends) {
+            p.kill().await;
+        }
+    }
+
+    /// The VMM's pid: what containerd sees as the pid of every task of the pod.
+    pub fn vmm_pid(&self) -> u32 {
+        self.vmm.pid()
+    }
+
+    /// Every process of the VM, the VMM first.
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(&self.vmm).chain(&self.backends).map(Watched::pid).collect()
+    }
+}

@@ -1,0 +1,188 @@
+//! A pod: one microVM with its agent, its share and its network, booted and destroyed the same
+//! way for the shim and for `hull run`.
+//!
+//! - `state`: the pod's state directory (sole owner of its layout).
+//! - `share`: what the guest sees of the host (the virtio-fs share).
+//! - `network`: the pod's CNI interface carried into the VM.
+//! - `spec`: a container's OCI spec rewritten for the guest, and the VM's size.
+
+pub mod network;
+pub mod share;
+pub mod spec;
+pub mod state;
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::agent::{AgentConn, ClientError};
+use crate::config::Config;
+use crate::host::{Host, HostError};
+use crate::hypervisor::{Binaries, Engine, HypervisorError, Nic, Share, Vm, VmSpec};
+use network::{NetworkError, PodNetwork};
+use state::{PodDir, StateError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("{0} Set hypervisor = \"qemu\" or \"auto\".")]
+    Engine(#[from] HostError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("The pod VM did not boot: {0}")]
+    Boot(#[from] HypervisorError),
+    #[error("The pod's agent refused the sandbox: {0}")]
+    Agent(#[from] ClientError),
+    #[error("The pod's network cannot reach its VM: {0}")]
+    Network(#[from] NetworkError),
+}
+
+/// What a pod is booted with, besides the config.
+pub struct PodSpec<'a> {
+    pub id: &'a str,
+    pub hostname: &'a str,
+    /// The pod's network namespace (CRI's, from the sandbox spec); its interface is carried
+    /// into the VM.
+    pub netns: Option<&'a Path>,
+}
+
+pub struct Pod {
+    pub id: String,
+    pub dir: PodDir,
+    pub conn: Arc<AgentConn>,
+    pub vmm_pid: u32,
+    /// What runs the VM, and why it was chosen.
+    pub engine: Engine,
+    pub engine_why: &'static str,
+    /// debug_console: keep the console log beside the state directory when the pod ends.
+    keep_console: bool,
+    vm: Vm,
+}
+
+impl Pod {
+    /// Boots the pod's VM and creates the sandbox in its agent. On failure nothing is left:
+    /// the VM's processes are killed and the state directory is removed.
+    pub async fn boot(config: &Config, dir: PodDir, spec: PodSpec<'_>) -> Result<Pod, PodError> {
+        let result = Self::boot_vm(config, &dir, &spec).await;
+        if result.is_err() {
+            cleanup_pod(&dir);
+        }
+        result
+    }
+
+    async fn boot_vm(config: &Config, dir: &PodDir, spec: &PodSpec<'_>) -> Result<Pod, PodError> {
+        let id = spec.id;
+        let (engine, why) = Host::probe().engine(config.hypervisor)?;
+        tracing::info!(sandbox_id = %id, hypervisor = ?config.hypervisor, engine = ?engine, why, vcpus = config.vcpus, memory_mib = config.memory_mib, "booting the pod VM");
+        dir.create()?;
+        let started = Instant::now();
+        let net: Option<PodNetwork> = match spec.netns {
+            Some(ns) => {
+                // Recorded first: whatever setup leaves, cleanup_pod can find.
+                dir.record_netns(ns)?;
+                let ns = ns.to_path_buf();
+                tokio::task::spawn_blocking(move || network::setup(&ns)).await.map_err(NetworkError::Thread)??
+            }
+            None => None,
+        };
+        let vm_spec = VmSpec {
+            kernel: config.kernel.clone(),
+            initramfs: config.initramfs.clone(),
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            guest_cid: 3,
+            cmdline_extra: if config.debug_console { vec!["loglevel=7".into()] } else { vec![] },
+            vmm_extra: vec![],
+            share: Some(Share { tag: share::FS_TAG.into(), dir: dir.shared() }),
+            nic: net.as_ref().map(|n| Nic { tap_fd: n.tap.as_raw_fd(), mac: n.mac.clone() }),
+        };
+        let binaries = Binaries { qemu: config.qemu.clone(), vmm: config.vmm.clone() };
+        let vm = Vm::start(engine.hypervisor(&binaries).as_ref(), &vm_spec, dir.vm()).await?;
+        // Recorded before the wait: a shim killed mid-boot still leaves pids `delete` can end.
+        if let Err(e) = dir.write_pids(&vm.pids()) {
+            vm.kill().await;
+            return Err(e.into());
+        }
+        let conn = match vm.wait_for_agent(Duration::from_secs(config.boot_timeout_secs)).await {
+            Ok(c) => c,
+            Err(e) => {
+                vm.kill().await;
+                return Err(e.into());
+            }
+        };
+        let mut req = hull_proto::agent::CreateSandboxRequest::new();
+        req.sandbox_id = id.into();
+        req.hostname = spec.hostname.into();
+        if let Some(net) = net {
+            // The VMM has its own copy of the tap now; ours would keep it alive after the VMM.
+            drop(net.tap);
+            req.interfaces.push(net.interface);
+            req.routes = net.routes;
+        }
+        if let Err(e) = conn.create_sandbox(&req).await {
+            vm.kill().await;
+            return Err(e.into());
+        }
+        tracing::info!(sandbox_id = %id, ready_ms = started.elapsed().as_millis() as u64, "pod VM ready");
+        Ok(Pod { id: id.into(), dir: dir.clone(), conn: Arc::new(conn), vmm_pid: vm.vmm_pid(), engine, engine_why: why, keep_console: config.debug_console, vm })
+    }
+
+    /// Whether the VM has exited (the VMM died or the guest powered off), and how.
+    pub fn exited(&self) -> Option<String> {
+        self.vm.exited().map(|s| s.to_string())
+    }
+
+    /// Waits until the VM has exited; says how.
+    pub async fn ended(&self) -> String {
+        self.vm.ended().await.map(|s| s.to_string()).unwrap_or_else(|| "an unknown status".into())
+    }
+
+    /// Ends the VM: DestroySandbox (the guest powers off), then whatever is left is killed;
+    /// the share and state directory go. Says whether the guest powered off by itself.
+    pub async fn destroy(&self) -> bool {
+        let started = Instant::now();
+        // The agent may power off before its reply leaves: do not wait for the reply, wait
+        // for the VM to exit.
+        let conn = self.conn.clone();
+        let ask = tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(3), conn.destroy_sandbox(1)).await;
+        });
+        let powered_off = self.vm.wait_exit(Duration::from_secs(10)).await.is_some();
+        if !powered_off {
+            tracing::warn!(sandbox_id = %self.id, "the pod VM did not power off; killing it");
+        }
+        ask.abort();
+        self.vm.kill().await;
+        if self.keep_console {
+            let kept = self.dir.kept_console();
+            let _ = std::fs::copy(self.dir.vm().console(), &kept);
+            tracing::info!(sandbox_id = %self.id, console = ?kept, "guest console kept");
+        }
+        cleanup_pod(&self.dir);
+        tracing::info!(sandbox_id = %self.id, took_ms = started.elapsed().as_millis() as u64, "pod VM destroyed");
+        powered_off
+    }
+}
+
+/// Ends a pod's processes (from its pid file), removes its tap and filters, unmounts its share
+/// and removes its state directory.
+pub fn cleanup_pod(dir: &PodDir) {
+    for pid in dir.pids() {
+        if pid > 1 && is_ours(pid) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    if let Some(ns) = dir.netns() {
+        if let Err(e) = network::teardown(&ns) {
+            tracing::warn!(netns = ?ns, error = %e, "cannot remove the pod's tap and filters");
+        }
+    }
+    share::umount_tree(&dir.shared());
+    let _ = std::fs::remove_dir_all(dir.path());
+}
+
+/// A pid from the file is only killed if it still is QEMU or hull-vmm (pids get reused).
+fn is_ours(pid: u32) -> bool {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    comm.starts_with("qemu") || comm.starts_with("hull-vmm")
+}

@@ -1,0 +1,132 @@
+//! A pod's state directory, `/run/hull/shim/<namespace>/<pod>`, and the only code that knows
+//! its layout: the shim writes it, `containerd-shim-hull-v2 delete` cleans up from it after a
+//! shim died, `hull ps` and `hull exec` read it.
+//!
+//! ```text
+//! <pod>/pids      the VM's host processes, VMM first (written before the boot is waited for)
+//! <pod>/netns     the pod's network namespace, when the VM has a NIC there
+//! <pod>/shared/   the host side of the guest's virtio-fs share: one directory per container
+//! <pod>/vm/       the VM's sockets (vsock.sock), console and process logs
+//! <pod>.console.log  the console kept after the pod ended (debug_console)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use crate::hypervisor::VmDir;
+
+/// Where the shim keeps its pods.
+pub const STATE_ROOT: &str = "/run/hull/shim";
+
+#[derive(Debug, thiserror::Error)]
+#[error("Cannot write the pod's state {path:?}: {source}.")]
+pub struct StateError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+#[derive(Debug, Clone)]
+pub struct PodDir {
+    path: PathBuf,
+}
+
+const PIDS: &str = "pids";
+const NETNS: &str = "netns";
+const SHARED: &str = "shared";
+const VM: &str = "vm";
+
+fn write(path: PathBuf, bytes: &[u8]) -> Result<(), StateError> {
+    std::fs::write(&path, bytes).map_err(|source| StateError { path, source })
+}
+
+impl PodDir {
+    /// The directory of pod `pod` in containerd namespace `namespace`.
+    pub fn new(namespace: &str, pod: &str) -> PodDir {
+        PodDir::at(Path::new(STATE_ROOT).join(namespace).join(pod))
+    }
+
+    /// A pod directory somewhere else (`hull run` keeps one per run).
+    pub fn at(path: impl Into<PathBuf>) -> PodDir {
+        PodDir { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The pod's id: the directory's name.
+    pub fn id(&self) -> String {
+        self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
+    /// Creates the directory with its `shared/` and `vm/`.
+    pub fn create(&self) -> Result<(), StateError> {
+        for d in [self.shared(), self.vm().path().to_path_buf()] {
+            std::fs::create_dir_all(&d).map_err(|source| StateError { path: d, source })?;
+        }
+        Ok(())
+    }
+
+    /// The host side of the guest's share.
+    pub fn shared(&self) -> PathBuf {
+        self.path.join(SHARED)
+    }
+
+    pub fn vm(&self) -> VmDir {
+        VmDir::new(self.path.join(VM))
+    }
+
+    /// Where the console is kept when the pod ends (beside the directory, which goes).
+    pub fn kept_console(&self) -> PathBuf {
+        self.path.with_extension("console.log")
+    }
+
+    pub fn write_pids(&self, pids: &[u32]) -> Result<(), StateError> {
+        let text: Vec<String> = pids.iter().map(u32::to_string).collect();
+        write(self.path.join(PIDS), text.join("\n").as_bytes())
+    }
+
+    /// The recorded pids, VMM first.
+    pub fn pids(&self) -> Vec<u32> {
+        let text = std::fs::read_to_string(self.path.join(PIDS)).unwrap_or_default();
+        text.lines().filter_map(|l| l.trim().parse().ok()).collect()
+    }
+
+    /// When the pod's VM was started (the pid file's time).
+    pub fn started(&self) -> Option<std::time::SystemTime> {
+        std::fs::metadata(self.path.join(PIDS)).and_then(|m| m.modified()).ok()
+    }
+
+    pub fn record_netns(&self, netns: &Path) -> Result<(), StateError> {
+        write(self.path.join(NETNS), netns.as_os_str().as_encoded_bytes())
+    }
+
+    pub fn netns(&self) -> Option<PathBuf> {
+        std::fs::read_to_string(self.path.join(NETNS)).ok().map(|s| PathBuf::from(s.trim()))
+    }
+
+    /// The containers that have a directory in the share.
+    pub fn containers(&self) -> Vec<String> {
+        dir_names(&self.shared())
+    }
+
+    /// Every pod directory under the state root, by namespace.
+    pub fn all() -> Vec<(String, PodDir)> {
+        let root = Path::new(STATE_ROOT);
+        let mut out = Vec::new();
+        for namespace in dir_names(root) {
+            for id in dir_names(&root.join(&namespace)) {
+                out.push((namespace.clone(), PodDir::new(&namespace, &id)));
+            }
+        }
+        out
+    }
+}
+
+fn dir_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).filter_map(|e| e.file_name().into_string().ok()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
