@@ -15,11 +15,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout;
 use crate::config::{Devices, DiskConfig, NicConfig, ShareConfig, TapSource, VsockConfig};
-use crate::devices::legacy::bus::BusError;
+use crate::devices::bus::BusError;
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::legacy::serial::{SerialConsole, COM1_BASE, COM1_IRQ};
 use crate::devices::legacy::PioBus;
-use crate::devices::mmio_bus::MmioBusError;
 use crate::devices::virtio::{self, InterruptLine, MmioTransport, VirtioDevice};
 use crate::devices::MmioBus;
 use crate::vstate::vm::Vm;
@@ -54,7 +53,7 @@ pub enum AttachError {
     #[error("Cannot set up the virtio device {name}: {source}.")]
     Transport { name: String, source: virtio::mmio::MmioError },
     #[error("Cannot set up the virtio device {name}: {source}.")]
-    Bus { name: String, source: MmioBusError },
+    Bus { name: String, source: BusError },
     #[error("A VM can have at most {max} virtio devices; {asked} were asked for.")]
     TooManyDevices { asked: usize, max: usize },
 }
@@ -69,13 +68,13 @@ pub fn attach_legacy_devices(vm: &Vm, pio: &mut PioBus, console: Box<dyn Write +
 pub fn attach_serial(vm: &Vm, pio: &mut PioBus, console: Box<dyn Write + Send>) -> Result<(), AttachError> {
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| AttachError::LegacyEventFd { what: "serial interrupt", source })?;
     vm.fd.register_irqfd(&irq, COM1_IRQ).map_err(|source| AttachError::LegacyIrqfd { what: "serial interrupt", source })?;
-    pio.insert(COM1_BASE, 8, Arc::new(Mutex::new(SerialConsole::new(irq, console))))
+    pio.insert(COM1_BASE.into(), 8, Arc::new(Mutex::new(SerialConsole::new(irq, console))))
         .map_err(|source| AttachError::LegacyBus { what: "serial console", source })
 }
 
 /// The i8042, whose reset line is how the guest reboots.
 pub fn attach_i8042(pio: &mut PioBus) -> Result<(), AttachError> {
-    pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::default())))
+    pio.insert(I8042_BASE.into(), I8042_LEN.into(), Arc::new(Mutex::new(I8042::default())))
         .map_err(|source| AttachError::LegacyBus { what: "i8042", source })
 }
 

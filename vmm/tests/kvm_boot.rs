@@ -92,18 +92,24 @@ fn tiny_guest_prints_reads_its_zero_page_and_reboots() {
     require_kvm!();
     let dir = tempfile::tempdir().expect("tempdir");
     let kernel = write_kernel(dir.path(), &hello_guest());
-    let console = dir.path().join("console.log");
+    assert_eq!(boot_to_reset(&kernel, &dir.path().join("console.log"), &["--cmdline", "Zcmdline-first-byte"]), "ok HZ\n");
+}
+
+/// Boots `kernel` with 64 MiB and `args` until the guest resets (hull-vmm must exit 0);
+/// returns what it wrote to the console.
+fn boot_to_reset(kernel: &std::path::Path, console: &std::path::Path, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_hull-vmm"))
-        .args(["boot", "--memory-mib", "64", "--cmdline", "Zcmdline-first-byte"])
+        .args(["boot", "--memory-mib", "64"])
+        .args(args)
         .arg("--kernel")
-        .arg(&kernel)
+        .arg(kernel)
         .arg("--console")
-        .arg(&console)
+        .arg(console)
         .output()
         .expect("hull-vmm runs");
-    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    let text = std::fs::read_to_string(console).unwrap_or_default();
     assert!(out.status.success(), "exit {:?}: {} console: {text:?}", out.status, String::from_utf8_lossy(&out.stderr));
-    assert_eq!(text, "ok HZ\n");
+    text
 }
 
 /// Prints the whole command line (through the pointer at rsi+0x228) on COM1, then a newline,
@@ -129,20 +135,7 @@ fn append_adds_words_after_the_command_line_and_its_default() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kernel = write_kernel(dir.path(), &cmdline_guest());
     let console = dir.path().join("console.log");
-    let boot = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_hull-vmm"))
-            .args(["boot", "--memory-mib", "64"])
-            .args(args)
-            .arg("--kernel")
-            .arg(&kernel)
-            .arg("--console")
-            .arg(&console)
-            .output()
-            .expect("hull-vmm runs");
-        let text = std::fs::read_to_string(&console).unwrap_or_default();
-        assert!(out.status.success(), "exit {:?}: {} console: {text:?}", out.status, String::from_utf8_lossy(&out.stderr));
-        text
-    };
+    let boot = |args: &[&str]| boot_to_reset(&kernel, &console, args);
     assert_eq!(boot(&["--cmdline", "first"]), "first\n", "no --append: the command line as given");
     assert_eq!(boot(&["--cmdline", "first", "--append", "two words", "--append", "last"]), "first two words last\n");
     assert_eq!(boot(&["--append", "panic=-1"]), format!("{} panic=-1\n", hull_vmm::config::DEFAULT_CMDLINE));

@@ -255,6 +255,15 @@ impl Watched {
     }
 }
 
+impl Drop for Watched {
+    /// A VM process does not outlive its handle: a VM dropped on an error path is gone too.
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            self.kill.notify_one();
+        }
+    }
+}
+
 /// A running pod VM: the VMM, its device backends and the way to its agent.
 pub struct Vm {
     dir: VmDir,

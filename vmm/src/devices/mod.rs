@@ -1,5 +1,6 @@
 //! Emulated devices.
 
+pub mod bus;
 pub mod legacy;
 pub mod mmio_bus;
 pub mod virtio;

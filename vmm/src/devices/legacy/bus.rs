@@ -1,7 +1,6 @@
-//! The port-I/O bus: which device answers which ports. A port no device claims reads as all
-//! ones and ignores writes, as on a PC with nothing plugged in there; guests probe many.
+//! The port-I/O bus: which legacy device answers which ports.
 
-use std::sync::{Arc, Mutex};
+use crate::devices::bus::Bus;
 
 /// What a port write asks of the VMM beyond the device's own state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,61 +15,32 @@ pub trait PioDevice: Send {
     fn write(&mut self, offset: u16, data: &[u8]) -> IoAction;
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum BusError {
-    #[error("Ports {base:#x}..{end:#x} overlap a device already on the bus.")]
-    Overlap { base: u16, end: u32 },
-}
+pub type PioBus = Bus<dyn PioDevice>;
 
-struct Range {
-    base: u16,
-    len: u16,
-    device: Arc<Mutex<dyn PioDevice>>,
-}
-
-#[derive(Default)]
-pub struct PioBus {
-    ranges: Vec<Range>,
+impl Default for PioBus {
+    fn default() -> PioBus {
+        Bus::new("Ports")
+    }
 }
 
 impl PioBus {
-    pub fn insert(&mut self, base: u16, len: u16, device: Arc<Mutex<dyn PioDevice>>) -> Result<(), BusError> {
-        let end = u32::from(base) + u32::from(len);
-        if self.ranges.iter().any(|r| u32::from(base) < u32::from(r.base) + u32::from(r.len) && u32::from(r.base) < end) {
-            return Err(BusError::Overlap { base, end });
-        }
-        self.ranges.push(Range { base, len, device });
-        Ok(())
-    }
-
-    fn find(&self, port: u16) -> Option<(&Range, u16)> {
-        self.ranges.iter().find(|r| port >= r.base && u32::from(port) < u32::from(r.base) + u32::from(r.len)).map(|r| (r, port - r.base))
-    }
-
     /// Whether a device claimed the port (unclaimed reads give 0xff bytes).
     pub fn read(&self, port: u16, data: &mut [u8]) -> bool {
-        match self.find(port) {
-            Some((r, offset)) => {
-                r.device.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data);
-                true
-            }
-            None => {
-                data.fill(0xff);
-                false
-            }
-        }
+        self.read_with(port.into(), data, |d, offset, data| d.read(offset as u16, data))
     }
 
     /// The device's answer, or None when no device claims the port.
     pub fn write(&self, port: u16, data: &[u8]) -> Option<IoAction> {
-        let (r, offset) = self.find(port)?;
-        Some(r.device.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data))
+        let (mut d, offset) = self.device(port.into())?;
+        Some(d.write(offset as u16, data))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::bus::BusError;
+    use std::sync::{Arc, Mutex};
 
     struct Recorder(Vec<(u16, u8)>);
     impl PioDevice for Recorder {
@@ -88,7 +58,7 @@ mod tests {
         let dev = Arc::new(Mutex::new(Recorder(Vec::new())));
         let mut bus = PioBus::default();
         bus.insert(0x3f8, 8, dev.clone()).expect("insert");
-        assert!(matches!(bus.insert(0x3ff, 2, dev.clone()), Err(BusError::Overlap { .. })));
+        assert!(matches!(bus.insert(0x3ff, 2, dev.clone()), Err(BusError { base: 0x3ff, len: 2, .. })));
         bus.insert(0x400, 1, dev.clone()).expect("adjacent range");
         let mut b = [0u8; 1];
         assert!(bus.read(0x3fa, &mut b));
