@@ -99,8 +99,6 @@ pub enum CliError {
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
     Pod(#[from] hull_runtime::pod::PodError),
-    #[error(transparent)]
-    Share(#[from] hull_runtime::pod::share::ShareError),
     #[error("The VM did not power off after DestroySandbox.")]
     NoPowerOff,
     #[error(transparent)]

@@ -1,6 +1,7 @@
 //! `hull run`: one container in a fresh microVM (or, with `--host`, through a hull-agent on
 //! this host), its output printed, its exit status returned. The VM is a pod booted and
-//! destroyed exactly as the shim does it; the rootfs goes in through the pod's share.
+//! destroyed exactly as the shim does it; its share is the rootfs directory itself (nothing is
+//! copied, and nothing is mounted over the user's directory).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use hull_runtime::agent::{stdio, AgentConn};
 use hull_runtime::config::Config;
 use hull_runtime::image::ImageConfig;
 use hull_runtime::oci::default_spec;
-use hull_runtime::pod::share::{guest_paths, share_rootfs, share_storage};
+use hull_runtime::pod::share::share_storage;
 use hull_runtime::pod::state::PodDir;
 use hull_runtime::pod::{Pod, PodSpec};
 use tokio::io::AsyncReadExt;
@@ -175,23 +176,19 @@ pub async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], image:
         .map_err(|source| CliError::Agent { path: "tempdir".into(), source })?;
     let id = format!("run-{}", std::process::id());
     let t = Instant::now();
-    let pod = Pod::boot(&config, PodDir::at(work.path().join(&id)), PodSpec { id: &id, hostname, netns: None }).await?;
+    let spec = PodSpec { id: &id, hostname, netns: None, share: Some(&rootfs) };
+    let pod = Pod::boot(&config, PodDir::at(work.path().join(&id)), spec).await?;
     if verbose {
         eprintln!("hull: microVM ready in {:.2} s under {:?} ({})", t.elapsed().as_secs_f64(), pod.engine, pod.engine_why);
     }
-    let status = run_in_pod(&pod, &rootfs, command, image).await;
-    if !pod.destroy().await {
+    let args: Vec<&str> = command.iter().map(String::as_str).collect();
+    // The guest mounts the share, the rootfs itself, here.
+    let root = "/run/hull/rootfs";
+    let mut spec = default_spec(&args, root);
+    apply_image(&mut spec, image);
+    let status = run_container(&pod.conn, "run", &spec, vec![share_storage(root)]).await;
+    if !pod.destroy(Duration::from_secs(30)).await {
         return Err(CliError::NoPowerOff);
     }
     status
-}
-
-async fn run_in_pod(pod: &Pod, rootfs: &Path, command: &[String], image: &ImageConfig) -> Result<i32, CliError> {
-    let id = "run";
-    share_rootfs(&pod.dir, id, rootfs)?;
-    let (mount_point, root) = guest_paths(id);
-    let args: Vec<&str> = command.iter().map(String::as_str).collect();
-    let mut spec = default_spec(&args, &root);
-    apply_image(&mut spec, image);
-    run_container(&pod.conn, id, &spec, vec![share_storage(&mount_point)]).await
 }

@@ -25,7 +25,7 @@ use state::{PodDir, StateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
-    #[error("{0} Set hypervisor = \"qemu\" or \"auto\".")]
+    #[error("{0} Choose the qemu or auto hypervisor.")]
     Engine(#[from] HostError),
     #[error(transparent)]
     State(#[from] StateError),
@@ -44,6 +44,10 @@ pub struct PodSpec<'a> {
     /// The pod's network namespace (CRI's, from the sandbox spec); its interface is carried
     /// into the VM.
     pub netns: Option<&'a Path>,
+    /// The host directory the guest sees through virtio-fs: by default the pod's own share
+    /// directory (the shim bind-mounts each container's rootfs into it); `hull run` shares its
+    /// one rootfs directly, so that nothing is mounted over the user's directory.
+    pub share: Option<&'a Path>,
 }
 
 pub struct Pod {
@@ -65,7 +69,8 @@ impl Pod {
     pub async fn boot(config: &Config, dir: PodDir, spec: PodSpec<'_>) -> Result<Pod, PodError> {
         let result = Self::boot_vm(config, &dir, &spec).await;
         if result.is_err() {
-            cleanup_pod(&dir);
+            // Every path out of boot_vm has killed and reaped what it started.
+            remove_state(&dir);
         }
         result
     }
@@ -93,7 +98,7 @@ impl Pod {
             guest_cid: 3,
             cmdline_extra: if config.debug_console { vec!["loglevel=7".into()] } else { vec![] },
             vmm_extra: vec![],
-            share: Some(Share { tag: share::FS_TAG.into(), dir: dir.shared() }),
+            share: Some(Share { tag: share::FS_TAG.into(), dir: spec.share.map(Path::to_path_buf).unwrap_or_else(|| dir.shared()) }),
             nic: net.as_ref().map(|n| Nic { tap_fd: n.tap.as_raw_fd(), mac: n.mac.clone() }),
         };
         let binaries = Binaries { qemu: config.qemu.clone(), vmm: config.vmm.clone() };
@@ -132,14 +137,15 @@ impl Pod {
         self.vm.exited().map(|s| s.to_string())
     }
 
-    /// Waits until the VM has exited; says how.
-    pub async fn ended(&self) -> String {
-        self.vm.ended().await.map(|s| s.to_string()).unwrap_or_else(|| "an unknown status".into())
+    /// Waits until the VM has exited; says how (None: its exit could not be waited for).
+    pub async fn ended(&self) -> Option<String> {
+        self.vm.ended().await.map(|s| s.to_string())
     }
 
-    /// Ends the VM: DestroySandbox (the guest powers off), then whatever is left is killed;
-    /// the share and state directory go. Says whether the guest powered off by itself.
-    pub async fn destroy(&self) -> bool {
+    /// Ends the VM: DestroySandbox (the guest powers off within `power_off`), then whatever is
+    /// left is killed; the share and state directory go. Says whether the guest powered off by
+    /// itself.
+    pub async fn destroy(&self, power_off: Duration) -> bool {
         let started = Instant::now();
         // The agent may power off before its reply leaves: do not wait for the reply, wait
         // for the VM to exit.
@@ -147,7 +153,7 @@ impl Pod {
         let ask = tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(3), conn.destroy_sandbox(1)).await;
         });
-        let powered_off = self.vm.wait_exit(Duration::from_secs(10)).await.is_some();
+        let powered_off = self.vm.wait_exit(power_off).await.is_some();
         if !powered_off {
             tracing::warn!(sandbox_id = %self.id, "the pod VM did not power off; killing it");
         }
@@ -158,20 +164,26 @@ impl Pod {
             let _ = std::fs::copy(self.dir.vm().console(), &kept);
             tracing::info!(sandbox_id = %self.id, console = ?kept, "guest console kept");
         }
-        cleanup_pod(&self.dir);
+        remove_state(&self.dir);
         tracing::info!(sandbox_id = %self.id, took_ms = started.elapsed().as_millis() as u64, "pod VM destroyed");
         powered_off
     }
 }
 
-/// Ends a pod's processes (from its pid file), removes its tap and filters, unmounts its share
-/// and removes its state directory.
+/// What `containerd-shim-hull-v2 delete` does after a shim died: ends the pod's processes
+/// (from its pid file; nothing reaps them any more) and removes its state.
 pub fn cleanup_pod(dir: &PodDir) {
     for pid in dir.pids() {
         if pid > 1 && is_ours(pid) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
     }
+    remove_state(dir);
+}
+
+/// Removes the pod's tap and filters, unmounts its share and removes its state directory.
+/// Its processes are gone already.
+fn remove_state(dir: &PodDir) {
     if let Some(ns) = dir.netns() {
         if let Err(e) = network::teardown(&ns) {
             tracing::warn!(netns = ?ns, error = %e, "cannot remove the pod's tap and filters");

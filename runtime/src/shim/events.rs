@@ -71,7 +71,10 @@ pub fn watch_pod(pod: Arc<Pod>, containers: Containers, events: Events) {
     let oom_pod = pod.clone();
     let oom_events = events.clone();
     tokio::spawn(async move {
-        let why = pod.ended().await;
+        let Some(why) = pod.ended().await else {
+            tracing::error!(sandbox_id = %pod.id, "cannot wait for the pod VM's exit; its processes are no longer watched");
+            return;
+        };
         let exits = containers.exit_all(255);
         tracing::error!(sandbox_id = %pod.id, status = %why, processes = exits.len(), "the pod VM exited");
         for (id, exec_id, exit) in exits {

@@ -28,6 +28,10 @@ use crate::pod::{Pod, PodSpec};
 
 type TtrpcResult<T> = ttrpc::Result<T>;
 
+/// How long a pod's guest gets to power off after DestroySandbox before it is killed: the
+/// agent stops every container within its 1 s grace first.
+const POWER_OFF: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
 }
@@ -70,7 +74,7 @@ impl TaskService {
         if !self.retired.swap(true, Ordering::SeqCst) {
             let _ = std::fs::remove_file(&self.socket);
         }
-        let _ = pod.destroy().await;
+        let _ = pod.destroy(POWER_OFF).await;
     }
 
     fn pod(&self) -> TtrpcResult<Arc<Pod>> {
@@ -95,7 +99,7 @@ impl TaskService {
                 (config.vcpus, config.memory_mib) = spec::vm_size(spec, config.vcpus, config.memory_mib);
                 let hostname = spec.get("hostname").and_then(|h| h.as_str()).unwrap_or(pod_id);
                 let netns = crate::pod::network::netns_path(spec);
-                let pod = Pod::boot(&config, PodDir::new(&self.namespace, pod_id), PodSpec { id: pod_id, hostname, netns: netns.as_deref() })
+                let pod = Pod::boot(&config, PodDir::new(&self.namespace, pod_id), PodSpec { id: pod_id, hostname, netns: netns.as_deref(), share: None })
                     .await
                     .map(Arc::new)
                     .map_err(|e| status(Code::UNAVAILABLE, format!("pod {pod_id}: {e}")))?;
