@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
 use hull_proto::agent::{Interface, Route};
+use hull_proto::mac::Mac;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
@@ -21,7 +22,7 @@ pub enum NetworkError {
     #[error("Cannot talk netlink in the guest: {0}.")]
     Netlink(#[from] rtnetlink::Error),
     #[error("The interface {name} has an invalid MAC address {mac:?}.")]
-    BadMac { name: String, mac: String },
+    BadMac { name: String, mac: String, source: hull_proto::mac::MacError },
     #[error("No guest NIC has the MAC address {mac} of the pod's interface {name} (the VM was started without it?).")]
     NoNic { name: String, mac: String },
     #[error("The interface name {0:?} is not valid (1 to 15 characters, no '/' or whitespace).")]
@@ -37,11 +38,8 @@ pub enum NetworkError {
 }
 
 fn parse_mac(name: &str, mac: &str) -> Result<Vec<u8>, NetworkError> {
-    let bytes: Result<Vec<u8>, _> = mac.split(':').map(|b| u8::from_str_radix(b, 16)).collect();
-    match bytes {
-        Ok(b) if b.len() == 6 && mac.len() == 17 => Ok(b),
-        _ => Err(NetworkError::BadMac { name: name.into(), mac: mac.into() }),
-    }
+    let parsed: Mac = mac.parse().map_err(|source| NetworkError::BadMac { name: name.into(), mac: mac.into(), source })?;
+    Ok(parsed.0.to_vec())
 }
 
 /// "10.0.0.0/8" -> (10.0.0.0, 8), checking the prefix fits the family.

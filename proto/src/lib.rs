@@ -30,6 +30,7 @@ pub mod generated {
 pub use generated::{agent, agent_ttrpc, health, health_ttrpc, runtimeoptions};
 
 pub mod hvsock;
+pub mod mac;
 pub mod stdio;
 
 /// Bumped on incompatible changes to the API or the stdio header.

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use futures_util::TryStreamExt;
 use hull_proto::agent::{Interface, IpAddress, Route};
+use hull_proto::mac::Mac;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType};
@@ -141,9 +142,6 @@ async fn pod_link(handle: &Handle) -> Result<Option<Link>, NetworkError> {
     }
 }
 
-pub fn format_mac(mac: &[u8]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-}
 
 fn address_of(m: &AddressMessage) -> Option<IpAddress> {
     // For IPv4, IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer's on
@@ -218,14 +216,14 @@ pub fn setup(netns: &Path) -> Result<Option<PodNetwork>, NetworkError> {
         // A tap left by a shim that was killed: its fd is gone, but tc state may not be.
         remove(&handle).await?;
         let Some(link) = pod_link(&handle).await? else { return Ok(None) };
-        if link.mac.len() != 6 {
+        let Ok(mac) = Mac::try_from(link.mac.as_slice()) else {
             return Err(NetworkError::NotEthernet(link.name));
-        }
+        };
         let addrs: Vec<AddressMessage> =
             handle.address().get().set_link_index_filter(link.index).execute().try_collect().await.map_err(NetworkError::Netlink)?;
         let mut interface = Interface::new();
         interface.name = link.name.clone();
-        interface.mac = format_mac(&link.mac);
+        interface.mac = mac.to_string();
         interface.mtu = link.mtu;
         interface.addresses = addrs.iter().filter_map(address_of).collect();
         let mut routes = Vec::new();
@@ -327,11 +325,6 @@ mod tests {
         assert_eq!(netns_path(&json!({"linux": {"namespaces": [{"type": "network"}]}})), None);
         assert_eq!(netns_path(&json!({"linux": {"namespaces": [{"type": "network", "path": ""}]}})), None);
         assert_eq!(netns_path(&json!({})), None);
-    }
-
-    #[test]
-    fn mac_is_formatted_like_ip_link() {
-        assert_eq!(format_mac(&[0x02, 0xab, 0, 1, 0x10, 0xff]), "02:ab:00:01:10:ff");
     }
 
     #[test]

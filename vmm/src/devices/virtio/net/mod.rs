@@ -30,19 +30,11 @@ pub enum NetError {
     Open { name: String, source: std::io::Error },
     #[error("Cannot configure the tap: {0}.")]
     Configure(#[source] std::io::Error),
-    #[error("{0:?} is not a MAC address.")]
-    Mac(String),
+    #[error(transparent)]
+    Mac(#[from] hull_proto::mac::MacError),
 }
 
-/// Parses "aa:bb:cc:dd:ee:ff".
+/// Parses "aa:bb:cc:dd:ee:ff" (`hull_proto::mac`, the form the runtime writes).
 pub fn parse_mac(s: &str) -> Result<[u8; 6], NetError> {
-    let mut mac = [0u8; 6];
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return Err(NetError::Mac(s.into()));
-    }
-    for (b, p) in mac.iter_mut().zip(parts) {
-        *b = u8::from_str_radix(p, 16).map_err(|_| NetError::Mac(s.into()))?;
-    }
-    Ok(mac)
+    Ok(s.parse::<hull_proto::mac::Mac>()?.0)
 }
