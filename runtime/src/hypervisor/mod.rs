@@ -344,11 +344,6 @@ impl Vm {
         self.vmm.ended().await
     }
 
-    /// How each backend (vsock first, then fs) has exited, if it has.
-    pub fn backends_exited(&self) -> Vec<Option<ExitStatus>> {
-        self.backends.iter().map(Watched::exited).collect()
-    }
-
     /// Waits up to `limit` for every backend to exit; returns how each did.
     pub async fn backends_wait(&self, limit: Duration) -> Vec<Option<ExitStatus>> {
         let mut out = Vec::new();
