@@ -103,20 +103,27 @@ impl Pod {
         };
         let binaries = Binaries { qemu: config.qemu.clone(), vmm: config.vmm.clone() };
         let vm = Vm::start(engine.hypervisor(&binaries).as_ref(), &vm_spec, dir.vm()).await?;
-        // Recorded before the wait: a shim killed mid-boot still leaves pids `delete` can end.
-        if let Err(e) = dir.write_pids(&vm.pids()) {
-            vm.kill().await;
-            return Err(e.into());
-        }
-        let conn = match vm.wait_for_agent(Duration::from_secs(config.boot_timeout_secs)).await {
-            Ok(c) => c,
-            Err(e) => {
-                vm.kill().await;
-                return Err(e.into());
+        match Self::ready(config, dir, spec, &vm, net).await {
+            Ok(conn) => {
+                tracing::info!(sandbox_id = %id, ready_ms = started.elapsed().as_millis() as u64, "pod VM ready");
+                Ok(Pod { id: id.into(), dir: dir.clone(), conn: Arc::new(conn), vmm_pid: vm.vmm_pid(), engine, engine_why: why, keep_console: config.debug_console, vm })
             }
-        };
+            Err(e) => {
+                // Killed and reaped before the caller removes the state directory.
+                vm.kill().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// From a started VM to a sandbox in its agent: pids recorded, agent answering, sandbox
+    /// created with the pod's network.
+    async fn ready(config: &Config, dir: &PodDir, spec: &PodSpec<'_>, vm: &Vm, net: Option<PodNetwork>) -> Result<AgentConn, PodError> {
+        // Recorded before the wait: a shim killed mid-boot still leaves pids `delete` can end.
+        dir.write_pids(&vm.pids())?;
+        let conn = vm.wait_for_agent(Duration::from_secs(config.boot_timeout_secs)).await?;
         let mut req = hull_proto::agent::CreateSandboxRequest::new();
-        req.sandbox_id = id.into();
+        req.sandbox_id = spec.id.into();
         req.hostname = spec.hostname.into();
         if let Some(net) = net {
             // The VMM has its own copy of the tap now; ours would keep it alive after the VMM.
@@ -124,14 +131,9 @@ impl Pod {
             req.interfaces.push(net.interface);
             req.routes = net.routes;
         }
-        if let Err(e) = conn.create_sandbox(&req).await {
-            vm.kill().await;
-            return Err(e.into());
-        }
-        tracing::info!(sandbox_id = %id, ready_ms = started.elapsed().as_millis() as u64, "pod VM ready");
-        Ok(Pod { id: id.into(), dir: dir.clone(), conn: Arc::new(conn), vmm_pid: vm.vmm_pid(), engine, engine_why: why, keep_console: config.debug_console, vm })
+        conn.create_sandbox(&req).await?;
+        Ok(conn)
     }
-
     /// Whether the VM has exited (the VMM died or the guest powered off), and how.
     pub fn exited(&self) -> Option<String> {
         self.vm.exited().map(|s| s.to_string())
