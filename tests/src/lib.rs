@@ -3,7 +3,9 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod kvm_host;
 pub mod probe;
+pub mod scenario;
 
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};

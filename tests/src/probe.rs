@@ -21,17 +21,34 @@ pub fn missing_rustc() -> Option<String> {
     None
 }
 
-/// Builds the probe with rustc (static, stripped) and packs it as /init of an initramfs.
-pub fn initramfs(dir: &Path) -> PathBuf {
+/// The probe built with rustc (static, stripped), cached under target/probe by its source's
+/// hash: the L1 KVM host runs its tests under TCG, where rustc would take half a minute.
+pub fn init_binary() -> PathBuf {
+    use sha2::Digest;
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/kvm_probe.rs");
-    let init = dir.join("init");
+    let text = std::fs::read(&src).expect("probe source");
+    let hash: String = sha2::Sha256::digest(&text).iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let cache = crate::guest_image_dir().parent().expect("target dir").join("probe");
+    let init = cache.join(format!("init-{hash}"));
+    if init.exists() {
+        return init;
+    }
+    std::fs::create_dir_all(&cache).expect("probe cache dir");
+    let partial = cache.join(format!("init-{hash}.{}", std::process::id()));
     let out = Command::new("rustc")
         .args(["-O", "-C", "target-feature=+crt-static", "-C", "strip=symbols", "--edition", "2021", "-o"])
-        .arg(&init)
+        .arg(&partial)
         .arg(&src)
         .output()
         .expect("rustc runs");
     assert!(out.status.success(), "building the probe: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::rename(&partial, &init).expect("cache the probe");
+    init
+}
+
+/// The probe as /init of an initramfs in `dir`.
+pub fn initramfs(dir: &Path) -> PathBuf {
+    let init = init_binary();
     let path = dir.join("initramfs.cpio");
     let mut cpio = hull_guest_image::cpio::CpioWriter::new(std::fs::File::create(&path).expect("create initramfs"));
     cpio.dir("dev", 0o755).expect("cpio");

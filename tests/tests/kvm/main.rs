@@ -1,9 +1,8 @@
-//! The slow suites on this machine's real /dev/kvm, in one test binary so that they run side
-//! by side (each keeps one host core busy; where /dev/kvm is kvm_pvm every guest kernel
-//! instruction is emulated and a boot takes minutes):
-//! - `probe`: hull-vmm with hull's kernel and a static probe /init using every virtio-mmio
-//!   device;
-//! - `pod`: a pod on the builtin hypervisor through containerd and the shim.
+//! The suites that need a real KVM, in one test binary. Where this host has none (kvm_pvm),
+//! each runs inside the L1 KVM host (`hull_tests::kvm_host`), one L1 VM at a time:
+//! - `probe`: hull-vmm with hull's kernel, two vCPUs and a static probe /init using every
+//!   virtio-mmio device;
+//! - `pod`: pods on the builtin hypervisor through containerd and the shim, picked by `auto`.
 
 mod pod;
 mod probe;

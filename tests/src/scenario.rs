@@ -1,0 +1,140 @@
+//! What a user does with `ctr`, one scenario each, against a private containerd whose
+//! hull shim picks its engine as it would on this host: containerd_ctr.rs runs them here (QEMU
+//! where /dev/kvm is kvm_pvm), kvm/pod.rs on a real KVM (the builtin engine).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::containerd::{Containerd, IMAGE};
+
+pub const RUNTIME: &str = "io.containerd.hull.v2";
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A private containerd without CRI, with the busybox image.
+pub fn containerd() -> Containerd {
+    let c = Containerd::start("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]").expect("containerd starts");
+    c.import_busybox().expect("image import");
+    c
+}
+
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// Output and exit codes, the VM sized from the container's limit, and a long-running task:
+/// exec (plain and tty), ps, metrics, pause/resume, SIGTERM of an exec, SIGKILL of the task.
+pub fn lifecycle(c: &Containerd) {
+    // Output and exit status through containerd.
+    let t = Instant::now();
+    let out = c
+        .ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "hello", "sh", "-c", "echo hello from $(hostname) on $(uname -r); echo to-stderr >&2; exit 3"])
+        .expect("ctr runs");
+    eprintln!("ctr run (VM boot + container): {:.2} s", t.elapsed().as_secs_f64());
+    assert_eq!(out.status.code(), Some(3), "stdout: {} stderr: {} log: {}", text(&out.stdout), text(&out.stderr), c.log());
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("hello from hello on ") && stdout.trim_end().ends_with("-hull"), "{stdout}");
+    assert!(text(&out.stderr).contains("to-stderr"), "{}", text(&out.stderr));
+    let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "zero", "true"]).expect("ctr runs");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    // The VM is sized from the pod: the default 256 MiB, plus the container's 256 MiB limit.
+    // Both runs use one id: the second starts while the first one's shim may still be exiting.
+    let mem_total_mib = |args: &[&str]| {
+        let mut cmd = vec!["run", "--rm", "--runtime", RUNTIME];
+        cmd.extend_from_slice(args);
+        cmd.extend_from_slice(&[IMAGE, "sized", "sh", "-c", "grep MemTotal /proc/meminfo"]);
+        let out = c.ctr(&cmd).expect("ctr runs");
+        let t = text(&out.stdout);
+        t.split_whitespace().nth(1).and_then(|kib| kib.parse::<u64>().ok()).map(|kib| kib / 1024).unwrap_or_else(|| panic!("{t} {}", text(&out.stderr)))
+    };
+    let (plain, limited) = (mem_total_mib(&[]), mem_total_mib(&["--memory-limit", "268435456"]));
+    assert!(plain < 256 && limited > 256 && limited - plain > 200, "MemTotal without a limit {plain} MiB, with 256 MiB {limited} MiB");
+    assert!(wait_until(Duration::from_secs(10), || c.pod_processes().is_empty()), "VMs left after --rm: {:?}", c.pod_processes());
+
+    // A long-running task: exec (plain and tty), ps, metrics, pause/resume; SIGTERM ends an
+    // exec with 143 (a container's PID 1 ignores SIGTERM without a handler, as under runc);
+    // SIGKILL ends the task with 137.
+    let id = "long";
+    let mut run = c
+        .ctr_cmd(&["run", "--rm", "--runtime", RUNTIME, IMAGE, id, "sleep", "1000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr run");
+    let state = |want: &str| c.ctr(&["tasks", "ls"]).is_ok_and(|o| text(&o.stdout).lines().any(|l| l.starts_with(id) && l.contains(want)));
+    assert!(wait_until(Duration::from_secs(120), || state("RUNNING")), "task {id} never ran: {}", c.log());
+    let out = c.ctr(&["tasks", "exec", "--exec-id", "e1", id, "sh", "-c", "echo in exec; pidof sleep >/dev/null && echo sees the sleep; exit 5"]).expect("exec");
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "in exec\nsees the sleep\n");
+    // With a terminal (script gives ctr the tty it insists on).
+    let ctr = format!("{} --address {} --namespace {}", crate::containerd::CTR, c.socket.display(), c.namespace);
+    let out = Command::new("script")
+        .args(["-qec", &format!("{ctr} tasks exec -t --exec-id e2 {id} sh -c 'tty; stty size'"), "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script");
+    let printed = text(&out.stdout);
+    assert!(printed.contains("/dev/pts/"), "tty exec: {printed:?} {}", text(&out.stderr));
+    let out = c.ctr(&["tasks", "ps", id]).expect("ps");
+    let listing = text(&out.stdout);
+    let pids: Vec<u32> = listing.lines().skip(1).filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect();
+    assert!(!pids.is_empty(), "ps: {listing}");
+    let out = c.ctr(&["tasks", "metrics", id]).expect("metrics");
+    let metrics = text(&out.stdout);
+    assert!(out.status.success() && metrics.contains("memory"), "metrics: {metrics} {}", text(&out.stderr));
+    assert!(c.ctr(&["tasks", "pause", id]).unwrap().status.success());
+    assert!(state("PAUSED"));
+    assert!(c.ctr(&["tasks", "resume", id]).unwrap().status.success());
+    assert!(state("RUNNING"));
+
+    let mut exec = c.ctr_cmd(&["tasks", "exec", "--exec-id", "e3", id, "sleep", "1000"]).spawn().expect("exec");
+    // Until the exec has started, killing it is refused; then SIGTERM ends it.
+    let killed = wait_until(Duration::from_secs(30), || {
+        c.ctr(&["tasks", "kill", "-s", "SIGTERM", "--exec-id", "e3", id]).is_ok_and(|o| o.status.success())
+    });
+    assert!(killed, "the exec never became killable: {}", c.log());
+    assert_eq!(exec.wait().expect("exec exits").code(), Some(143), "SIGTERM");
+
+    let out = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]).expect("kill");
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+    assert_eq!(run.wait().expect("ctr run exits").code(), Some(137), "SIGKILL");
+    assert!(wait_until(Duration::from_secs(10), || c.pod_processes().is_empty()), "VMs left: {:?}", c.pod_processes());
+}
+
+/// The VMM dies under a running task (a crash, or the OOM killer): the task ends with a
+/// non-zero status and nothing of the pod is left.
+pub fn vmm_death(c: &Containerd) {
+    let id = "vmmdies";
+    let mut run = c
+        .ctr_cmd(&["run", "--rm", "--runtime", RUNTIME, IMAGE, id, "sleep", "1000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr run");
+    let running = || c.ctr(&["tasks", "ls"]).is_ok_and(|o| text(&o.stdout).lines().any(|l| l.starts_with(id) && l.contains("RUNNING")));
+    assert!(wait_until(Duration::from_secs(120), running), "task {id} never ran: {}", c.log());
+    // The VMM: QEMU, or hull-vmm's `boot` (not its vhost-user backends).
+    let vmm = c
+        .pod_processes()
+        .into_iter()
+        .find(|p| p.split_whitespace().nth(1).is_some_and(|exe| exe.contains("qemu-system") || exe.ends_with("hull-vmm")) && !p.contains(" vhost-user "))
+        .unwrap_or_else(|| panic!("no VMM among {:?}", c.pod_processes()));
+    let pid: i32 = vmm.split_whitespace().next().and_then(|p| p.parse().ok()).expect("the VMM's pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill the VMM");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(run.wait()));
+    let status = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("ctr run did not end after the VMM died: {}", c.log()));
+    let code = status.expect("ctr run exits").code();
+    assert!(code.is_some_and(|c| c != 0), "a task whose VMM died reports a non-zero exit, got {code:?}");
+    assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left after the VMM died: {:?}", c.pod_processes());
+}
