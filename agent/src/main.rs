@@ -9,6 +9,7 @@ mod helper;
 mod init;
 mod launcher;
 mod network;
+mod peer;
 mod process;
 mod reaper;
 mod sandbox;
@@ -187,9 +188,11 @@ async fn serve(cli: Cli, init_mode: bool) -> Result<(), MainError> {
             let _ = std::fs::remove_file(p);
         }
     }
-    let mut server = ttrpc::r#async::Server::new()
-        .bind(&api.ttrpc())
-        .map_err(serve_err(&api))?
+    let mut server = ttrpc::r#async::Server::new().bind(&api.ttrpc()).map_err(serve_err(&api))?;
+    if let Address::Vsock(_) = api {
+        server = server.set_accept_hook(peer::HostOnly);
+    }
+    let mut server = server
         .register_service(health_ttrpc::create_health(Arc::new(service.clone())))
         .register_service(agent_ttrpc::create_agent(Arc::new(service)));
     spawn_stdio_listener(&stdio_addr, agent.clone())
@@ -238,7 +241,12 @@ impl StdioListener for tokio::net::UnixListener {
 impl StdioListener for tokio_vsock::VsockListener {
     type Stream = tokio_vsock::VsockStream;
     async fn accept_stream(&mut self) -> std::io::Result<Self::Stream> {
-        self.accept().await.map(|(s, _)| s)
+        loop {
+            let (stream, peer) = self.accept().await?;
+            if peer::admit(peer.cid(), "stdio") {
+                return Ok(stream);
+            }
+        }
     }
 }
 

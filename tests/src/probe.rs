@@ -21,29 +21,35 @@ pub fn missing_rustc() -> Option<String> {
     None
 }
 
-/// The probe built with rustc (static, stripped), cached under target/probe by its source's
-/// hash: the L1 KVM host runs its tests under TCG, where rustc would take half a minute.
+/// The probe /init, built and cached by `guest_program`.
 pub fn init_binary() -> PathBuf {
+    guest_program("kvm_probe")
+}
+
+/// `tests/guest/<name>.rs` built with rustc (static, stripped, std only), cached under
+/// target/guest-programs by its source's hash: the L1 KVM host runs its tests under TCG,
+/// where rustc would take half a minute, and containers run these without any library.
+pub fn guest_program(name: &str) -> PathBuf {
     use sha2::Digest;
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/kvm_probe.rs");
-    let text = std::fs::read(&src).expect("probe source");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest").join(format!("{name}.rs"));
+    let text = std::fs::read(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
     let hash: String = sha2::Sha256::digest(&text).iter().take(8).map(|b| format!("{b:02x}")).collect();
-    let cache = crate::guest_image_dir().parent().expect("target dir").join("probe");
-    let init = cache.join(format!("init-{hash}"));
-    if init.exists() {
-        return init;
+    let cache = crate::guest_image_dir().parent().expect("target dir").join("guest-programs");
+    let binary = cache.join(format!("{name}-{hash}"));
+    if binary.exists() {
+        return binary;
     }
-    std::fs::create_dir_all(&cache).expect("probe cache dir");
-    let partial = cache.join(format!("init-{hash}.{}", std::process::id()));
+    std::fs::create_dir_all(&cache).expect("guest program cache dir");
+    let partial = cache.join(format!("{name}-{hash}.{}", std::process::id()));
     let out = Command::new("rustc")
         .args(["-O", "-C", "target-feature=+crt-static", "-C", "strip=symbols", "--edition", "2021", "-o"])
         .arg(&partial)
         .arg(&src)
         .output()
         .expect("rustc runs");
-    assert!(out.status.success(), "building the probe: {}", String::from_utf8_lossy(&out.stderr));
-    std::fs::rename(&partial, &init).expect("cache the probe");
-    init
+    assert!(out.status.success(), "building {name}: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::rename(&partial, &binary).expect("cache the guest program");
+    binary
 }
 
 /// The probe as /init of an initramfs in `dir`.

@@ -59,12 +59,24 @@ impl PodDir {
         self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
     }
 
-    /// Creates the directory with its `shared/` and `vm/`.
+    /// Creates the directory with its `shared/` and `vm/`. The pod directory, `vm/` and every
+    /// level above them up to /run/hull are owner-only (0700), also where they existed
+    /// before: the VM's sockets (the agent's API among them), its console and the pod's shares
+    /// are root's alone. `shared/` keeps the usual 0755: it is the share's root, and the guest
+    /// checks its mode for the containers' users.
     pub fn create(&self) -> Result<(), StateError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         for d in [self.shared(), self.vm().path().to_path_buf()] {
-            std::fs::create_dir_all(&d).map_err(|source| StateError { path: d, source })?;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&d).map_err(|source| StateError { path: d, source })?;
         }
-        Ok(())
+        let run_root = Path::new(STATE_ROOT).parent().unwrap_or(Path::new(STATE_ROOT));
+        let owner_only = std::iter::once(self.vm().path().to_path_buf())
+            .chain(std::iter::once(self.path.clone()))
+            .chain(self.path.ancestors().skip(1).filter(|a| a.starts_with(run_root)).map(Path::to_path_buf));
+        for d in owner_only {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).map_err(|source| StateError { path: d, source })?;
+        }
+        std::fs::set_permissions(self.shared(), std::fs::Permissions::from_mode(0o755)).map_err(|source| StateError { path: self.shared(), source })
     }
 
     /// The host side of the guest's share.
