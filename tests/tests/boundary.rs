@@ -70,3 +70,76 @@ fn a_container_cannot_reach_the_agent_over_vsock() {
     let _ = c.ctr(&["containers", "rm", id]);
     assert!(wait_until(Duration::from_secs(10), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
 }
+
+/// Guest root (a privileged container that mounts the pod's virtio-fs share, as any tenant
+/// owning its guest can) plants symlinks where the shim will create the next containers'
+/// directories (`<share>/next/mounts`, `<share>/next2`), pointing at host directories, and
+/// writes to its read-only volume through every route it has (the container's mount and the
+/// share). Then two containers join its pod, one with a bind-mounted volume. Nothing may
+/// appear in or be mounted on the host directories, the read-only volume's host file must be
+/// unchanged, and the next containers still get their volume.
+#[test]
+fn guest_root_cannot_steer_host_paths_or_write_readonly_volumes() {
+    require_containerd!();
+    let c = scenario::containerd();
+    let host = tempfile::tempdir().expect("tempdir");
+    let (target, target2, readonly, volume) = (host.path().join("target"), host.path().join("target2"), host.path().join("readonly"), host.path().join("volume"));
+    for d in [&target, &target2, &readonly, &volume] {
+        std::fs::create_dir(d).expect("host dir");
+    }
+    std::fs::write(readonly.join("file"), "host").expect("host file");
+    std::fs::write(volume.join("hello"), "volume").expect("volume file");
+
+    let ro_mount = format!("type=bind,src={},dst=/ro,options=rbind:ro", readonly.display());
+    let out = c.ctr(&["run", "-d", "--privileged", "--runtime", RUNTIME, "--mount", &ro_mount, IMAGE, "evil", "sleep", "1000"]).expect("ctr run");
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+    let attack = format!(
+        "mkdir -p /mnt/share && mount -t virtiofs hull /mnt/share && echo mounted-share
+         mkdir /mnt/share/next && ln -s {t} /mnt/share/next/mounts && echo planted-next
+         ln -s {t2} /mnt/share/next2 && echo planted-next2
+         for f in /mnt/share/evil/mounts/*/file; do echo guest > $f && echo wrote-through-share; done
+         echo guest > /ro/file && echo wrote-in-container
+         true",
+        t = target.display(),
+        t2 = target2.display()
+    );
+    let out = c.ctr(&["tasks", "exec", "--exec-id", "attack", "evil", "sh", "-c", &attack]).expect("ctr exec");
+    let printed = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(printed.contains("mounted-share"), "guest root mounts the share (the attack's first step): {printed}");
+
+    let vol_mount = format!("type=bind,src={},dst=/data,options=rbind", volume.display());
+    let joins = ["--annotation", "io.kubernetes.cri.sandbox-id=evil"];
+    let mut runs = Vec::new();
+    for (id, mount) in [("next", Some(&vol_mount)), ("next2", None)] {
+        let mut args = vec!["run", "-d", "--runtime", RUNTIME];
+        args.extend(joins);
+        if let Some(m) = mount {
+            args.extend(["--mount", m.as_str()]);
+        }
+        args.extend([IMAGE, id, "sleep", "1000"]);
+        runs.push((id, c.ctr(&args).expect("ctr run")));
+    }
+
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    for dir in [&target, &target2] {
+        let entries: Vec<_> = std::fs::read_dir(dir).expect("read host dir").flatten().map(|e| e.file_name()).collect();
+        assert!(entries.is_empty(), "the guest steered the shim into {}: {entries:?}\nattack: {printed}", dir.display());
+        assert!(!mountinfo.contains(&dir.display().to_string()), "something is mounted in {}:\n{mountinfo}", dir.display());
+    }
+    assert_eq!(std::fs::read_to_string(readonly.join("file")).expect("host file"), "host", "a read-only volume was written from the guest: {printed}");
+    let (_, next) = &runs[0];
+    assert!(next.status.success(), "the next container in the pod: {}\n{}", text(&next.stderr), c.log());
+    let out = c.ctr(&["tasks", "exec", "--exec-id", "read", "next", "cat", "/data/hello"]).expect("ctr exec");
+    assert_eq!(text(&out.stdout), "volume", "the next container's volume: {}", text(&out.stderr));
+
+    // The pod's own container last: the pod ends with it.
+    for id in ["next2", "next", "evil"] {
+        let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+        wait_until(Duration::from_secs(30), || c.ctr(&["tasks", "delete", id]).is_ok_and(|o| o.status.success()) || c.ctr(&["tasks", "ls", "-q"]).is_ok_and(|o| !text(&o.stdout).lines().any(|l| l == id)));
+        let _ = c.ctr(&["containers", "rm", id]);
+    }
+    assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(!mountinfo.contains(&host.path().display().to_string()), "mounts left on the host dirs:\n{mountinfo}");
+    assert!(!mountinfo.contains(&format!("/run/hull/shim/{}/", c.namespace)), "pod mounts left:\n{mountinfo}");
+}

@@ -35,6 +35,8 @@ pub enum PodError {
     Agent(#[from] ClientError),
     #[error("The pod's network cannot reach its VM: {0}")]
     Network(#[from] NetworkError),
+    #[error(transparent)]
+    Share(#[from] share::ShareError),
 }
 
 /// What a pod is booted with, besides the config.
@@ -45,7 +47,8 @@ pub struct PodSpec<'a> {
     /// into the VM.
     pub netns: Option<&'a Path>,
     /// The host directory the guest sees through virtio-fs: by default the pod's own share
-    /// directory (the shim bind-mounts each container's rootfs into it); `hull run` shares its
+    /// (a read-only view of the pod's mounts, where the shim binds each container's rootfs;
+    /// pod/share.rs); `hull run` shares its
     /// one rootfs directly, so that nothing is mounted over the user's directory.
     pub share: Option<&'a Path>,
 }
@@ -80,6 +83,9 @@ impl Pod {
         let (engine, why) = Host::probe().engine(config.hypervisor)?;
         tracing::info!(sandbox_id = %id, hypervisor = ?config.hypervisor, engine = ?engine, why, vcpus = config.vcpus, memory_mib = config.memory_mib, "booting the pod VM");
         dir.create()?;
+        if spec.share.is_none() {
+            share::prepare(dir)?;
+        }
         let started = Instant::now();
         let net: Option<PodNetwork> = match spec.netns {
             Some(ns) => {
@@ -191,8 +197,8 @@ fn remove_state(dir: &PodDir) {
             tracing::warn!(netns = ?ns, error = %e, "cannot remove the pod's tap and filters");
         }
     }
-    share::umount_tree(&dir.shared());
-    let _ = std::fs::remove_dir_all(dir.path());
+    share::umount_tree(dir.path());
+    share::remove_tree(dir.path());
 }
 
 /// A pid from the file is only killed if it still is QEMU or hull-vmm (pids get reused).

@@ -1,9 +1,25 @@
-//! The pod's virtio-fs share: what the guest sees of the host. The guest mounts the share
-//! (tag `FS_TAG`) once per container at `GUEST_SHARE/<container>`; the container's directory
-//! in it holds its rootfs (containerd's snapshot, bind-mounted) and the host files its spec
-//! bind-mounts (`mounts/<n>`).
+//! The pod's virtio-fs share: what the guest sees of the host, and how the host keeps the
+//! guest from steering it.
+//!
+//! Everything the shim creates or mounts for the guest is created in the pod's host-private
+//! `mounts/` directory, which the guest never sees. The guest's share is `shared/`, a
+//! read-only, nosuid, nodev bind of `mounts/` that receives every later mount made under
+//! `mounts/` (it is a mount-propagation slave of it): the guest sees each container's rootfs
+//! (read-write, nosuid, nodev: the container writes there) and the host files its spec
+//! bind-mounts (read-only when the spec says so), but it cannot create, rename or replace a
+//! single entry of the tree the shim works in, so no symlink it plants can redirect a path
+//! the host creates or mounts (Kata's CVE-2020-2026), and a read-only volume is read-only on
+//! the host's side of the boundary, not only in the guest (CVE-2020-28914). Binds are made
+//! from file descriptors (`open_tree`, `mount_setattr`, `move_mount`), so their flags are set
+//! before the guest's view receives them.
+//!
+//! The guest mounts the share (tag `FS_TAG`) once per container at `GUEST_SHARE/<container>`;
+//! the container's directory in it holds its rootfs and its shared host files (`mounts/<n>`).
 
-use std::path::Path;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
 
@@ -19,9 +35,101 @@ pub const GUEST_SHARE: &str = "/run/hull/share";
 #[derive(Debug, thiserror::Error)]
 pub enum ShareError {
     #[error("Cannot create {path:?} in the pod's share: {source}.")]
-    Create { path: std::path::PathBuf, source: std::io::Error },
+    Create { path: PathBuf, source: std::io::Error },
     #[error("Cannot share the rootfs of container {id}: {source}.")]
     Mount { id: String, source: nix::Error },
+    #[error("Cannot give the guest its read-only view {view:?} of the pod's mounts: {source}.")]
+    View { view: PathBuf, source: nix::Error },
+    #[error("Container id {id:?} cannot name a directory in the pod's share.")]
+    BadId { id: String },
+}
+
+/// How a host path is bound into the pod's mounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bind {
+    /// With everything mounted below the source (`rbind`).
+    pub recursive: bool,
+    /// Read-only on the host (and so for the guest); recursive when the bind is.
+    pub readonly: bool,
+}
+
+// linux/mount.h: the file-descriptor mount API (Linux 5.2, mount_setattr 5.12).
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+fn c_path(path: &Path) -> Result<CString, nix::Error> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| nix::Error::EINVAL)
+}
+
+/// Binds `source` at `target` with `bind`'s flags plus nosuid and nodev, all set on a detached
+/// copy before it is attached: a mount propagated to the guest's view never exists with
+/// weaker flags. `target` must exist and lie in the pod's private `mounts/`.
+pub fn bind_into(source: &Path, target: &Path, bind: Bind) -> Result<(), nix::Error> {
+    let (source_c, target_c) = (c_path(source)?, c_path(target)?);
+    let recursive = if bind.recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
+    // SAFETY: open_tree reads a NUL-terminated path; the descriptor it returns is owned here.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, source_c.as_ptr(), OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | recursive) };
+    if fd < 0 {
+        return Err(nix::Error::last());
+    }
+    // SAFETY: fd was just returned by open_tree and nothing else owns it.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut attr_set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    if bind.readonly {
+        attr_set |= MOUNT_ATTR_RDONLY;
+    }
+    let attr = MountAttr { attr_set, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    let empty = c"";
+    // SAFETY: mount_setattr reads `attr` (its size passed) and the empty path; tree is open.
+    let r = unsafe {
+        libc::syscall(libc::SYS_mount_setattr, tree.as_raw_fd(), empty.as_ptr(), libc::AT_EMPTY_PATH as libc::c_uint | recursive, &attr as *const MountAttr, std::mem::size_of::<MountAttr>())
+    };
+    if r < 0 {
+        return Err(nix::Error::last());
+    }
+    // SAFETY: move_mount reads the two NUL-terminated paths; tree is open.
+    let r = unsafe { libc::syscall(libc::SYS_move_mount, tree.as_raw_fd(), empty.as_ptr(), libc::AT_FDCWD, target_c.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH) };
+    if r < 0 {
+        return Err(nix::Error::last());
+    }
+    Ok(())
+}
+
+/// Makes `shared/` the guest's read-only (nosuid, nodev) view of the private `mounts/`,
+/// receiving the mounts made there later. Called before the VM starts, so the virtio-fs
+/// device serves the view from its first request.
+pub fn prepare(pod: &PodDir) -> Result<(), ShareError> {
+    let (mounts, view) = (pod.mounts(), pod.shared());
+    let err = |source| ShareError::View { view: view.clone(), source };
+    // mounts/ becomes a mount of its own, the master of a peer group...
+    mount(Some(&mounts), &mounts, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(err)?;
+    mount(None::<&str>, &mounts, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>).map_err(err)?;
+    mount(None::<&str>, &mounts, None::<&str>, MsFlags::MS_SHARED, None::<&str>).map_err(err)?;
+    // ...and shared/ a bind of it that only receives: a slave, read-only, nosuid, nodev.
+    mount(Some(&mounts), &view, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(err)?;
+    mount(None::<&str>, &view, None::<&str>, MsFlags::MS_SLAVE, None::<&str>).map_err(err)?;
+    let ro = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(None::<&str>, &view, None::<&str>, ro, None::<&str>).map_err(err)
+}
+
+/// Container `id`'s directory in the pod's private mounts. Ids become path components: one
+/// that is empty, `.`/`..` or holds a `/` is refused.
+pub fn container_dir(pod: &PodDir, id: &str) -> Result<PathBuf, ShareError> {
+    if id.is_empty() || id == "." || id == ".." || id.contains('/') || id.contains('\0') {
+        return Err(ShareError::BadId { id: id.into() });
+    }
+    Ok(pod.mounts().join(id))
 }
 
 /// The agent storage that mounts the VM's share at `mount_point` in the guest.
@@ -40,27 +148,120 @@ pub fn guest_paths(id: &str) -> (String, String) {
     (mount, rootfs)
 }
 
-/// Bind-mounts container `id`'s rootfs into the share at `<shared>/<id>/rootfs`.
+/// Binds container `id`'s rootfs (recursively, read-write, nosuid, nodev) at
+/// `mounts/<id>/rootfs`; the guest sees it at `<share>/<id>/rootfs`.
 pub fn share_rootfs(pod: &PodDir, id: &str, rootfs: &Path) -> Result<(), ShareError> {
-    let target = pod.shared().join(id).join("rootfs");
+    let target = container_dir(pod, id)?.join("rootfs");
     std::fs::create_dir_all(&target).map_err(|source| ShareError::Create { path: target.clone(), source })?;
-    mount(Some(rootfs), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(|source| ShareError::Mount { id: id.into(), source })
+    bind_into(rootfs, &target, Bind { recursive: true, readonly: false }).map_err(|source| ShareError::Mount { id: id.into(), source })
 }
 
-/// Unmounts everything at or below `path`, deepest first (containerd-shim's helper).
+/// The mount points at or below `path` in this process's mount table: `path` itself and
+/// `path/...`, never a mere prefix (`c10` is not below `c1`). Deepest first.
+fn mount_points_under(path: &Path) -> Vec<PathBuf> {
+    let Some(prefix) = path.to_str().map(|p| p.trim_end_matches('/')) else { return Vec::new() };
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<String> = table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .filter(|m| m == prefix || m.starts_with(&format!("{prefix}/")))
+        .collect();
+    points.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    points.dedup();
+    points.into_iter().map(PathBuf::from).collect()
+}
+
+/// Unmounts everything at or below `path`, deepest first, never following a symlink: the
+/// mount points come from the mount table and each is unmounted with UMOUNT_NOFOLLOW.
 pub fn umount_tree(path: &Path) {
-    if let Err(e) = containerd_shim::mount::umount_recursive(path.to_str(), libc::MNT_DETACH) {
-        tracing::warn!(path = ?path, error = %e, "cannot unmount");
+    for point in mount_points_under(path) {
+        // Stacked mounts come off one at a time, until the point is no mount any more.
+        loop {
+            match nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW) {
+                Ok(()) => continue,
+                Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => break,
+                Err(e) => {
+                    tracing::warn!(path = ?point, error = %e, "cannot unmount");
+                    break;
+                }
+            }
+        }
     }
 }
 
-/// Undoes one container's host mounts: its part of the share, and its rootfs in its bundle
-/// when containerd gave it one.
+/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            out.push((bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Removes `dir` and what is below it, never following a symlink and never entering a mount
+/// that is still there (a failed unmount must not turn into deleting a container's rootfs or
+/// a host volume through it).
+pub fn remove_tree(dir: &Path) {
+    let mounted = mount_points_under(dir);
+    remove_below(dir, &mounted);
+}
+
+fn remove_below(path: &Path, mounted: &[PathBuf]) {
+    if mounted.iter().any(|m| m == path) {
+        tracing::warn!(path = ?path, "still mounted: left in place");
+        return;
+    }
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return };
+    if meta.is_dir() {
+        if let Ok(entries) = std::fs::read_dir(path) {
+            for e in entries.flatten() {
+                remove_below(&e.path(), mounted);
+            }
+        }
+        let _ = std::fs::remove_dir(path);
+    } else {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Undoes one container's host mounts: its directory in the pod's mounts (and so in the
+/// guest's view), and its rootfs in its bundle when containerd gave it one.
 pub fn cleanup_container(pod: &PodDir, id: &str, bundle: Option<&Path>) {
-    let share = pod.shared().join(id);
-    umount_tree(&share);
-    let _ = std::fs::remove_dir_all(&share);
+    if let Ok(dir) = container_dir(pod, id) {
+        umount_tree(&dir);
+        remove_tree(&dir);
+    }
     if let Some(bundle) = bundle {
         umount_tree(&bundle.join("rootfs"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo(r"/run/a\040b"), "/run/a b");
+        assert_eq!(unescape_mountinfo(r"/x\134y"), r"/x\y");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+
+    #[test]
+    fn ids_that_leave_the_share_are_refused() {
+        let pod = PodDir::at("/run/hull/shim/ns/p");
+        for bad in ["", ".", "..", "a/b", "../x"] {
+            assert!(container_dir(&pod, bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(container_dir(&pod, "c1").unwrap(), Path::new("/run/hull/shim/ns/p/mounts/c1"));
     }
 }

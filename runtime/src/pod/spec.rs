@@ -4,17 +4,16 @@
 
 use std::path::{Path, PathBuf};
 
-use nix::mount::{mount, MsFlags};
 use serde_json::{json, Value};
 
-use super::share::guest_paths;
+use super::share::{bind_into, guest_paths, Bind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     #[error("The OCI spec of container {id} is not an object with a process.")]
     Shape { id: String },
-    #[error("Cannot share {source_path:?} (mount {destination}) of container {id} with the guest: {reason}.")]
-    Share { id: String, source_path: PathBuf, destination: String, reason: String },
+    #[error("Cannot share {source_path:?} (mount {destination}) of container {id} with the guest: {source}.")]
+    Share { id: String, source_path: PathBuf, destination: String, source: std::io::Error },
 }
 
 fn is_bind(m: &Value) -> bool {
@@ -22,8 +21,16 @@ fn is_bind(m: &Value) -> bool {
         || m.get("options").and_then(Value::as_array).is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
 }
 
-/// Rewrites `spec` for the guest. Host bind sources are bind-mounted under `host_share`
-/// (the container's directory in the pod share) so that the guest sees them.
+/// What the mount's options ask of the host bind: recursive for `rbind`, read-only for `ro`
+/// or `rro` (recursively when the bind is recursive).
+fn bind_of(m: &Value) -> Bind {
+    let has = |o: &str| m.get("options").and_then(Value::as_array).is_some_and(|opts| opts.iter().any(|x| x == o));
+    Bind { recursive: has("rbind"), readonly: has("ro") || has("rro") }
+}
+
+/// Rewrites `spec` for the guest. Host bind sources are bound under `host_share` (the
+/// container's directory in the pod's private mounts, pod/share.rs) so that the guest sees
+/// them, read-only on the host where the spec says `ro`.
 pub fn for_guest(id: &str, mut spec: Value, host_share: &Path) -> Result<Value, SpecError> {
     if !spec.is_object() || spec.get("process").is_none() {
         return Err(SpecError::Shape { id: id.into() });
@@ -63,17 +70,16 @@ pub fn for_guest(id: &str, mut spec: Value, host_share: &Path) -> Result<Value, 
                             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]});
                 continue;
             }
-            let share_err = |reason: String| SpecError::Share { id: id.into(), source_path: source.clone(), destination: destination.clone(), reason };
-            let meta = std::fs::metadata(&source).map_err(|e| share_err(e.to_string()))?;
+            let share_err = |e: std::io::Error| SpecError::Share { id: id.into(), source_path: source.clone(), destination: destination.clone(), source: e };
+            let meta = std::fs::metadata(&source).map_err(share_err)?;
             let host = host_share.join("mounts").join(i.to_string());
             if meta.is_dir() {
-                std::fs::create_dir_all(&host).map_err(|e| share_err(e.to_string()))?;
+                std::fs::create_dir_all(&host).map_err(share_err)?;
             } else {
-                std::fs::create_dir_all(host_share.join("mounts")).map_err(|e| share_err(e.to_string()))?;
-                std::fs::write(&host, b"").map_err(|e| share_err(e.to_string()))?;
+                std::fs::create_dir_all(host_share.join("mounts")).map_err(share_err)?;
+                std::fs::write(&host, b"").map_err(share_err)?;
             }
-            mount(Some(&source), &host, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-                .map_err(|e| share_err(e.to_string()))?;
+            bind_into(&source, &host, bind_of(m)).map_err(|e| share_err(e.into()))?;
             m["source"] = json!(guest_mounts.join(i.to_string()));
         }
     }

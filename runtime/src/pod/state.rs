@@ -5,7 +5,8 @@
 //! ```text
 //! <pod>/pids      the VM's host processes, VMM first (written before the boot is waited for)
 //! <pod>/netns     the pod's network namespace, when the VM has a NIC there
-//! <pod>/shared/   the host side of the guest's virtio-fs share: one directory per container
+//! <pod>/mounts/   host-private: the shim's mounts for the guest, one directory per container
+//! <pod>/shared/   the guest's virtio-fs share: a read-only view of mounts/ (pod/share.rs)
 //! <pod>/vm/       the VM's sockets (vsock.sock), console and process logs
 //! <pod>.console.log  the console kept after the pod ended (debug_console)
 //! ```
@@ -33,6 +34,7 @@ pub struct PodDir {
 const PIDS: &str = "pids";
 const NETNS: &str = "netns";
 const SHARED: &str = "shared";
+const MOUNTS: &str = "mounts";
 const VM: &str = "vm";
 
 fn write(path: PathBuf, bytes: &[u8]) -> Result<(), StateError> {
@@ -59,14 +61,14 @@ impl PodDir {
         self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
     }
 
-    /// Creates the directory with its `shared/` and `vm/`. The pod directory, `vm/` and every
-    /// level above them up to /run/hull are owner-only (0700), also where they existed
-    /// before: the VM's sockets (the agent's API among them), its console and the pod's shares
-    /// are root's alone. `shared/` keeps the usual 0755: it is the share's root, and the guest
-    /// checks its mode for the containers' users.
+    /// Creates the directory with its `mounts/`, `shared/` and `vm/`. The pod directory, `vm/`
+    /// and every level above them up to /run/hull are owner-only (0700), also where they
+    /// existed before: the VM's sockets (the agent's API among them), its console and the
+    /// pod's shares are root's alone. `mounts/` keeps the usual 0755: the guest sees it as
+    /// the share's root, and checks its mode for the containers' users.
     pub fn create(&self) -> Result<(), StateError> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        for d in [self.shared(), self.vm().path().to_path_buf()] {
+        for d in [self.mounts(), self.shared(), self.vm().path().to_path_buf()] {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&d).map_err(|source| StateError { path: d, source })?;
         }
         let run_root = Path::new(STATE_ROOT).parent().unwrap_or(Path::new(STATE_ROOT));
@@ -76,12 +78,17 @@ impl PodDir {
         for d in owner_only {
             std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).map_err(|source| StateError { path: d, source })?;
         }
-        std::fs::set_permissions(self.shared(), std::fs::Permissions::from_mode(0o755)).map_err(|source| StateError { path: self.shared(), source })
+        std::fs::set_permissions(self.mounts(), std::fs::Permissions::from_mode(0o755)).map_err(|source| StateError { path: self.mounts(), source })
     }
 
-    /// The host side of the guest's share.
+    /// The guest's share: a read-only view of `mounts()`.
     pub fn shared(&self) -> PathBuf {
         self.path.join(SHARED)
+    }
+
+    /// Where the shim makes the guest's mounts: never seen, never written by the guest.
+    pub fn mounts(&self) -> PathBuf {
+        self.path.join(MOUNTS)
     }
 
     pub fn vm(&self) -> VmDir {
@@ -119,7 +126,7 @@ impl PodDir {
 
     /// The containers that have a directory in the share.
     pub fn containers(&self) -> Vec<String> {
-        dir_names(&self.shared())
+        dir_names(&self.mounts())
     }
 
     /// Every pod directory under the state root, by namespace.

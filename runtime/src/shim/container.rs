@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use super::io::{ProcessIo, StdioPaths};
 use crate::agent::ClientError;
-use crate::pod::share::{cleanup_container, guest_paths, share_rootfs, share_storage, ShareError};
+use crate::pod::share::{cleanup_container, container_dir, guest_paths, share_rootfs, share_storage, ShareError};
 use crate::pod::spec::{self, SpecError};
 use crate::pod::Pod;
 
@@ -149,7 +149,7 @@ impl Kind {
         // The guest mounts the share root at GUEST_SHARE/<id>; <share>/<id> is this
         // container's directory there (rootfs, shared host files).
         share_rootfs(&pod.dir, id, &rootfs)?;
-        let guest_spec = spec::for_guest(id, spec, &pod.dir.shared().join(id))?;
+        let guest_spec = spec::for_guest(id, spec, &container_dir(&pod.dir, id)?)?;
         let (mount_point, _) = guest_paths(id);
         pod.conn.create_on(id, &guest_spec, paths.request(), vec![share_storage(&mount_point)]).await?;
         match super::io::connect(&pod.conn, id, "", paths).await {
