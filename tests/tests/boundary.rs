@@ -143,3 +143,23 @@ fn guest_root_cannot_steer_host_paths_or_write_readonly_volumes() {
     assert!(!mountinfo.contains(&host.path().display().to_string()), "mounts left on the host dirs:\n{mountinfo}");
     assert!(!mountinfo.contains(&format!("/run/hull/shim/{}/", c.namespace)), "pod mounts left:\n{mountinfo}");
 }
+
+/// A pod id comes from an annotation anyone creating a container can set; it names the pod's
+/// state directory. One that climbs out of the state root is refused by name, and nothing is
+/// created where it points.
+#[test]
+fn a_pod_id_annotation_cannot_leave_the_state_root() {
+    require_containerd!();
+    let c = scenario::containerd();
+    let outside = tempfile::tempdir().expect("tempdir");
+    let escape = outside.path().join("escape");
+    let pod = format!("../../../..{}", escape.display());
+    let annotation = format!("io.kubernetes.cri.sandbox-id={pod}");
+    let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, "--annotation", &annotation, IMAGE, "climber", "true"]).expect("ctr run");
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "a container whose pod id climbs out of the state root ran: {err}");
+    assert!(err.contains("is not a valid identifier") && err.contains(&pod), "the error names the bad pod id: {err}");
+    assert!(!escape.exists(), "the shim created {} from the annotation", escape.display());
+    let _ = c.ctr(&["containers", "rm", "climber"]);
+    assert!(c.pod_processes().is_empty(), "left: {:?}", c.pod_processes());
+}

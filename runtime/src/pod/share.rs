@@ -40,8 +40,8 @@ pub enum ShareError {
     Mount { id: String, source: nix::Error },
     #[error("Cannot give the guest its read-only view {view:?} of the pod's mounts: {source}.")]
     View { view: PathBuf, source: nix::Error },
-    #[error("Container id {id:?} cannot name a directory in the pod's share.")]
-    BadId { id: String },
+    #[error(transparent)]
+    BadId(#[from] super::state::BadId),
 }
 
 /// How a host path is bound into the pod's mounts.
@@ -123,12 +123,10 @@ pub fn prepare(pod: &PodDir) -> Result<(), ShareError> {
     mount(None::<&str>, &view, None::<&str>, ro, None::<&str>).map_err(err)
 }
 
-/// Container `id`'s directory in the pod's private mounts. Ids become path components: one
-/// that is empty, `.`/`..` or holds a `/` is refused.
+/// Container `id`'s directory in the pod's private mounts; an id that is no identifier
+/// (`..`, `a/b`) is refused before it becomes a path.
 pub fn container_dir(pod: &PodDir, id: &str) -> Result<PathBuf, ShareError> {
-    if id.is_empty() || id == "." || id == ".." || id.contains('/') || id.contains('\0') {
-        return Err(ShareError::BadId { id: id.into() });
-    }
+    super::state::check_id("container id", id)?;
     Ok(pod.mounts().join(id))
 }
 

@@ -26,6 +26,27 @@ pub struct StateError {
     pub source: std::io::Error,
 }
 
+/// An id that cannot be a path component under the state root.
+#[derive(Debug, thiserror::Error)]
+#[error("The {what} {id:?} is not a valid identifier (letters and digits joined by single '.', '_' or '-', at most 76 characters).")]
+pub struct BadId {
+    pub what: &'static str,
+    pub id: String,
+}
+
+/// containerd's identifier rule, applied to every id that becomes a path component on the
+/// host: container ids (containerd checks them too) and pod ids, which come from an
+/// annotation anyone creating a container can set (`../../x` would leave the state root).
+pub fn check_id(what: &'static str, id: &str) -> Result<(), BadId> {
+    let part_ok = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric());
+    let valid = id.len() <= 76 && id.split(['.', '_', '-']).all(part_ok);
+    if valid {
+        Ok(())
+    } else {
+        Err(BadId { what, id: id.into() })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PodDir {
     path: PathBuf,
@@ -68,6 +89,12 @@ impl PodDir {
     /// the share's root, and checks its mode for the containers' users.
     pub fn create(&self) -> Result<(), StateError> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        // Ids are checked before they get here (check_id); this keeps a path with `..` from
+        // ever reaching the mkdir and chmod below, whose "levels up to /run/hull" are lexical.
+        if !self.path.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_))) {
+            let source = std::io::Error::new(std::io::ErrorKind::InvalidInput, "a pod directory must be an absolute path without . or ..");
+            return Err(StateError { path: self.path.clone(), source });
+        }
         for d in [self.mounts(), self.shared(), self.vm().path().to_path_buf()] {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&d).map_err(|source| StateError { path: d, source })?;
         }
@@ -148,4 +175,29 @@ fn dir_names(dir: &Path) -> Vec<String> {
         .unwrap_or_default();
     v.sort();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_follow_containerds_rule() {
+        for good in ["c1", "a.b-c_d", "0123456789abcdef", &"a".repeat(76)] {
+            assert!(check_id("pod id", good).is_ok(), "{good}");
+        }
+        for bad in ["", ".", "..", "../x", "a/b", "a..b", "-a", "a-", "a b", "ä", &"a".repeat(77)] {
+            let err = check_id("pod id", bad).unwrap_err().to_string();
+            assert!(err.contains("pod id"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_climbing_pod_directory_is_never_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let climbing = PodDir::at(dir.path().join("a/../../escape"));
+        assert!(climbing.create().is_err());
+        assert!(!dir.path().parent().unwrap().join("escape").exists());
+        assert!(!dir.path().join("a").exists());
+    }
 }

@@ -15,7 +15,7 @@ use crate::pod::state::PodDir;
 /// DeleteResponse.
 pub fn delete(flags: &Flags) -> Result<(), ShimError> {
     let bundle = if flags.bundle.is_empty() { std::env::current_dir().map_err(ShimError::Spawn)? } else { PathBuf::from(&flags.bundle) };
-    let pod = read_bundle_spec(&bundle).map(|s| pod_id(&s, &flags.id)).unwrap_or_else(|_| flags.id.clone());
+    let pod = read_bundle_spec(&bundle).ok().and_then(|s| pod_id(&s, &flags.id).ok()).unwrap_or_else(|| flags.id.clone());
     let dir = PodDir::new(&flags.namespace, &pod);
     crate::pod::share::cleanup_container(&dir, &flags.id, Some(&bundle));
     if pod == flags.id {

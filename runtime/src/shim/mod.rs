@@ -44,6 +44,8 @@ pub enum ShimError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("Cannot start the async runtime: {0}.")]
     Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    BadId(#[from] crate::pod::state::BadId),
 }
 
 /// The shim binary's entry point.
@@ -87,8 +89,11 @@ pub fn annotation<'a>(spec: &'a serde_json::Value, key: &str) -> Option<&'a str>
 }
 
 /// Which pod a container belongs to: the CRI sandbox id, else (ctr run) the container itself.
-pub fn pod_id(spec: &serde_json::Value, id: &str) -> String {
-    annotation(spec, SANDBOX_ID_ANNOTATION).filter(|s| !s.is_empty()).unwrap_or(id).to_string()
+/// The id becomes the pod's state directory, so one that is no identifier is refused.
+pub fn pod_id(spec: &serde_json::Value, id: &str) -> Result<String, crate::pod::state::BadId> {
+    let pod = annotation(spec, SANDBOX_ID_ANNOTATION).filter(|s| !s.is_empty()).unwrap_or(id);
+    crate::pod::state::check_id("pod id (annotation io.kubernetes.cri.sandbox-id)", pod)?;
+    Ok(pod.to_string())
 }
 
 /// The daemon: serve the task API until the pod is gone.

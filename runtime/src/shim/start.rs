@@ -14,7 +14,7 @@ use super::{pod_id, read_bundle_spec, ShimError};
 pub fn start(flags: &Flags) -> Result<(), ShimError> {
     let bundle = std::env::current_dir().map_err(ShimError::Spawn)?;
     let spec = read_bundle_spec(&bundle)?;
-    let pod = pod_id(&spec, &flags.id);
+    let pod = pod_id(&spec, &flags.id)?;
     // containerd writes the runtime options (an Any) to stdin; ConfigPath travels on to the
     // daemon as HULL_CONFIG.
     let mut options = Vec::new();

@@ -124,7 +124,7 @@ impl TaskService {
         }
         let bundle = PathBuf::from(&req.bundle);
         let spec = super::read_bundle_spec(&bundle).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let pod_id = super::pod_id(&spec, &id);
+        let pod_id = super::pod_id(&spec, &id).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         if !spec::has_own_network(&spec) {
             return Err(status(
                 Code::INVALID_ARGUMENT,
