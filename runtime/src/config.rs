@@ -18,8 +18,13 @@
 //! memory_mib = 256
 //! # Seconds for the VM to boot and the agent to answer.
 //! boot_timeout_secs = 60
+//! # Words appended to the guest kernel's command line, for either engine.
+//! kernel_params = ""
 //! # Keep the guest console in <state dir>/<sandbox>/console.log.
 //! debug_console = false
+//! # The most each VM log (guest console, VMM and device messages) keeps, in KiB: the
+//! # newest output, under a line saying how much older output was dropped.
+//! vm_log_kib = 1024
 //! # tracing filter for the shim's log.
 //! log_level = "info"
 //! ```
@@ -59,7 +64,9 @@ pub struct Config {
     pub vcpus: u32,
     pub memory_mib: u32,
     pub boot_timeout_secs: u64,
+    pub kernel_params: String,
     pub debug_console: bool,
+    pub vm_log_kib: u64,
     pub log_level: String,
 }
 
@@ -86,7 +93,9 @@ impl Default for Config {
             vcpus: 1,
             memory_mib: 256,
             boot_timeout_secs: 60,
+            kernel_params: String::new(),
             debug_console: false,
+            vm_log_kib: 1024,
             log_level: "info".into(),
         }
     }
@@ -105,6 +114,12 @@ impl Config {
         })?;
         if cfg.vcpus == 0 || cfg.memory_mib < 64 {
             return Err(ConfigError::Parse { path: path.into(), reason: "vcpus must be at least 1 and memory_mib at least 64".into() });
+        }
+        if cfg.kernel_params.len() > 1024 || cfg.kernel_params.chars().any(|c| c.is_control() && c != ' ') {
+            return Err(ConfigError::Parse { path: path.into(), reason: "kernel_params must be one line of at most 1024 characters".into() });
+        }
+        if !(4..=1 << 20).contains(&cfg.vm_log_kib) {
+            return Err(ConfigError::Parse { path: path.into(), reason: "vm_log_kib must be between 4 and 1048576".into() });
         }
         Ok(cfg)
     }
@@ -164,11 +179,12 @@ mod tests {
 
     #[test]
     fn every_key_parses_and_missing_keys_keep_their_defaults() {
-        let cfg = Config::parse(Path::new("t.toml"), "hypervisor = \"qemu\"\nvcpus = 2\nmemory_mib = 512\nboot_timeout_secs = 5\ndebug_console = true\nlog_level = \"debug\"\nkernel = \"/k\"\ninitramfs = \"/i\"\nqemu = \"/q\"\nvmm = \"/v\"\n").unwrap();
+        let cfg = Config::parse(Path::new("t.toml"), "hypervisor = \"qemu\"\nvcpus = 2\nmemory_mib = 512\nboot_timeout_secs = 5\ndebug_console = true\nlog_level = \"debug\"\nkernel = \"/k\"\ninitramfs = \"/i\"\nqemu = \"/q\"\nvmm = \"/v\"\nkernel_params = \"noxsave quiet\"\nvm_log_kib = 64\n").unwrap();
         assert_eq!(cfg.hypervisor, Hypervisor::Qemu);
         assert_eq!((cfg.vcpus, cfg.memory_mib, cfg.boot_timeout_secs), (2, 512, 5));
         assert!(cfg.debug_console);
         assert_eq!(cfg.kernel, Path::new("/k"));
+        assert_eq!((cfg.kernel_params.as_str(), cfg.vm_log_kib), ("noxsave quiet", 64));
         let cfg = Config::parse(Path::new("t.toml"), "").unwrap();
         assert_eq!(cfg.hypervisor, Hypervisor::Auto);
         assert_eq!((cfg.vcpus, cfg.memory_mib), (1, 256));
@@ -182,6 +198,10 @@ mod tests {
         assert!(err.contains("xen"), "{err}");
         let err = Config::parse(Path::new("x.toml"), "vcpus = 0").unwrap_err().to_string();
         assert!(err.contains("vcpus"), "{err}");
+        let err = Config::parse(Path::new("x.toml"), "vm_log_kib = 1").unwrap_err().to_string();
+        assert!(err.contains("vm_log_kib"), "{err}");
+        let err = Config::parse(Path::new("x.toml"), "kernel_params = \"a\\nb\"").unwrap_err().to_string();
+        assert!(err.contains("kernel_params"), "{err}");
         let err = Config::load(Some(Path::new("/nonexistent/hull.toml"))).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/hull.toml"), "{err}");
     }

@@ -6,7 +6,12 @@
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{mkdirat, Mode};
 
 use serde_json::Value;
 
@@ -20,8 +25,8 @@ pub enum ImageError {
     Malformed { what: String, reason: String },
     #[error("The image names a blob it does not contain: {0}.")]
     MissingBlob(String),
-    #[error("Cannot apply layer {layer}: {reason}.")]
-    Layer { layer: String, reason: String },
+    #[error("Cannot apply layer {layer}: {source}.")]
+    Layer { layer: String, source: LayerError },
 }
 
 /// What the image's config says about running it.
@@ -109,7 +114,18 @@ pub fn unpack(tar: &Path, work: &Path) -> Result<(PathBuf, ImageConfig), ImageEr
     let rootfs = work.join("rootfs");
     std::fs::create_dir_all(&layout).map_err(read_err)?;
     std::fs::create_dir_all(&rootfs).map_err(read_err)?;
-    tar::Archive::new(BufReader::new(File::open(tar).map_err(read_err)?)).unpack(&layout).map_err(read_err)?;
+    // Files and directories only: a symlink in the archive (`blobs/sha256/<digest>` ->
+    // /etc/shadow) would make a host file the image's config or a layer.
+    let mut archive = tar::Archive::new(BufReader::new(File::open(tar).map_err(read_err)?));
+    for entry in archive.entries().map_err(read_err)? {
+        let mut entry = entry.map_err(read_err)?;
+        let kind = entry.header().entry_type();
+        if !kind.is_file() && !kind.is_dir() {
+            let path = entry.path().map_err(read_err)?.into_owned();
+            return Err(malformed("archive", format!("{path:?} is a {kind:?}, not a file or directory")));
+        }
+        entry.unpack_in(&layout).map_err(read_err)?;
+    }
     let (config, layers): (Value, Vec<(String, PathBuf)>) = if layout.join("index.json").exists() {
         let manifest = oci_manifest(&layout)?;
         let config_digest = manifest.get("config").map(|c| digest_of(c, "manifest config")).transpose()?.ok_or_else(|| malformed("manifest", "no config"))?;
@@ -138,49 +154,159 @@ pub fn unpack(tar: &Path, work: &Path) -> Result<(PathBuf, ImageConfig), ImageEr
         return Err(ImageError::NotAnImage(tar.into()));
     };
     for (name, path) in &layers {
-        apply_layer(path, &rootfs).map_err(|reason| ImageError::Layer { layer: name.clone(), reason })?;
+        apply_layer(path, &rootfs).map_err(|source| ImageError::Layer { layer: name.clone(), source })?;
     }
     Ok((rootfs, image_config(&config)))
 }
 
+/// Why a layer cannot be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("cannot read it: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("the entry {0:?} leaves the root filesystem")]
+    Escapes(PathBuf),
+    #[error("the entry {entry:?} lies under {through:?}, which is not a directory in the image (a file, or a symlink to nothing in it)")]
+    NotADirectory { entry: PathBuf, through: PathBuf },
+    #[error("the hard link {entry:?} names {target:?}, which the layers below do not contain")]
+    NoLinkTarget { entry: PathBuf, target: PathBuf },
+    #[error("cannot unpack {entry:?}: {source}")]
+    Unpack { entry: PathBuf, source: std::io::Error },
+}
+
+/// An entry's path as components below the root: a leading `/` or `./` is dropped (an
+/// absolute entry still lands in the rootfs), `..` is refused by name.
+fn below_root(entry: &Path) -> Result<PathBuf, LayerError> {
+    let mut rel = PathBuf::new();
+    for c in entry.components() {
+        match c {
+            Component::Normal(n) => rel.push(n),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => return Err(LayerError::Escapes(entry.into())),
+        }
+    }
+    Ok(rel)
+}
+
+/// The root filesystem being built, open as a directory. Every directory an entry names is
+/// resolved in it with RESOLVE_IN_ROOT: a symlink an earlier layer planted (`etc -> /etc`,
+/// `x -> ../../..`) resolves inside the rootfs, as it will for the container, never on the
+/// host. The result is a host path without symlinks, so path calls on it stay inside.
+struct Root {
+    dir: OwnedFd,
+    real: PathBuf,
+}
+
+impl Root {
+    fn open(path: &Path) -> std::io::Result<Root> {
+        let real = path.canonicalize()?;
+        Ok(Root { dir: File::open(&real)?.into(), real })
+    }
+
+    fn open_dir(&self, rel: &Path) -> nix::Result<OwnedFd> {
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let path = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+        let fd = openat2(self.dir.as_raw_fd(), path, how)?;
+        // SAFETY: openat2 just returned this descriptor and nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// The host path of directory `rel` (already `below_root`) of `entry`; missing levels are
+    /// created 0755 when `create`, else None.
+    fn dir(&self, entry: &Path, rel: &Path, create: bool) -> Result<Option<PathBuf>, LayerError> {
+        let unpack = |source: nix::Error| LayerError::Unpack { entry: entry.into(), source: source.into() };
+        let mut at = self.open_dir(Path::new("")).map_err(unpack)?;
+        let mut prefix = PathBuf::new();
+        for name in rel.iter() {
+            prefix.push(name);
+            let opened = match self.open_dir(&prefix) {
+                Err(Errno::ENOENT) if create => match mkdirat(Some(at.as_raw_fd()), name, Mode::from_bits_truncate(0o755)) {
+                    Ok(()) => self.open_dir(&prefix),
+                    // A dangling symlink stands there.
+                    Err(Errno::EEXIST) => Err(Errno::ENOTDIR),
+                    Err(e) => Err(e),
+                },
+                Err(Errno::ENOENT) => return Ok(None),
+                other => other,
+            };
+            at = match opened {
+                Ok(fd) => fd,
+                Err(Errno::ENOTDIR) => return Err(LayerError::NotADirectory { entry: entry.into(), through: prefix }),
+                Err(e) => return Err(unpack(e)),
+            };
+        }
+        let real = std::fs::read_link(format!("/proc/self/fd/{}", at.as_raw_fd())).map_err(|source| LayerError::Unpack { entry: entry.into(), source })?;
+        // RESOLVE_IN_ROOT guarantees this; checked because everything after relies on it.
+        if !real.starts_with(&self.real) {
+            return Err(LayerError::Escapes(entry.into()));
+        }
+        Ok(Some(real))
+    }
+}
+
 /// Applies one layer (plain or gzip tar) onto `rootfs`: `.wh.NAME` removes NAME from below,
-/// `.wh..wh..opq` empties its directory of what lower layers put there.
-pub fn apply_layer(path: &Path, rootfs: &Path) -> Result<(), String> {
-    let mut file = File::open(path).map_err(|e| format!("{path:?}: {e}"))?;
+/// `.wh..wh..opq` empties its directory of what lower layers put there. Nothing outside
+/// `rootfs` is created, removed or linked, whatever the entries' paths or earlier symlinks.
+pub fn apply_layer(path: &Path, rootfs: &Path) -> Result<(), LayerError> {
+    let mut file = File::open(path).map_err(LayerError::Read)?;
     let mut magic = [0u8; 2];
     let gzip = file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b];
-    file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    file.seek(SeekFrom::Start(0)).map_err(LayerError::Read)?;
     let reader: Box<dyn Read> = if gzip { Box::new(flate2::read::GzDecoder::new(BufReader::new(file))) } else { Box::new(BufReader::new(file)) };
+    let root = Root::open(rootfs).map_err(LayerError::Read)?;
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
     archive.set_overwrite(true);
-    for entry in archive.entries().map_err(|e| e.to_string())? {
-        let mut entry = entry.map_err(|e| e.to_string())?;
-        let rel = entry.path().map_err(|e| e.to_string())?.into_owned();
-        if rel.components().any(|c| matches!(c, Component::ParentDir)) {
-            return Err(format!("the entry {rel:?} leaves the root filesystem"));
-        }
-        let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let parent = rootfs.join(rel.parent().unwrap_or(Path::new("")));
+    for entry in archive.entries().map_err(LayerError::Read)? {
+        let mut entry = entry.map_err(LayerError::Read)?;
+        let named = entry.path().map_err(LayerError::Read)?.into_owned();
+        let rel = below_root(&named)?;
+        let (Some(name), Some(parent)) = (rel.file_name(), rel.parent()) else {
+            continue; // the root directory itself
+        };
+        let unpack = |source| LayerError::Unpack { entry: named.clone(), source };
+        let name = name.to_owned();
         if name == ".wh..wh..opq" {
-            for child in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
-                remove(&child.path());
-            }
-        } else if let Some(hidden) = name.strip_prefix(".wh.") {
-            remove(&parent.join(hidden));
-        } else {
-            // A lower layer's file may stand where this layer puts a directory, or the reverse.
-            let target = rootfs.join(&rel);
-            if let Ok(meta) = std::fs::symlink_metadata(&target) {
-                if meta.is_dir() != entry.header().entry_type().is_dir() {
-                    remove(&target);
+            if let Some(dir) = root.dir(&named, parent, false)? {
+                for child in std::fs::read_dir(&dir).map_err(unpack)?.flatten() {
+                    remove(&child.path());
                 }
             }
-            entry.unpack_in(rootfs).map_err(|e| match std::error::Error::source(&e) {
-                Some(cause) => format!("{rel:?}: {e}: {cause}"),
-                None => format!("{rel:?}: {e}"),
-            })?;
+            continue;
+        }
+        if let Some(hidden) = name.to_str().and_then(|n| n.strip_prefix(".wh.")) {
+            if let Some(dir) = root.dir(&named, parent, false)? {
+                remove(&dir.join(hidden));
+            }
+            continue;
+        }
+        let Some(dir) = root.dir(&named, parent, true)? else { continue };
+        let target = dir.join(&name);
+        // A lower layer's file (or symlink) may stand where this layer puts a directory, or
+        // the reverse.
+        if let Ok(meta) = std::fs::symlink_metadata(&target) {
+            if meta.is_dir() != entry.header().entry_type().is_dir() {
+                remove(&target);
+            }
+        }
+        if entry.header().entry_type().is_hard_link() {
+            // tar's own unpack would link whatever host path the entry names.
+            let linked = entry.link_name().map_err(unpack)?.map(|l| l.into_owned()).unwrap_or_default();
+            let linked_rel = below_root(&linked)?;
+            let source = match (linked_rel.parent(), linked_rel.file_name()) {
+                (Some(p), Some(n)) => root.dir(&named, p, false)?.map(|d| d.join(n)),
+                _ => None,
+            };
+            let Some(source) = source.filter(|s| s.symlink_metadata().is_ok()) else {
+                return Err(LayerError::NoLinkTarget { entry: named, target: linked });
+            };
+            remove(&target);
+            std::fs::hard_link(&source, &target).map_err(unpack)?;
+        } else {
+            entry.unpack(&target).map_err(unpack)?;
         }
     }
     Ok(())
@@ -249,26 +375,116 @@ mod tests {
         assert!(!root.join("etc/.wh.a").exists());
     }
 
+    /// One tar entry written header by hand: tar::Builder refuses the absolute and climbing
+    /// names a hostile image has.
+    enum Raw {
+        File(String, &'static [u8]),
+        Dir(String),
+        Symlink(String, String),
+        HardLink(String, String),
+    }
+
+    fn raw_layer(path: &Path, entries: &[Raw]) -> PathBuf {
+        let mut bytes = Vec::new();
+        for e in entries {
+            let (name, kind, link, data): (&str, tar::EntryType, &str, &[u8]) = match e {
+                Raw::File(n, d) => (n, tar::EntryType::Regular, "", *d),
+                Raw::Dir(n) => (n, tar::EntryType::Directory, "", b""),
+                Raw::Symlink(n, l) => (n, tar::EntryType::Symlink, l, b""),
+                Raw::HardLink(n, l) => (n, tar::EntryType::Link, l, b""),
+            };
+            let mut h = tar::Header::new_gnu();
+            let gnu = h.as_gnu_mut().unwrap();
+            gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+            gnu.linkname[..link.len()].copy_from_slice(link.as_bytes());
+            h.set_entry_type(kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_cksum();
+            bytes.extend_from_slice(h.as_bytes());
+            bytes.extend_from_slice(data);
+            bytes.resize(bytes.len().div_ceil(512) * 512, 0);
+        }
+        bytes.extend_from_slice(&[0u8; 1024]);
+        std::fs::write(path, bytes).unwrap();
+        path.into()
+    }
+
+    fn listing(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut l: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap_or_default())).collect();
+        l.sort();
+        l
+    }
+
+    /// A hostile image against the host: absolute entries, whiteouts and hard links through
+    /// an absolute or climbing symlink an earlier layer planted, and `..`. Each entry lands
+    /// inside the rootfs or its layer is refused by name; the host directory the symlinks
+    /// point at is untouched.
     #[test]
-    fn escaping_entries_and_bad_digests_are_refused() {
+    fn escaping_entries_stay_in_the_rootfs_or_are_refused() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("rootfs");
         std::fs::create_dir(&root).unwrap();
-        // tar::Builder refuses to write "..", so write the header by hand.
-        let path = d.path().join("evil.tar");
-        let mut h = tar::Header::new_gnu();
-        h.as_gnu_mut().unwrap().name[..9].copy_from_slice(b"../escape");
-        h.set_size(1);
-        h.set_mode(0o644);
-        h.set_cksum();
-        let mut bytes = h.as_bytes().to_vec();
-        bytes.extend_from_slice(b"x");
-        bytes.resize(512 * 2, 0);
-        bytes.extend_from_slice(&[0u8; 1024]);
-        std::fs::write(&path, bytes).unwrap();
-        let e = apply_layer(&path, &root).unwrap_err();
-        assert!(e.contains("leaves the root filesystem"), "{e}");
-        assert!(!d.path().join("escape").exists());
+        let host = d.path().join("host");
+        std::fs::create_dir(&host).unwrap();
+        std::fs::write(host.join("victim"), b"keep").unwrap();
+        std::fs::write(host.join("shadow"), b"secret").unwrap();
+        let before = listing(&host);
+        let h = host.to_str().unwrap();
+        let base = raw_layer(&d.path().join("base.tar"), &[Raw::Symlink("etc".into(), h.into()), Raw::Symlink("up".into(), "../../../..".into()), Raw::Symlink("dangling".into(), "/nonexistent".into()), Raw::Dir("lib/".into())]);
+        apply_layer(&base, &root).unwrap();
+
+        let abs = |n: &str| format!("{h}/{n}");
+        let landed: &[(&str, Vec<Raw>)] = &[
+            ("absolute whiteout", vec![Raw::File(abs(".wh.victim"), b"")]),
+            ("whiteout through an absolute symlink", vec![Raw::File("etc/.wh.victim".into(), b"")]),
+            ("opaque whiteout through an absolute symlink", vec![Raw::File("etc/.wh..wh..opq".into(), b"")]),
+            ("whiteout through a climbing symlink", vec![Raw::File(format!("up{h}/.wh.shadow"), b"")]),
+            ("absolute file", vec![Raw::File(abs("planted2"), b"x")]),
+            // Now that `<host>` exists in the rootfs, `etc` resolves to it there.
+            ("file through an absolute symlink", vec![Raw::File("etc/planted".into(), b"x")]),
+            ("directory through a climbing symlink", vec![Raw::Dir(format!("up{h}/sub/"))]),
+        ];
+        for (what, entries) in landed {
+            let l = raw_layer(&d.path().join("l.tar"), entries);
+            apply_layer(&l, &root).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(listing(&host), before, "{what} reached the host");
+        }
+        let inside = root.join(h.trim_start_matches('/'));
+        assert_eq!(std::fs::read(inside.join("planted")).unwrap(), b"x", "resolved in the rootfs");
+        assert_eq!(std::fs::read(inside.join("planted2")).unwrap(), b"x", "resolved in the rootfs");
+
+        let refused: &[(&str, Vec<Raw>, &str)] = &[
+            ("climbing entry", vec![Raw::File("../escape".into(), b"x")], "leaves the root filesystem"),
+            ("file under a symlink to nothing", vec![Raw::File("dangling/f".into(), b"x")], "not a directory"),
+            ("hard link to a host file", vec![Raw::HardLink("stolen".into(), abs("shadow"))], "which the layers below do not contain"),
+            ("hard link through a symlink", vec![Raw::HardLink("stolen".into(), "etc/shadow".into())], "which the layers below do not contain"),
+            ("climbing hard link", vec![Raw::HardLink("stolen".into(), "../host/shadow".into())], "leaves the root filesystem"),
+        ];
+        for (what, entries, why) in refused {
+            let l = raw_layer(&d.path().join("l.tar"), entries);
+            let e = apply_layer(&l, &root).err().unwrap_or_else(|| panic!("{what} was applied"));
+            assert!(e.to_string().contains(why), "{what}: {e}");
+            assert_eq!(listing(&host), before, "{what} reached the host");
+        }
+        assert!(!d.path().join("escape").exists() && !root.join("stolen").exists());
+
+        // A hard link inside the rootfs still works, through its symlinks resolved inside.
+        let l = raw_layer(&d.path().join("l.tar"), &[Raw::File("lib/real".into(), b"r"), Raw::HardLink("lib/alias".into(), "lib/real".into())]);
+        apply_layer(&l, &root).unwrap();
+        assert_eq!(std::fs::read(root.join("lib/alias")).unwrap(), b"r");
+    }
+
+    #[test]
+    fn links_in_the_image_archive_and_bad_digests_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("secret"), b"{}").unwrap();
+        let evil = raw_layer(&d.path().join("evil.tar"), &[Raw::Symlink("index.json".into(), d.path().join("secret").to_str().unwrap().into())]);
+        let e = unpack(&evil, &d.path().join("work")).unwrap_err();
+        assert!(matches!(e, ImageError::Malformed { .. }) && e.to_string().contains("index.json"), "{e}");
         assert!(blob_path(d.path(), "sha256:../../etc/passwd").is_err());
         assert!(blob_path(d.path(), "sha256:abc123").is_ok());
     }

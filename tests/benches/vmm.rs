@@ -97,6 +97,7 @@ fn config() -> VmSpec {
         vmm_extra: vec![],
         share: None,
         nic: None,
+        log_cap: 1 << 20,
     }
 }
 

@@ -31,6 +31,33 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// `ctr run --rm <id> sleep 1000` in the background, once its task runs.
+pub fn run_sleeper(c: &Containerd, id: &str) -> std::process::Child {
+    let run = c
+        .ctr_cmd(&["run", "--rm", "--runtime", RUNTIME, IMAGE, id, "sleep", "1000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr run");
+    assert!(wait_until(Duration::from_secs(120), || task_is(c, id, "RUNNING")), "task {id} never ran: {}", c.log());
+    run
+}
+
+/// The exit code of `child` once it exits within `limit` (None: still running).
+pub fn exit_code(child: &mut std::process::Child, limit: Duration) -> Option<Option<i32>> {
+    let mut code = None;
+    wait_until(limit, || {
+        code = child.try_wait().expect("wait for a child").map(|s| s.code());
+        code.is_some()
+    });
+    code
+}
+
+/// Whether `ctr tasks ls` shows task `id` in state `want` (RUNNING, PAUSED, ...).
+pub fn task_is(c: &Containerd, id: &str, want: &str) -> bool {
+    c.ctr(&["tasks", "ls"]).is_ok_and(|o| text(&o.stdout).lines().any(|l| l.split_whitespace().next() == Some(id) && l.contains(want)))
+}
+
 /// Output and exit codes, the VM sized from the container's limit, and a long-running task:
 /// exec (plain and tty), ps, metrics, pause/resume, SIGTERM of an exec, SIGKILL of the task.
 pub fn lifecycle(c: &Containerd) {
@@ -65,16 +92,10 @@ pub fn lifecycle(c: &Containerd) {
     // exec with 143 (a container's PID 1 ignores SIGTERM without a handler, as under runc);
     // SIGKILL ends the task with 137.
     let id = "long";
-    let mut run = c
-        .ctr_cmd(&["run", "--rm", "--runtime", RUNTIME, IMAGE, id, "sleep", "1000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ctr run");
-    let state = |want: &str| c.ctr(&["tasks", "ls"]).is_ok_and(|o| text(&o.stdout).lines().any(|l| l.starts_with(id) && l.contains(want)));
-    assert!(wait_until(Duration::from_secs(120), || state("RUNNING")), "task {id} never ran: {}", c.log());
+    let mut run = run_sleeper(c, id);
+    let state = |want: &str| task_is(c, id, want);
     let out = c.ctr(&["tasks", "exec", "--exec-id", "e1", id, "sh", "-c", "echo in exec; pidof sleep >/dev/null && echo sees the sleep; exit 5"]).expect("exec");
-    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(5), "stdout: {}\nstderr: {}\ncontainerd log:\n{}", text(&out.stdout), text(&out.stderr), c.log());
     assert_eq!(text(&out.stdout), "in exec\nsees the sleep\n");
     // With a terminal (script gives ctr the tty it insists on).
     let ctr = format!("{} --address {} --namespace {}", crate::containerd::CTR, c.socket.display(), c.namespace);
@@ -103,11 +124,12 @@ pub fn lifecycle(c: &Containerd) {
         c.ctr(&["tasks", "kill", "-s", "SIGTERM", "--exec-id", "e3", id]).is_ok_and(|o| o.status.success())
     });
     assert!(killed, "the exec never became killable: {}", c.log());
-    assert_eq!(exec.wait().expect("exec exits").code(), Some(143), "SIGTERM");
+    assert_eq!(exit_code(&mut exec, Duration::from_secs(60)), Some(Some(143)), "exec after SIGTERM (None: still running): {}", c.log());
 
     let out = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]).expect("kill");
     assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
-    assert_eq!(run.wait().expect("ctr run exits").code(), Some(137), "SIGKILL");
+    let code = exit_code(&mut run, Duration::from_secs(60));
+    assert_eq!(code, Some(Some(137)), "ctr run after SIGKILL (None: still running): {}", c.log());
     assert!(wait_until(Duration::from_secs(10), || c.pod_processes().is_empty()), "VMs left: {:?}", c.pod_processes());
 }
 
@@ -115,14 +137,7 @@ pub fn lifecycle(c: &Containerd) {
 /// non-zero status and nothing of the pod is left.
 pub fn vmm_death(c: &Containerd) {
     let id = "vmmdies";
-    let mut run = c
-        .ctr_cmd(&["run", "--rm", "--runtime", RUNTIME, IMAGE, id, "sleep", "1000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ctr run");
-    let running = || c.ctr(&["tasks", "ls"]).is_ok_and(|o| text(&o.stdout).lines().any(|l| l.starts_with(id) && l.contains("RUNNING")));
-    assert!(wait_until(Duration::from_secs(120), running), "task {id} never ran: {}", c.log());
+    let mut run = run_sleeper(c, id);
     // The VMM: QEMU, or hull-vmm's `boot` (not its vhost-user backends).
     let vmm = c
         .pod_processes()
@@ -131,10 +146,7 @@ pub fn vmm_death(c: &Containerd) {
         .unwrap_or_else(|| panic!("no VMM among {:?}", c.pod_processes()));
     let pid: i32 = vmm.split_whitespace().next().and_then(|p| p.parse().ok()).expect("the VMM's pid");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill the VMM");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || tx.send(run.wait()));
-    let status = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("ctr run did not end after the VMM died: {}", c.log()));
-    let code = status.expect("ctr run exits").code();
+    let code = exit_code(&mut run, Duration::from_secs(60)).unwrap_or_else(|| panic!("ctr run did not end after the VMM died: {}", c.log()));
     assert!(code.is_some_and(|c| c != 0), "a task whose VMM died reports a non-zero exit, got {code:?}");
     assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left after the VMM died: {:?}", c.pod_processes());
 }

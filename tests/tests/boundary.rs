@@ -15,7 +15,8 @@ use hull_tests::scenario::{self, text, wait_until, RUNTIME};
 const AGENT_PORTS: [u32; 2] = [hull_proto::AGENT_VSOCK_PORT, hull_proto::STDIO_VSOCK_PORT];
 
 /// The host side of a running pod is root's alone: its state directory and every level above
-/// it to /run/hull are 0700, the sockets that reach the VM's agent 0600.
+/// it to /run/hull are 0700, the sockets that reach the VM's agent or its devices and the logs
+/// of what the guest printed 0600.
 fn owner_only(pod: &PodDir) {
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).map(|m| m.permissions().mode() & 0o7777).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
@@ -24,6 +25,12 @@ fn owner_only(pod: &PodDir) {
         assert_eq!(mode(dir), 0o700, "{} must be owner-only", dir.display());
     }
     assert_eq!(mode(&vm.vsock()), 0o600, "{} reaches the agent: owner-only", vm.vsock().display());
+    // Every other socket (QEMU's vhost-user devices) and log (the guest console) too; not the
+    // `vsock.sock_<port>` listeners, which are whoever serves that host port (here the test).
+    let ours = |e: &std::fs::DirEntry| !e.file_name().to_string_lossy().starts_with("vsock.sock_");
+    for entry in std::fs::read_dir(vm.path()).expect("read the VM directory").flatten().filter(ours) {
+        assert_eq!(mode(&entry.path()) & 0o077, 0, "{} must be owner-only", entry.path().display());
+    }
 }
 
 /// An ordinary container (default capabilities, not privileged) dials the agent's ports at
@@ -162,4 +169,36 @@ fn a_pod_id_annotation_cannot_leave_the_state_root() {
     assert!(!escape.exists(), "the shim created {} from the annotation", escape.display());
     let _ = c.ctr(&["containers", "rm", "climber"]);
     assert!(c.pod_processes().is_empty(), "left: {:?}", c.pod_processes());
+}
+
+/// Guest root floods the VM's serial console: the host keeps at most the configured cap of it
+/// (`vm_log_kib`), the newest output under a line saying how much was dropped, and the guest
+/// is not stopped by the cap.
+#[test]
+fn a_guest_flooding_its_console_leaves_a_capped_host_log() {
+    require_containerd!();
+    let c = scenario::containerd();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("hull.toml");
+    std::fs::write(&config, "vm_log_kib = 16\n").expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let id = "flood";
+    let out = c.ctr(&["run", "-d", "--privileged", "--runtime", RUNTIME, "--runtime-config-path", &config, IMAGE, id, "sleep", "1000"]).expect("ctr run");
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+    // ~400 KB through the emulated UART, 25 times the cap.
+    let flood = "i=0; while [ $i -lt 4000 ]; do echo \"flood $i ..........................................................................................\"; i=$((i+1)); done >/dev/ttyS0; echo flood-end >/dev/ttyS0; echo flooded";
+    let out = c.ctr(&["tasks", "exec", "--exec-id", "flood", id, "sh", "-c", flood]).expect("ctr exec");
+    assert_eq!(text(&out.stdout), "flooded\n", "the flood ran: {}", text(&out.stderr));
+    let console = PodDir::new(&c.namespace, id).vm().console();
+    let kept = || std::fs::read(&console).unwrap_or_else(|e| panic!("{}: {e}", console.display()));
+    assert!(wait_until(Duration::from_secs(10), || text(&kept()).contains("flood-end")), "the newest output reaches the log");
+    let log = kept();
+    assert!(log.len() <= 16 * 1024, "the console log holds {} bytes, over its 16 KiB cap", log.len());
+    assert!(text(&log).starts_with("[hull: ") && text(&log).contains("older bytes of this log were dropped"), "{}", text(&log[..200.min(log.len())]));
+    let out = c.ctr(&["tasks", "exec", "--exec-id", "after", id, "echo", "still-here"]).expect("ctr exec");
+    assert_eq!(text(&out.stdout), "still-here\n", "the guest runs on after the cap");
+    let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+    wait_until(Duration::from_secs(30), || c.ctr(&["tasks", "delete", id]).is_ok_and(|o| o.status.success()));
+    let _ = c.ctr(&["containers", "rm", id]);
+    assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
 }

@@ -13,8 +13,11 @@ pub mod config;
 pub mod device_manager;
 pub mod devices;
 pub mod fuzzing;
+pub mod log_limit;
 pub mod running_vm;
 pub mod seccomp;
+#[cfg(test)]
+mod test_sink;
 pub mod vhost_user;
 pub mod vstate;
 

@@ -41,8 +41,8 @@ impl Builtin {
             .arg(&spec.initramfs)
             .args(["--append", &Self::append(spec)])
             .args(["--vcpus", &vcpus.to_string(), "--memory-mib", &spec.memory_mib.to_string()])
-            .arg("--console")
-            .arg(dir.console())
+            // The console on stdout: the runtime caps what it keeps of it (see `log`).
+            .args(["--console", "-"])
             .arg("--vsock-uds")
             .arg(dir.vsock())
             .args(["--guest-cid", &spec.guest_cid.to_string(), "--rng"]);

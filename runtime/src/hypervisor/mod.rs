@@ -7,6 +7,7 @@
 //! its arm in `Engine::hypervisor`.
 
 pub mod builtin;
+pub mod log;
 pub mod qemu;
 
 use std::os::fd::RawFd;
@@ -29,6 +30,8 @@ pub enum HypervisorError {
     Spawn { what: &'static str, source: std::io::Error },
     #[error("Cannot create the log file {path:?}: {source}.")]
     Log { path: PathBuf, source: std::io::Error },
+    #[error("Cannot make the device socket {path:?} owner-only: {source}.")]
+    SocketMode { path: PathBuf, source: std::io::Error },
     #[error("{what} exited with {status} before it was ready: {log}")]
     BackendExited { what: &'static str, status: String, log: String },
     #[error("A device backend did not create {0:?} within 5 s.")]
@@ -88,6 +91,8 @@ pub struct VmSpec {
     pub share: Option<Share>,
     /// The pod's network: a tap the VMM's virtio-net drives.
     pub nic: Option<Nic>,
+    /// The most bytes each of the VM's logs (console, VMM, backends) keeps.
+    pub log_cap: u64,
 }
 
 /// A host directory exported to the guest as virtio-fs `tag`.
@@ -107,6 +112,8 @@ pub struct Nic {
     pub mac: String,
 }
 
+const CONSOLE: &str = "console.log";
+
 /// The VM's files: its sockets, console and process logs, in one directory nothing else uses.
 #[derive(Debug, Clone)]
 pub struct VmDir(PathBuf);
@@ -124,7 +131,7 @@ impl VmDir {
     }
     /// The guest's serial console.
     pub fn console(&self) -> PathBuf {
-        self.0.join("console.log")
+        self.0.join(CONSOLE)
     }
     pub fn file(&self, name: &str) -> PathBuf {
         self.0.join(name)
@@ -147,7 +154,7 @@ pub trait Hypervisor: Send + Sync {
     /// For logs and errors.
     fn name(&self) -> &'static str;
     /// Starts whatever must serve before the VMM (device backends) and returns the VMM's
-    /// command, its hybrid vsock socket at `dir.vsock()` and its console at `dir.console()`.
+    /// command: its hybrid vsock socket at `dir.vsock()`, the guest console on its stdout.
     async fn prepare(&self, spec: &VmSpec, dir: &VmDir) -> Result<Launched, HypervisorError>;
 }
 
@@ -155,15 +162,37 @@ pub(crate) fn exists(what: &'static str, p: &Path) -> Result<(), HypervisorError
     if p.exists() { Ok(()) } else { Err(HypervisorError::Missing { what, path: p.into() }) }
 }
 
-/// A log file in the VM directory as stdout and stderr of a child: the VMM's and backends' own
-/// messages go beside the console, not to the terminal of whoever runs the container.
-pub(crate) fn log_to(cmd: &mut Command, dir: &VmDir, name: &str) -> Result<(), HypervisorError> {
-    let path = dir.file(name);
-    let log_err = |source| HypervisorError::Log { path: path.clone(), source };
-    let f = std::fs::File::create(&path).map_err(log_err)?;
-    let g = f.try_clone().map_err(log_err)?;
-    cmd.stdin(Stdio::null()).stdout(f).stderr(g);
-    Ok(())
+/// Where a VM process's output goes: capped logs in the VM directory (see `log`), never the
+/// terminal of whoever runs the container.
+pub struct Logs<'a> {
+    pub dir: &'a VmDir,
+    /// stdout's log (the guest console, for a VMM), or None for no stdout.
+    pub stdout: Option<&'a str>,
+    pub stderr: &'a str,
+    pub cap: u64,
+}
+
+impl Logs<'_> {
+    /// Creates the log files and points the child's output at pipes for them.
+    fn prepare(&self, cmd: &mut Command) -> Result<Vec<(PathBuf, log::CappedLog)>, HypervisorError> {
+        let create = |name: &str| {
+            let path = self.dir.file(name);
+            log::CappedLog::create(&path, self.cap).map(|l| (path.clone(), l)).map_err(|source| HypervisorError::Log { path, source })
+        };
+        let mut logs = Vec::new();
+        cmd.stdin(Stdio::null()).stderr(Stdio::piped());
+        match self.stdout {
+            Some(name) => {
+                logs.push(create(name)?);
+                cmd.stdout(Stdio::piped());
+            }
+            None => {
+                cmd.stdout(Stdio::null());
+            }
+        }
+        logs.push(create(self.stderr)?);
+        Ok(logs)
+    }
 }
 
 /// The descriptor number the VMM (QEMU or hull-vmm) finds the tap at.
@@ -191,13 +220,23 @@ pub struct Watched {
     pid: u32,
     status: watch::Receiver<Option<ExitStatus>>,
     kill: Arc<Notify>,
+    /// The tasks relaying its stdout and stderr into their logs.
+    relays: tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Watched {
-    /// Spawns `cmd`; must run inside a tokio runtime.
-    pub fn spawn(cmd: &mut Command, what: &'static str) -> Result<Watched, HypervisorError> {
+    /// Spawns `cmd` with its output relayed into `logs`; must run inside a tokio runtime.
+    pub fn spawn(cmd: &mut Command, what: &'static str, logs: &Logs) -> Result<Watched, HypervisorError> {
+        let mut files = logs.prepare(cmd)?.into_iter();
         let mut child = cmd.kill_on_drop(true).spawn().map_err(|source| HypervisorError::Spawn { what, source })?;
         let pid = child.id().unwrap_or(0);
+        let mut relays = Vec::new();
+        if let (Some(out), Some(file)) = (child.stdout.take(), logs.stdout.and_then(|_| files.next())) {
+            relays.push(tokio::spawn(log::relay(out, file.1, file.0)));
+        }
+        if let (Some(err), Some(file)) = (child.stderr.take(), files.next()) {
+            relays.push(tokio::spawn(log::relay(err, file.1, file.0)));
+        }
         let (tx, status) = watch::channel(None);
         let kill = Arc::new(Notify::new());
         let asked = kill.clone();
@@ -220,7 +259,14 @@ impl Watched {
                 Err(e) => tracing::error!(pid, error = %e, "cannot wait for a VM process"),
             }
         });
-        Ok(Watched { pid, status, kill })
+        Ok(Watched { pid, status, kill, relays: tokio::sync::Mutex::new(relays) })
+    }
+
+    /// Waits (at most `limit`) until everything the exited process wrote is in its logs: the
+    /// relays end at the pipes' EOF, a little after the exit itself.
+    pub async fn logs_complete(&self, limit: Duration) {
+        let relays = std::mem::take(&mut *self.relays.lock().await);
+        let _ = tokio::time::timeout(limit, futures_util::future::join_all(relays)).await;
     }
 
     pub fn pid(&self) -> u32 {
@@ -285,7 +331,9 @@ impl Vm {
         }
         let _ = std::fs::remove_file(dir.vsock());
         let Launched { mut vmm, vmm_log, backends } = hypervisor.prepare(spec, &dir).await?;
-        let vmm = match log_to(&mut vmm, &dir, vmm_log).and_then(|()| Watched::spawn(&mut vmm, hypervisor.name())) {
+        // The VMM's stdout is the guest's serial console.
+        let logs = Logs { dir: &dir, stdout: Some(CONSOLE), stderr: vmm_log, cap: spec.log_cap };
+        let vmm = match Watched::spawn(&mut vmm, hypervisor.name(), &logs) {
             Ok(v) => v,
             Err(e) => {
                 for b in &backends {
@@ -313,6 +361,7 @@ impl Vm {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.vmm.exited() {
+                self.vmm.logs_complete(Duration::from_secs(2)).await;
                 let log = std::fs::read_to_string(self.dir.file(self.vmm_log)).unwrap_or_default();
                 let console = format!("{}\n{}", log.trim_end(), self.console_tail());
                 return Err(HypervisorError::VmmExited { status: status.to_string(), console });
@@ -354,10 +403,12 @@ impl Vm {
         out
     }
 
-    /// Kills the VMM and the backends and waits until they are reaped.
+    /// Kills the VMM and the backends and waits until they are reaped and their logs
+    /// complete.
     pub async fn kill(&self) {
         for p in std::iter::once(&self.vmm).chain(&self.backends) {
             p.kill().await;
+            p.logs_complete(Duration::from_secs(2)).await;
         }
     }
 

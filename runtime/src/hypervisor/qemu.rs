@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Command;
 
-use super::{exists, log_to, pass_tap, Accel, HypervisorError, Launched, VmDir, VmSpec, Watched, TAP_FD};
+use super::{exists, pass_tap, Accel, HypervisorError, Launched, Logs, VmDir, VmSpec, Watched, TAP_FD};
 
 pub struct Qemu {
     pub qemu: PathBuf,
@@ -20,12 +20,11 @@ pub struct Qemu {
 impl Qemu {
     /// Starts one `hull-vmm vhost-user ...` backend whose messages go to `log` in the VM
     /// directory, and waits until it serves its vhost-user socket.
-    async fn start_backend(&self, dir: &VmDir, what: &'static str, args: &[&OsStr], socket: &Path, log: &str) -> Result<Watched, HypervisorError> {
+    async fn start_backend(&self, spec: &VmSpec, dir: &VmDir, what: &'static str, args: &[&OsStr], socket: &Path, log: &str) -> Result<Watched, HypervisorError> {
         let _ = std::fs::remove_file(socket);
         let mut cmd = Command::new(&self.vmm);
         cmd.args(["--log-level", "warn", "vhost-user"]).args(args);
-        log_to(&mut cmd, dir, log)?;
-        let backend = Watched::spawn(&mut cmd, what)?;
+        let backend = Watched::spawn(&mut cmd, what, &Logs { dir, stdout: None, stderr: log, cap: spec.log_cap })?;
         // The backend creates its socket when it listens; nothing announces it otherwise.
         let deadline = Instant::now() + Duration::from_secs(5);
         while !socket.exists() {
@@ -39,6 +38,16 @@ impl Qemu {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // Whoever connects drives the device: owner-only, like hull-vmm's own sockets (the
+        // vhost-user library binds it with the process umask; the 0700 VM directory already
+        // keeps others out).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Err(source) = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)) {
+                backend.kill().await;
+                return Err(HypervisorError::SocketMode { path: socket.into(), source });
+            }
+        }
         Ok(backend)
     }
 
@@ -47,11 +56,11 @@ impl Qemu {
         let uds = dir.vsock();
         let cid = spec.guest_cid.to_string();
         let vsock_args = ["vsock".as_ref(), "--socket".as_ref(), vu.as_os_str(), "--uds".as_ref(), uds.as_os_str(), "--guest-cid".as_ref(), cid.as_ref()];
-        let mut backends = vec![self.start_backend(dir, "hull-vmm vhost-user vsock", &vsock_args, &vu, "vhost-user-vsock.log").await?];
+        let mut backends = vec![self.start_backend(spec, dir, "hull-vmm vhost-user vsock", &vsock_args, &vu, "vhost-user-vsock.log").await?];
         if let Some(share) = &spec.share {
             let fs_sock = dir.file("vhost-fs.sock");
             let args = ["fs".as_ref(), "--socket".as_ref(), fs_sock.as_os_str(), "--shared-dir".as_ref(), share.dir.as_os_str(), "--tag".as_ref(), share.tag.as_ref()];
-            match self.start_backend(dir, "hull-vmm vhost-user fs", &args, &fs_sock, "vhost-user-fs.log").await {
+            match self.start_backend(spec, dir, "hull-vmm vhost-user fs", &args, &fs_sock, "vhost-user-fs.log").await {
                 Ok(b) => backends.push(b),
                 Err(e) => {
                     for b in &backends {
@@ -79,7 +88,8 @@ impl Qemu {
             // vhost-user needs guest memory the backends can map.
             .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")])
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-            .args(["-serial", &format!("file:{}", dir.console().display())])
+            // The console on stdout: the runtime caps what it keeps of it (see `log`).
+            .args(["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"])
             .arg("-kernel")
             .arg(&spec.kernel)
             .arg("-initrd")

@@ -102,10 +102,11 @@ impl Pod {
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
             guest_cid: 3,
-            cmdline_extra: if config.debug_console { vec!["loglevel=7".into()] } else { vec![] },
+            cmdline_extra: config.debug_console.then(|| "loglevel=7".to_string()).into_iter().chain(config.kernel_params.split_whitespace().map(String::from)).collect(),
             vmm_extra: vec![],
             share: Some(Share { tag: share::FS_TAG.into(), dir: spec.share.map(Path::to_path_buf).unwrap_or_else(|| dir.shared()) }),
             nic: net.as_ref().map(|n| Nic { tap_fd: n.tap.as_raw_fd(), mac: n.mac.clone() }),
+            log_cap: config.vm_log_kib * 1024,
         };
         let binaries = Binaries { qemu: config.qemu.clone(), vmm: config.vmm.clone() };
         let vm = Vm::start(engine.hypervisor(&binaries).as_ref(), &vm_spec, dir.vm()).await?;

@@ -14,6 +14,8 @@ pub enum SpecError {
     Shape { id: String },
     #[error("Cannot share {source_path:?} (mount {destination}) of container {id} with the guest: {source}.")]
     Share { id: String, source_path: PathBuf, destination: String, source: std::io::Error },
+    #[error("The pod's {what} is {value}, which is not a limit a VM can have (a whole number up to 2^63-1).")]
+    Resource { what: String, value: String },
 }
 
 fn is_bind(m: &Value) -> bool {
@@ -91,18 +93,46 @@ pub fn for_guest(id: &str, mut spec: Value, host_share: &Path) -> Result<Value, 
 /// (containerd 1.7+) puts the pod's totals on the sandbox as annotations; a `ctr run` container
 /// is its own pod and its own limits are the pod's. With no limit the base is the size.
 /// Containers added to a running pod do not grow it (no hotplug yet): their limits must fit.
-pub fn vm_size(spec: &Value, vcpus: u32, memory_mib: u32) -> (u32, u32) {
-    let ann = |k: &str| spec.pointer("/annotations").and_then(|a| a.get(k)).and_then(Value::as_str).and_then(|v| v.parse::<i64>().ok());
-    let res = |p: &str| spec.pointer(&format!("/linux/resources/{p}")).and_then(Value::as_i64);
-    let memory = ann("io.kubernetes.cri.sandbox-memory").or_else(|| res("memory/limit")).filter(|m| *m > 0).unwrap_or(0);
-    let quota = ann("io.kubernetes.cri.sandbox-cpu-quota").or_else(|| res("cpu/quota")).filter(|q| *q > 0).unwrap_or(0);
-    let period = ann("io.kubernetes.cri.sandbox-cpu-period").or_else(|| res("cpu/period")).filter(|p| *p > 0).unwrap_or(100_000);
-    let extra_cpus = (quota + period - 1) / period;
-    let extra_mib = (memory + (1 << 20) - 1) >> 20;
+/// CPUs are rounded up and capped at the host's, memory capped at the host's. A limit that is
+/// not a number, or one no VM could have (`8Ei`, past i64), is an error naming it: dropping
+/// it silently would run the pod unlimited.
+pub fn vm_size(spec: &Value, vcpus: u32, memory_mib: u32) -> Result<(u32, u32), SpecError> {
+    let resource = |annotation: &str, field: &str| -> Result<i64, SpecError> {
+        let bad = |value: String| SpecError::Resource { what: if spec.pointer(&format!("/annotations/{annotation}")).is_some() { annotation.to_string() } else { format!("linux.resources.{}", field.replace('/', ".")) }, value };
+        let value = match spec.pointer("/annotations").and_then(|a| a.get(annotation)) {
+            Some(Value::String(v)) => v.trim().parse::<i64>().map_err(|_| bad(v.clone()))?,
+            Some(v) => return Err(bad(v.to_string())),
+            None => match spec.pointer(&format!("/linux/resources/{field}")) {
+                None | Some(Value::Null) => 0,
+                Some(v) => v.as_i64().ok_or_else(|| bad(v.to_string()))?,
+            },
+        };
+        // Zero or negative: no limit (CRI's quota of -1, runc's memory limit of -1).
+        Ok(value.max(0))
+    };
+    let memory = resource("io.kubernetes.cri.sandbox-memory", "memory/limit")?;
+    let quota = resource("io.kubernetes.cri.sandbox-cpu-quota", "cpu/quota")?;
+    let period = match resource("io.kubernetes.cri.sandbox-cpu-period", "cpu/period")? {
+        0 => 100_000,
+        p => p,
+    };
+    let extra_cpus = quota / period + i64::from(quota % period != 0);
+    let extra_mib = memory / (1 << 20) + i64::from(memory % (1 << 20) != 0);
     let host_cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
-    let vcpus = (vcpus as i64 + extra_cpus).clamp(1, host_cpus.max(vcpus) as i64) as u32;
-    let memory_mib = (memory_mib as i64 + extra_mib).min(u32::MAX as i64) as u32;
-    (vcpus, memory_mib)
+    let vcpus = i64::from(vcpus).saturating_add(extra_cpus).clamp(1, i64::from(host_cpus.max(vcpus))) as u32;
+    let wanted_mib = i64::from(memory_mib).saturating_add(extra_mib);
+    let host_mib = host_memory_mib().unwrap_or(u32::MAX as i64).max(i64::from(memory_mib));
+    if wanted_mib > host_mib {
+        tracing::warn!(wanted_mib, host_mib, "the pod's memory limit is more than the host has; the VM gets the host's memory");
+    }
+    Ok((vcpus, wanted_mib.min(host_mib).min(i64::from(u32::MAX)) as u32))
+}
+
+/// The host's RAM in MiB (MemTotal).
+fn host_memory_mib() -> Option<i64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: i64 = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024)
 }
 
 /// Whether the spec gives the container a network namespace of its own; without one it would
@@ -142,16 +172,34 @@ mod tests {
     #[test]
     fn vm_is_sized_from_the_pod_limits() {
         // No limits: the base.
-        assert_eq!(vm_size(&json!({}), 1, 256), (1, 256));
+        assert_eq!(vm_size(&json!({}), 1, 256).unwrap(), (1, 256));
         // A ctr container with 100 MiB and half a CPU: base plus that, CPUs rounded up.
         let spec = json!({"linux": {"resources": {"memory": {"limit": 100 << 20}, "cpu": {"quota": 50_000, "period": 100_000}}}});
-        assert_eq!(vm_size(&spec, 1, 256), (2.min(host_cpus()), 356));
+        assert_eq!(vm_size(&spec, 1, 256).unwrap(), (2.min(host_cpus()), 356));
         // CRI's pod totals win over the sandbox's own (empty) resources.
         let spec = json!({"annotations": {"io.kubernetes.cri.sandbox-memory": "536870912", "io.kubernetes.cri.sandbox-cpu-quota": "-1"}});
-        assert_eq!(vm_size(&spec, 1, 256), (1, 768));
-        // Garbage is ignored, not trusted.
-        let spec = json!({"annotations": {"io.kubernetes.cri.sandbox-memory": "lots"}, "linux": {"resources": {"memory": {"limit": -1}}}});
-        assert_eq!(vm_size(&spec, 1, 256), (1, 256));
+        assert_eq!(vm_size(&spec, 1, 256).unwrap(), (1, 768));
+        // -1: unlimited.
+        let spec = json!({"linux": {"resources": {"memory": {"limit": -1}}}});
+        assert_eq!(vm_size(&spec, 1, 256).unwrap(), (1, 256));
+    }
+
+    /// Limits a hostile or broken spec gives: not numbers, past i64 (`8Ei`), or big enough to
+    /// overflow the arithmetic. Each is an error naming it, or a VM no larger than the host.
+    #[test]
+    fn unrepresentable_limits_are_named_and_huge_ones_capped() {
+        for (spec, named) in [
+            (json!({"annotations": {"io.kubernetes.cri.sandbox-memory": "lots"}}), "io.kubernetes.cri.sandbox-memory"),
+            (json!({"annotations": {"io.kubernetes.cri.sandbox-memory": "9223372036854775808"}}), "io.kubernetes.cri.sandbox-memory"),
+            (json!({"linux": {"resources": {"memory": {"limit": 9223372036854775808u64}}}}), "linux.resources.memory.limit"),
+            (json!({"linux": {"resources": {"cpu": {"quota": "x"}}}}), "linux.resources.cpu.quota"),
+        ] {
+            let e = vm_size(&spec, 1, 256).unwrap_err().to_string();
+            assert!(e.contains(named), "{e}");
+        }
+        let spec = json!({"linux": {"resources": {"memory": {"limit": i64::MAX}, "cpu": {"quota": i64::MAX, "period": 1}}}});
+        let (vcpus, mib) = vm_size(&spec, 1, 256).unwrap();
+        assert!(vcpus <= host_cpus() && i64::from(mib) <= host_memory_mib().unwrap(), "{vcpus} {mib}");
     }
 
     fn host_cpus() -> u32 {

@@ -65,11 +65,15 @@ pub async fn publish_exit(events: &Events, id: &str, exec_id: &str, pid: u32, ex
     events.send(topics::TASK_EXIT_EVENT_TOPIC, Box::new(e)).await;
 }
 
+/// The least time between two OOM events the shim takes from the guest.
+const OOM_EVENT_GAP: Duration = Duration::from_millis(100);
+
 /// Once per VM: when it dies every process still running exits with 255, and the guest's OOM
 /// kills are relayed, both to containerd.
 pub fn watch_pod(pod: Arc<Pod>, containers: Containers, events: Events) {
     let oom_pod = pod.clone();
     let oom_events = events.clone();
+    let oom_containers = containers.clone();
     tokio::spawn(async move {
         let Some(why) = pod.ended().await else {
             tracing::error!(sandbox_id = %pod.id, "cannot wait for the pod VM's exit; its processes are no longer watched");
@@ -83,11 +87,23 @@ pub fn watch_pod(pod: Arc<Pod>, containers: Containers, events: Events) {
     });
     tokio::spawn(async move {
         let pod = oom_pod;
+        // The guest names the container: only this pod's containers are believed, and a guest
+        // answering at once, forever, gets at most ten events a second through.
+        let mut foreign = 0u64;
         loop {
             match pod.conn.next_oom_event().await {
-                Ok(container_id) => {
+                Ok(container_id) if oom_containers.contains(&container_id) => {
                     tracing::info!(sandbox_id = %pod.id, container_id = %container_id, "OOM kill");
                     oom_events.send(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev::TaskOOM { container_id, ..Default::default() })).await;
+                    tokio::time::sleep(OOM_EVENT_GAP).await;
+                }
+                Ok(container_id) => {
+                    foreign += 1;
+                    if foreign.is_power_of_two() {
+                        let named: String = container_id.chars().take(80).collect();
+                        tracing::warn!(sandbox_id = %pod.id, container_id = %named, dropped = foreign, "OOM event for a container not in this pod dropped");
+                    }
+                    tokio::time::sleep(OOM_EVENT_GAP).await;
                 }
                 Err(_) => {
                     if pod.exited().is_some() {

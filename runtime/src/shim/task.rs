@@ -96,7 +96,7 @@ impl TaskService {
                 }
                 .map_err(|e| status(Code::FAILED_PRECONDITION, e))?;
                 let mut config = config;
-                (config.vcpus, config.memory_mib) = spec::vm_size(spec, config.vcpus, config.memory_mib);
+                (config.vcpus, config.memory_mib) = spec::vm_size(spec, config.vcpus, config.memory_mib).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
                 let hostname = spec.get("hostname").and_then(|h| h.as_str()).unwrap_or(pod_id);
                 let netns = crate::pod::network::netns_path(spec);
                 let pod = Pod::boot(&config, PodDir::new(&self.namespace, pod_id), PodSpec { id: pod_id, hostname, netns: netns.as_deref(), share: None })

@@ -2,10 +2,14 @@
 //! line, serial console) until the guest reboots; `vhost-user` serves hull's devices (vsock,
 //! fs) to QEMU.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 use hull_vmm::config::{Devices, DiskConfig, NicConfig, ShareConfig, TapSource, VmConfig, VsockConfig, DEFAULT_CMDLINE};
 
 #[derive(Debug, Parser)]
@@ -191,7 +195,10 @@ struct BootArgs {
 
 fn boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp, api_socket }: BootArgs) -> Result<(), CliError> {
     let console: Box<dyn std::io::Write + Send> = if console.as_os_str() == "-" {
-        Box::new(std::io::stdout())
+        // fd 1 itself, unbuffered: std's stdout would hold a partial line (a prompt, the last
+        // words before a hang) until a newline that may never come.
+        let fd = std::io::stdout().as_fd().try_clone_to_owned().map_err(|source| CliError::Console { path: console.clone(), source })?;
+        Box::new(std::fs::File::from(fd))
     } else {
         Box::new(std::fs::File::create(&console).map_err(|source| CliError::Console { path: console.clone(), source })?)
     };
@@ -227,7 +234,9 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only for a person at a terminal; log files stay plain.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    // Device warnings a guest can provoke at will: at most 10 lines a call site per minute.
+    let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_filter(hull_vmm::log_limit::per_call_site(10, std::time::Duration::from_secs(60)));
+    tracing_subscriber::registry().with(filter).with(log).init();
     let result = match cli.cmd {
         Cmd::Boot { kernel, initramfs, cmdline, append, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, shares, rng, no_seccomp, api_socket } => {
             let vsock = vsock_uds.map(|uds| VsockConfig { guest_cid, uds });

@@ -33,6 +33,12 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const MAX_PKT_DATA: u32 = 64 * 1024;
 /// What each connection can buffer of guest data (advertised as buf_alloc).
 pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
+/// Connections of one VM at most: each holds a host socket and up to CONN_BUF_ALLOC of guest
+/// data, so this bounds what a guest opening connections costs the host (~256 MiB).
+pub const MAX_CONNECTIONS: usize = 1024;
+/// RSTs waiting for RX buffers at most: a guest sending packets to nowhere while never taking
+/// the answers gets no more queued (an RST is an answer the guest may miss anyway).
+pub const MAX_ORPHAN_RSTS: usize = 256;
 
 pub const TYPE_STREAM: u16 = 1;
 

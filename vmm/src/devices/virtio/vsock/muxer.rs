@@ -51,6 +51,10 @@ pub struct VsockMuxer {
     /// Connections with something for the guest, in the order they asked.
     rx_order: VecDeque<ConnKey>,
     orphan_rsts: VecDeque<OrphanRst>,
+    /// Connections the guest has ended (RST, or SHUTDOWN both ways) while guest data still
+    /// waited for the host socket: written out as the host reads, then closed, so that a host
+    /// reader slower than the guest still gets every byte and then end of file.
+    draining: HashMap<RawFd, Connection>,
     next_local_port: u32,
     local_ports: HashSet<u32>,
 }
@@ -76,6 +80,7 @@ impl VsockMuxer {
             pending_hosts: HashMap::new(),
             rx_order: VecDeque::new(),
             orphan_rsts: VecDeque::new(),
+            draining: HashMap::new(),
             next_local_port: FIRST_LOCAL_PORT,
             local_ports: HashSet::new(),
         })
@@ -157,15 +162,32 @@ impl VsockMuxer {
     }
 
     fn remove_conn(&mut self, key: ConnKey) {
-        if let Some(c) = self.conns.remove(&key) {
-            self.unwatch(c.stream.as_raw_fd());
-            self.fd_keys.remove(&c.stream.as_raw_fd());
+        if let Some(mut c) = self.conns.remove(&key) {
+            let fd = c.stream.as_raw_fd();
+            self.fd_keys.remove(&fd);
             if c.local_port >= FIRST_LOCAL_PORT {
                 self.local_ports.remove(&c.local_port);
+            }
+            // Within MAX_CONNECTIONS with the live ones: each holds at most CONN_BUF_ALLOC.
+            if c.flush_tx().is_ok() && c.tx_buffered() > 0 && self.conns.len() + self.draining.len() < MAX_CONNECTIONS {
+                self.watch(fd, EventSet::OUT);
+                self.draining.insert(fd, c);
+            } else {
+                self.unwatch(fd);
             }
             tracing::debug!(local_port = key.0, peer_port = key.1, "vsock: connection closed");
         }
         self.rx_order.retain(|k| *k != key);
+    }
+
+    /// A draining connection's socket can take more: write on; drop it (closing the socket,
+    /// the host's end of file) once everything is written or the socket broke.
+    fn drain(&mut self, fd: RawFd) {
+        let Some(c) = self.draining.get_mut(&fd) else { return };
+        if c.flush_tx().is_err() || c.tx_buffered() == 0 {
+            self.unwatch(fd);
+            self.draining.remove(&fd);
+        }
     }
 
     /// Handles whatever the host sockets have to say; returns whether the guest now has
@@ -218,6 +240,10 @@ impl VsockMuxer {
     fn handle_stream_event(&mut self, fd: RawFd, events: EventSet) {
         if self.pending_hosts.contains_key(&fd) {
             self.read_connect_line(fd);
+            return;
+        }
+        if self.draining.contains_key(&fd) {
+            self.drain(fd);
             return;
         }
         let Some(&key) = self.fd_keys.get(&fd) else { return };
@@ -368,13 +394,20 @@ impl VsockMuxer {
     }
 
     fn orphan_rst(&mut self, key: ConnKey) {
-        self.orphan_rsts.push_back(OrphanRst { local_port: key.0, peer_port: key.1 });
+        if self.orphan_rsts.len() < MAX_ORPHAN_RSTS {
+            self.orphan_rsts.push_back(OrphanRst { local_port: key.0, peer_port: key.1 });
+        }
     }
 
     /// A guest connection to host port P goes to the unix socket `<uds>_P`.
     fn guest_connect(&mut self, key: ConnKey, buf_alloc: u32, fwd_cnt: u32) {
         if self.conns.contains_key(&key) {
             self.reset_conn(key);
+            return;
+        }
+        if self.conns.len() + self.draining.len() >= MAX_CONNECTIONS {
+            tracing::warn!(connections = self.conns.len(), draining = self.draining.len(), "vsock: the guest has as many connections as it may; refused");
+            self.orphan_rst(key);
             return;
         }
         let mut path = self.uds_path.clone().into_os_string();

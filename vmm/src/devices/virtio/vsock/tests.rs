@@ -161,6 +161,16 @@ impl Fixture {
     }
 }
 
+impl Fixture {
+    /// After an attack: a new host connection still carries bytes to the guest.
+    fn still_works(&mut self) {
+        let (mut host, local) = self.host_connect(4000);
+        host.write_all(b"after").unwrap();
+        let (h, d) = self.receive_one();
+        assert_eq!((h.src_port, h.dst_port, d.as_slice()), (local, 4000, &b"after"[..]));
+    }
+}
+
 /// Headers only: payloads make unreadable failure messages.
 fn headers(v: &[(Hdr, Vec<u8>)]) -> Vec<(u16, u32, u32, u32)> {
     v.iter().map(|(h, _)| (h.op, h.src_port, h.dst_port, h.len)).collect()
@@ -340,11 +350,7 @@ fn hostile_guest_packets_are_rejected_and_the_device_keeps_working() {
     let got = f.receive(Duration::from_millis(20));
     assert!(got.is_empty(), "and none of them did anything: {:?}", headers(&got));
 
-    // And the device still works.
-    let (mut host, local) = f.host_connect(4000);
-    host.write_all(b"after").unwrap();
-    let (h, d) = f.receive_one();
-    assert_eq!((h.src_port, h.dst_port, d.as_slice()), (local, 4000, &b"after"[..]));
+    f.still_works();
 }
 
 #[test]
@@ -419,4 +425,81 @@ fn a_bad_or_overlong_connect_line_closes_the_client_and_tells_the_guest_nothing(
         }
     }
     assert_eq!(f.dev.muxer.connection_count(), 0);
+}
+
+/// A hostile guest floods the device: packets for connections that do not exist while it
+/// posts no RX buffers, then more connections to a host listener than a VM may have. What the
+/// host keeps for it stays bounded: a fixed number of queued RSTs, MAX_CONNECTIONS
+/// connections (the rest are reset), and the device keeps working.
+#[test]
+fn a_flooding_guest_gets_bounded_host_state() {
+    let mut f = Fixture::new();
+    for port in 0..2_000u32 {
+        f.send(Hdr::guest(10_000 + port, 5000, OP_RW), b"x");
+    }
+    let rsts = f.receive(Duration::from_millis(200));
+    assert!(rsts.iter().all(|(h, _)| h.op == OP_RST));
+    assert_eq!(rsts.len(), MAX_ORPHAN_RSTS, "queued answers to 2000 packets to nowhere");
+
+    let mut listen = f.uds.clone().into_os_string();
+    listen.push("_6000");
+    let listener = UnixListener::bind(&listen).unwrap();
+    let accepting = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while held.len() < MAX_CONNECTIONS && Instant::now() < deadline {
+            match listener.accept() {
+                Ok((s, _)) => held.push(s),
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        held
+    });
+    let extra = 50;
+    for port in 0..(MAX_CONNECTIONS + extra) as u32 {
+        f.send(Hdr::guest(40_000 + port, 6000, OP_REQUEST), &[]);
+    }
+    let answers = f.receive(Duration::from_millis(500));
+    assert_eq!(f.dev.muxer.connection_count(), MAX_CONNECTIONS);
+    let refused = answers.iter().filter(|(h, _)| h.op == OP_RST).count();
+    assert_eq!(refused, extra, "connections past the limit are reset: {:?}", &headers(&answers)[..5.min(answers.len())]);
+    let held = accepting.join().unwrap();
+    assert_eq!(held.len(), MAX_CONNECTIONS);
+
+    // And the device still works.
+    drop(held);
+    while !f.receive(Duration::from_millis(50)).is_empty() {}
+    f.still_works();
+}
+
+/// The guest sends faster than the host reads, then closes (SHUTDOWN both ways, as Linux does
+/// on close): every byte still reaches the host, then end of file. (A process's last output
+/// used to be cut: what the host socket had not taken yet was dropped with the connection.)
+#[test]
+fn guest_data_queued_for_a_slow_host_survives_the_guests_close() {
+    let mut f = Fixture::new();
+    let (mut host, local) = f.host_connect(1025);
+    let data: Vec<u8> = (0..300 * 1024u32).map(|i| (i % 251) as u8).collect();
+    for chunk in data.chunks(8 * 1024) {
+        f.send(Hdr::guest(1025, local, OP_RW), chunk);
+    }
+    f.send(Hdr { flags: SHUTDOWN_RCV | SHUTDOWN_SEND, ..Hdr::guest(1025, local, OP_SHUTDOWN) }, &[]);
+    let got = f.receive(Duration::from_millis(50));
+    assert!(got.iter().any(|(h, _)| h.op == OP_RST), "the guest is told the connection ended: {:?}", headers(&got));
+    assert_eq!(f.dev.muxer.connection_count(), 0);
+    // Only now does the host read.
+    let reader = std::thread::spawn(move || {
+        host.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut all = Vec::new();
+        host.read_to_end(&mut all).map(|_| all)
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !reader.is_finished() && Instant::now() < deadline {
+        f.dev.muxer.process_host_events();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let all = reader.join().unwrap().expect("the host reads to end of file");
+    assert_eq!(all.len(), data.len(), "bytes the host received");
+    assert!(all == data, "and they are the guest's, in order");
 }
