@@ -20,6 +20,8 @@ const NOTICE_ROOM: u64 = 128;
 /// pass the cap, the older part goes and one line at the top says how many bytes went.
 pub struct CappedLog {
     file: File,
+    /// For error messages.
+    path: PathBuf,
     len: u64,
     cap: u64,
     dropped: u64,
@@ -29,7 +31,7 @@ impl CappedLog {
     /// Creates (or truncates) `path`, 0600: logs may hold what the guest printed.
     pub fn create(path: &Path, cap: u64) -> io::Result<CappedLog> {
         let file = File::options().write(true).read(true).create(true).truncate(true).mode(0o600).open(path)?;
-        Ok(CappedLog { file, len: 0, cap: cap.max(MIN_CAP), dropped: 0 })
+        Ok(CappedLog { file, path: path.into(), len: 0, cap: cap.max(MIN_CAP), dropped: 0 })
     }
 
     pub fn write(&mut self, mut buf: &[u8]) -> io::Result<()> {
@@ -64,21 +66,21 @@ impl CappedLog {
     }
 }
 
-/// Copies `from` into `log` (at `path`) until `from` ends. An error ends the relay with a log
-/// line (the process's further output is lost, the process itself unaffected).
-pub async fn relay<R: AsyncRead + Unpin>(mut from: R, mut log: CappedLog, path: PathBuf) {
+/// Copies `from` into `log` until `from` ends. An error ends the relay with a log line (the
+/// process's further output is lost, the process itself unaffected).
+pub async fn relay<R: AsyncRead + Unpin>(mut from: R, mut log: CappedLog) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match from.read(&mut buf).await {
             Ok(0) => return,
             Ok(n) => {
                 if let Err(e) = log.write(&buf[..n]) {
-                    tracing::error!(path = ?path, error = %e, "cannot write a VM log");
+                    tracing::error!(path = ?log.path, error = %e, "cannot write a VM log");
                     return;
                 }
             }
             Err(e) => {
-                tracing::warn!(path = ?path, error = %e, "VM log pipe");
+                tracing::warn!(path = ?log.path, error = %e, "VM log pipe");
                 return;
             }
         }

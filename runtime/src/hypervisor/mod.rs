@@ -173,25 +173,16 @@ pub struct Logs<'a> {
 }
 
 impl Logs<'_> {
-    /// Creates the log files and points the child's output at pipes for them.
-    fn prepare(&self, cmd: &mut Command) -> Result<Vec<(PathBuf, log::CappedLog)>, HypervisorError> {
+    /// Creates the log files and points the child's output at pipes for them: stdout's log
+    /// (if any) and stderr's.
+    fn prepare(&self, cmd: &mut Command) -> Result<(Option<log::CappedLog>, log::CappedLog), HypervisorError> {
         let create = |name: &str| {
             let path = self.dir.file(name);
-            log::CappedLog::create(&path, self.cap).map(|l| (path.clone(), l)).map_err(|source| HypervisorError::Log { path, source })
+            log::CappedLog::create(&path, self.cap).map_err(|source| HypervisorError::Log { path, source })
         };
-        let mut logs = Vec::new();
-        cmd.stdin(Stdio::null()).stderr(Stdio::piped());
-        match self.stdout {
-            Some(name) => {
-                logs.push(create(name)?);
-                cmd.stdout(Stdio::piped());
-            }
-            None => {
-                cmd.stdout(Stdio::null());
-            }
-        }
-        logs.push(create(self.stderr)?);
-        Ok(logs)
+        let stdout = self.stdout.map(&create).transpose()?;
+        cmd.stdin(Stdio::null()).stdout(if stdout.is_some() { Stdio::piped() } else { Stdio::null() }).stderr(Stdio::piped());
+        Ok((stdout, create(self.stderr)?))
     }
 }
 
@@ -227,15 +218,15 @@ pub struct Watched {
 impl Watched {
     /// Spawns `cmd` with its output relayed into `logs`; must run inside a tokio runtime.
     pub fn spawn(cmd: &mut Command, what: &'static str, logs: &Logs) -> Result<Watched, HypervisorError> {
-        let mut files = logs.prepare(cmd)?.into_iter();
+        let (stdout_log, stderr_log) = logs.prepare(cmd)?;
         let mut child = cmd.kill_on_drop(true).spawn().map_err(|source| HypervisorError::Spawn { what, source })?;
         let pid = child.id().unwrap_or(0);
         let mut relays = Vec::new();
-        if let (Some(out), Some(file)) = (child.stdout.take(), logs.stdout.and_then(|_| files.next())) {
-            relays.push(tokio::spawn(log::relay(out, file.1, file.0)));
+        if let (Some(out), Some(log)) = (child.stdout.take(), stdout_log) {
+            relays.push(tokio::spawn(log::relay(out, log)));
         }
-        if let (Some(err), Some(file)) = (child.stderr.take(), files.next()) {
-            relays.push(tokio::spawn(log::relay(err, file.1, file.0)));
+        if let Some(err) = child.stderr.take() {
+            relays.push(tokio::spawn(log::relay(err, stderr_log)));
         }
         let (tx, status) = watch::channel(None);
         let kill = Arc::new(Notify::new());
