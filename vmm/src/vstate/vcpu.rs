@@ -129,7 +129,9 @@ impl Vcpu {
                 }
                 VcpuExit::SystemEvent(kind, _) if kind == KVM_SYSTEM_EVENT_SHUTDOWN => return Ok(VmExit::Shutdown),
                 VcpuExit::SystemEvent(kind, _) if kind == KVM_SYSTEM_EVENT_RESET => return Ok(VmExit::Reset),
-                VcpuExit::Shutdown => "shutdown (triple fault)".to_string(),
+                // On AMD, KVM resets the vCPU before it reports the shutdown: the registers
+                // below are then the reset state (rip 0xfff0), not where the guest faulted.
+                VcpuExit::Shutdown => "shutdown (triple fault; on AMD the registers are already reset)".to_string(),
                 VcpuExit::Hlt => "HLT (the in-kernel irqchip should have kept it)".to_string(),
                 VcpuExit::FailEntry(reason, cpu) => format!("failed entry (hardware reason {reason:#x} on cpu {cpu})"),
                 VcpuExit::InternalError => "KVM internal error (emulation failure?)".to_string(),
