@@ -98,13 +98,13 @@ pub fn for_guest(id: &str, mut spec: Value, host_share: &Path) -> Result<Value, 
 /// it silently would run the pod unlimited.
 pub fn vm_size(spec: &Value, vcpus: u32, memory_mib: u32) -> Result<(u32, u32), SpecError> {
     let resource = |annotation: &str, field: &str| -> Result<i64, SpecError> {
-        let bad = |value: String| SpecError::Resource { what: if spec.pointer(&format!("/annotations/{annotation}")).is_some() { annotation.to_string() } else { format!("linux.resources.{}", field.replace('/', ".")) }, value };
+        let bad = |what: String, value: String| SpecError::Resource { what, value };
         let value = match spec.pointer("/annotations").and_then(|a| a.get(annotation)) {
-            Some(Value::String(v)) => v.trim().parse::<i64>().map_err(|_| bad(v.clone()))?,
-            Some(v) => return Err(bad(v.to_string())),
+            Some(Value::String(v)) => v.trim().parse::<i64>().map_err(|_| bad(annotation.into(), v.clone()))?,
+            Some(v) => return Err(bad(annotation.into(), v.to_string())),
             None => match spec.pointer(&format!("/linux/resources/{field}")) {
                 None | Some(Value::Null) => 0,
-                Some(v) => v.as_i64().ok_or_else(|| bad(v.to_string()))?,
+                Some(v) => v.as_i64().ok_or_else(|| bad(format!("linux.resources.{}", field.replace('/', ".")), v.to_string()))?,
             },
         };
         // Zero or negative: no limit (CRI's quota of -1, runc's memory limit of -1).

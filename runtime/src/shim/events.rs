@@ -92,16 +92,16 @@ pub fn watch_pod(pod: Arc<Pod>, containers: Containers, events: Events) {
         let mut foreign = 0u64;
         loop {
             match pod.conn.next_oom_event().await {
-                Ok(container_id) if oom_containers.contains(&container_id) => {
-                    tracing::info!(sandbox_id = %pod.id, container_id = %container_id, "OOM kill");
-                    oom_events.send(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev::TaskOOM { container_id, ..Default::default() })).await;
-                    tokio::time::sleep(OOM_EVENT_GAP).await;
-                }
                 Ok(container_id) => {
-                    foreign += 1;
-                    if foreign.is_power_of_two() {
-                        let named: String = container_id.chars().take(80).collect();
-                        tracing::warn!(sandbox_id = %pod.id, container_id = %named, dropped = foreign, "OOM event for a container not in this pod dropped");
+                    if oom_containers.contains(&container_id) {
+                        tracing::info!(sandbox_id = %pod.id, container_id = %container_id, "OOM kill");
+                        oom_events.send(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev::TaskOOM { container_id, ..Default::default() })).await;
+                    } else {
+                        foreign += 1;
+                        if foreign.is_power_of_two() {
+                            let named: String = container_id.chars().take(80).collect();
+                            tracing::warn!(sandbox_id = %pod.id, container_id = %named, dropped = foreign, "OOM event for a container not in this pod dropped");
+                        }
                     }
                     tokio::time::sleep(OOM_EVENT_GAP).await;
                 }

@@ -381,7 +381,7 @@ impl VsockMuxer {
                 }
             }
             OP_RST => {
-                let _ = c.flush_tx();
+                // remove_conn writes out (or keeps draining) what the guest sent before.
                 self.remove_conn(key);
                 return;
             }
