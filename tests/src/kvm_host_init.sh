@@ -19,6 +19,7 @@ mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=1048576,cache=loose hostro
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576 out /out || fail "mounting the run's directory"
 . /out/env
 mount --bind "/host$MODULES" /lib/modules || fail "binding the kernel's modules"
+modprobe kvm_amd $KVM_AMD_PARAMS || fail "loading kvm_amd $KVM_AMD_PARAMS"
 modprobe -a $HOST_MODULES || fail "loading $HOST_MODULES"
 [ -c /dev/kvm ] || fail "no /dev/kvm after loading kvm_amd"
 
