@@ -25,6 +25,12 @@
 //! # The most each VM log (guest console, VMM and device messages) keeps, in KiB: the
 //! # newest output, under a line saying how much older output was dropped.
 //! vm_log_kib = 1024
+//! # The most host files each VM process may hold open (RLIMIT_NOFILE of hull-vmm and the
+//! # device backends). The guest's shared filesystem holds one open for every file the guest
+//! # has cached and not forgotten: this bounds the host memory a guest can pin that way; a
+//! # guest that caches more sees "Too many open files" until it forgets some. A lower limit
+//! # the shim inherits stays.
+//! vm_open_files = 262144
 //! # tracing filter for the shim's log.
 //! log_level = "info"
 //! ```
@@ -67,6 +73,7 @@ pub struct Config {
     pub kernel_params: String,
     pub debug_console: bool,
     pub vm_log_kib: u64,
+    pub vm_open_files: u64,
     pub log_level: String,
 }
 
@@ -96,6 +103,7 @@ impl Default for Config {
             kernel_params: String::new(),
             debug_console: false,
             vm_log_kib: 1024,
+            vm_open_files: 262144,
             log_level: "info".into(),
         }
     }
@@ -120,6 +128,9 @@ impl Config {
         }
         if !(4..=1 << 20).contains(&cfg.vm_log_kib) {
             return Err(ConfigError::Parse { path: path.into(), reason: "vm_log_kib must be between 4 and 1048576".into() });
+        }
+        if !(64..=1 << 20).contains(&cfg.vm_open_files) {
+            return Err(ConfigError::Parse { path: path.into(), reason: "vm_open_files must be between 64 and 1048576".into() });
         }
         Ok(cfg)
     }
@@ -179,12 +190,12 @@ mod tests {
 
     #[test]
     fn every_key_parses_and_missing_keys_keep_their_defaults() {
-        let cfg = Config::parse(Path::new("t.toml"), "hypervisor = \"qemu\"\nvcpus = 2\nmemory_mib = 512\nboot_timeout_secs = 5\ndebug_console = true\nlog_level = \"debug\"\nkernel = \"/k\"\ninitramfs = \"/i\"\nqemu = \"/q\"\nvmm = \"/v\"\nkernel_params = \"noxsave quiet\"\nvm_log_kib = 64\n").unwrap();
+        let cfg = Config::parse(Path::new("t.toml"), "hypervisor = \"qemu\"\nvcpus = 2\nmemory_mib = 512\nboot_timeout_secs = 5\ndebug_console = true\nlog_level = \"debug\"\nkernel = \"/k\"\ninitramfs = \"/i\"\nqemu = \"/q\"\nvmm = \"/v\"\nkernel_params = \"noxsave quiet\"\nvm_log_kib = 64\nvm_open_files = 4096\n").unwrap();
         assert_eq!(cfg.hypervisor, Hypervisor::Qemu);
         assert_eq!((cfg.vcpus, cfg.memory_mib, cfg.boot_timeout_secs), (2, 512, 5));
         assert!(cfg.debug_console);
         assert_eq!(cfg.kernel, Path::new("/k"));
-        assert_eq!((cfg.kernel_params.as_str(), cfg.vm_log_kib), ("noxsave quiet", 64));
+        assert_eq!((cfg.kernel_params.as_str(), cfg.vm_log_kib, cfg.vm_open_files), ("noxsave quiet", 64, 4096));
         let cfg = Config::parse(Path::new("t.toml"), "").unwrap();
         assert_eq!(cfg.hypervisor, Hypervisor::Auto);
         assert_eq!((cfg.vcpus, cfg.memory_mib), (1, 256));

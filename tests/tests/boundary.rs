@@ -202,3 +202,55 @@ fn a_guest_flooding_its_console_leaves_a_capped_host_log() {
     let _ = c.ctr(&["containers", "rm", id]);
     assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
 }
+
+/// A guest keeps every file it has looked up in its cache until it chooses to forget it, and
+/// the host's virtio-fs backend holds a host file open for each: an ordinary container creating
+/// files without end would pin host files, and the host memory behind them, without bound.
+/// With `vm_open_files` the backend stops at its limit, the guest is told "Too many open
+/// files", and the pod recovers once the guest forgets (here: deletes) them.
+#[test]
+fn a_container_creating_files_without_end_pins_a_bounded_number_of_host_files() {
+    require_containerd!();
+    const LIMIT: usize = 256;
+    const FILES: usize = 2000;
+    let c = scenario::containerd();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("hull.toml");
+    std::fs::write(&config, format!("vm_open_files = {LIMIT}\n")).expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let id = "files";
+    let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, "--runtime-config-path", &config, IMAGE, id, "sleep", "1000"]).expect("ctr run");
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+    // The process serving the share: QEMU's `hull-vmm vhost-user fs` backend, or hull-vmm itself.
+    let server = c
+        .pod_processes()
+        .iter()
+        .find(|p| p.contains("hull-vmm") && (p.contains(" fs ") || p.contains(" boot ")))
+        .and_then(|p| p.split_whitespace().next().map(String::from))
+        .unwrap_or_else(|| panic!("no process serves the share: {:?}", c.pod_processes()));
+    let open_files = || std::fs::read_dir(format!("/proc/{server}/fd")).map(|d| d.count()).unwrap_or_else(|e| panic!("fds of {server}: {e}"));
+
+    let flood = format!("mkdir /flood && cd /flood && i=0; while [ $i -lt {FILES} ]; do echo -n > f$i || break; i=$((i+1)); done; echo created $i");
+    let out = c.ctr(&["tasks", "exec", "--exec-id", "flood", id, "sh", "-c", &flood]).expect("ctr exec");
+    let (said, complained) = (text(&out.stdout), text(&out.stderr));
+    let created: usize = said.trim().strip_prefix("created ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("the flood ran: {said} {complained}"));
+    let held = open_files();
+    assert!(held <= LIMIT, "the share's server holds {held} files open after the guest created {created}, over its limit of {LIMIT}");
+    assert!(created < FILES, "the guest created all {FILES} files: nothing bounded it");
+    assert!(complained.contains("Too many open files"), "the guest is told why: {complained}");
+
+    // Deleting them makes the guest forget them; the host closes them and the pod goes on. At
+    // the limit nothing that needs a new host file works (listing a directory, starting a
+    // program): the shell unlinks them by name with busybox's in-process rm, the one whose
+    // creation failed too (the host created it before it ran out of files for its inode).
+    let clean = format!("i=0; while [ $i -le {created} ]; do rm -f /flood/f$i; i=$((i+1)); done; rmdir /flood && echo cleaned");
+    let out = c.ctr(&["tasks", "exec", "--exec-id", "clean", id, "sh", "-c", &clean]).expect("ctr exec");
+    assert_eq!(text(&out.stdout), "cleaned\n", "{}", text(&out.stderr));
+    assert!(wait_until(Duration::from_secs(10), || open_files() < LIMIT / 2), "the host still holds {} files after the guest forgot them", open_files());
+    let out = c.ctr(&["tasks", "exec", "--exec-id", "after", id, "sh", "-c", "echo > /again && echo still-here"]).expect("ctr exec");
+    assert_eq!(text(&out.stdout), "still-here\n", "the pod works on: {}", text(&out.stderr));
+    let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+    wait_until(Duration::from_secs(30), || c.ctr(&["tasks", "delete", id]).is_ok_and(|o| o.status.success()));
+    let _ = c.ctr(&["containers", "rm", id]);
+    assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
+}

@@ -42,6 +42,7 @@ fn config() -> VmSpec {
         share: None,
         nic: None,
         log_cap: 1 << 20,
+        open_files: 4096,
     }
 }
 

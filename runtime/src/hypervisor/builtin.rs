@@ -34,7 +34,7 @@ impl Builtin {
             vcpus = 1;
         }
         let mut cmd = Command::new(&self.vmm);
-        cmd.args(["--log-level", "info", "boot"])
+        cmd.args(["--log-level", "info", "--open-files", &spec.open_files.to_string(), "boot"])
             .arg("--kernel")
             .arg(&spec.kernel)
             .arg("--initramfs")

@@ -93,6 +93,8 @@ pub struct VmSpec {
     pub nic: Option<Nic>,
     /// The most bytes each of the VM's logs (console, VMM, backends) keeps.
     pub log_cap: u64,
+    /// The most files each VM process may hold open (see `Config::vm_open_files`).
+    pub open_files: u64,
 }
 
 /// A host directory exported to the guest as virtio-fs `tag`.

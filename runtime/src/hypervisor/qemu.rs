@@ -23,7 +23,7 @@ impl Qemu {
     async fn start_backend(&self, spec: &VmSpec, dir: &VmDir, what: &'static str, args: &[&OsStr], socket: &Path, log: &str) -> Result<Watched, HypervisorError> {
         let _ = std::fs::remove_file(socket);
         let mut cmd = Command::new(&self.vmm);
-        cmd.args(["--log-level", "warn", "vhost-user"]).args(args);
+        cmd.args(["--log-level", "warn", "--open-files", &spec.open_files.to_string(), "vhost-user"]).args(args);
         let backend = Watched::spawn(&mut cmd, what, &Logs { dir, stdout: None, stderr: log, cap: spec.log_cap })?;
         // The backend creates its socket when it listens; nothing announces it otherwise.
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -18,6 +18,13 @@ struct Cli {
     /// Log filter (tracing's env-filter syntax).
     #[arg(long, default_value = "info", global = true)]
     log_level: String,
+    /// The most files this process may hold open (RLIMIT_NOFILE, soft and hard; a lower limit
+    /// it inherited stays). The guest
+    /// makes the virtio-fs device hold a host file open for every inode it has looked up and
+    /// not forgotten and every file it has open; a guest that never forgets would otherwise
+    /// pin host files (and the host memory behind them) without bound.
+    #[arg(long, global = true, value_parser = clap::value_parser!(u64).range(64..=1 << 20))]
+    open_files: Option<u64>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -120,6 +127,8 @@ enum VhostUserCmd {
 enum CliError {
     #[error("Cannot create the console file {path:?}: {source}.")]
     Console { path: PathBuf, source: std::io::Error },
+    #[error("Cannot limit this process to {limit} open files: {source}.")]
+    OpenFiles { limit: u64, source: std::io::Error },
     #[error("Cannot start the API thread: {0}.")]
     ApiThread(#[source] std::io::Error),
     #[error(transparent)]
@@ -167,6 +176,25 @@ fn parse_nic(s: &str) -> Result<NicConfig, Box<dyn std::error::Error + Send + Sy
 fn parse_share(s: &str) -> Result<ShareConfig, String> {
     let (tag, dir) = s.split_once('=').ok_or("a share is TAG=DIR")?;
     Ok(ShareConfig { tag: tag.into(), dir: dir.into() })
+}
+
+/// Sets RLIMIT_NOFILE, soft and hard, to `limit` or to the hard limit this process inherited if
+/// that is lower: a limit only ever comes down (which needs no privilege), and nothing this
+/// process runs can lift it again.
+fn limit_open_files(limit: u64) -> Result<(), CliError> {
+    let fail = |source| CliError::OpenFiles { limit, source };
+    let mut inherited = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own and nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut inherited) } != 0 {
+        return Err(fail(std::io::Error::last_os_error()));
+    }
+    let limit = limit.min(inherited.rlim_max);
+    let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+    // SAFETY: setrlimit only reads the struct, which lives across the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) } != 0 {
+        return Err(fail(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// `cmdline` followed by the words of each `--append` value, one space apart.
@@ -237,6 +265,12 @@ fn main() -> ExitCode {
     // Device warnings a guest can provoke at will: at most 10 lines a call site per minute.
     let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_filter(hull_vmm::log_limit::per_call_site(10, std::time::Duration::from_secs(60)));
     tracing_subscriber::registry().with(filter).with(log).init();
+    if let Some(limit) = cli.open_files {
+        if let Err(e) = limit_open_files(limit) {
+            eprintln!("hull-vmm: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match cli.cmd {
         Cmd::Boot { kernel, initramfs, cmdline, append, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, shares, rng, no_seccomp, api_socket } => {
             let vsock = vsock_uds.map(|uds| VsockConfig { guest_cid, uds });
