@@ -74,18 +74,24 @@ pub fn lifecycle(c: &Containerd) {
     let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "zero", "true"]).expect("ctr runs");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 
-    // The VM is sized from the pod: the default 256 MiB, plus the container's 256 MiB limit.
-    // Both runs use one id: the second starts while the first one's shim may still be exiting.
-    let mem_total_mib = |args: &[&str]| {
+    // The VM is sized from the pod: the default 256 MiB and one vCPU, plus the container's
+    // 256 MiB and one CPU of limits (at most the host's CPUs). Both runs use one id: the
+    // second starts while the first one's shim may still be exiting.
+    let size = |args: &[&str]| -> (u64, usize) {
         let mut cmd = vec!["run", "--rm", "--runtime", RUNTIME];
         cmd.extend_from_slice(args);
-        cmd.extend_from_slice(&[IMAGE, "sized", "sh", "-c", "grep MemTotal /proc/meminfo"]);
+        cmd.extend_from_slice(&[IMAGE, "sized", "sh", "-c", "grep MemTotal /proc/meminfo; grep -c ^processor /proc/cpuinfo"]);
         let out = c.ctr(&cmd).expect("ctr runs");
         let t = text(&out.stdout);
-        t.split_whitespace().nth(1).and_then(|kib| kib.parse::<u64>().ok()).map(|kib| kib / 1024).unwrap_or_else(|| panic!("{t} {}", text(&out.stderr)))
+        let words: Vec<&str> = t.split_whitespace().collect();
+        let mib = words.get(1).and_then(|kib| kib.parse::<u64>().ok()).map(|kib| kib / 1024);
+        let cpus = words.get(3).and_then(|n| n.parse().ok());
+        mib.zip(cpus).unwrap_or_else(|| panic!("{t} {}", text(&out.stderr)))
     };
-    let (plain, limited) = (mem_total_mib(&[]), mem_total_mib(&["--memory-limit", "268435456"]));
+    let ((plain, one), (limited, more)) = (size(&[]), size(&["--memory-limit", "268435456", "--cpus", "1"]));
     assert!(plain < 256 && limited > 256 && limited - plain > 200, "MemTotal without a limit {plain} MiB, with 256 MiB {limited} MiB");
+    let host_cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    assert_eq!((one, more), (1, 2.min(host_cpus)), "vCPUs without a limit, and with one CPU's limit on a host with {host_cpus}");
     assert!(wait_until(Duration::from_secs(10), || c.pod_processes().is_empty()), "VMs left after --rm: {:?}", c.pod_processes());
 
     // A long-running task: exec (plain and tty), ps, metrics, pause/resume; SIGTERM ends an
