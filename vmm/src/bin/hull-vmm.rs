@@ -19,10 +19,10 @@ struct Cli {
     #[arg(long, default_value = "info", global = true)]
     log_level: String,
     /// The most files this process may hold open (RLIMIT_NOFILE, soft and hard; a lower limit
-    /// it inherited stays). The guest
-    /// makes the virtio-fs device hold a host file open for every inode it has looked up and
-    /// not forgotten and every file it has open; a guest that never forgets would otherwise
-    /// pin host files (and the host memory behind them) without bound.
+    /// it inherited stays). The guest makes the virtio-fs device hold a host file open for
+    /// every inode it has looked up and not forgotten and every file it has open; a guest that
+    /// never forgets would otherwise pin host files (and the host memory behind them) without
+    /// bound.
     #[arg(long, global = true, value_parser = clap::value_parser!(u64).range(64..=1 << 20))]
     open_files: Option<u64>,
     #[command(subcommand)]
@@ -265,13 +265,8 @@ fn main() -> ExitCode {
     // Device warnings a guest can provoke at will: at most 10 lines a call site per minute.
     let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_filter(hull_vmm::log_limit::per_call_site(10, std::time::Duration::from_secs(60)));
     tracing_subscriber::registry().with(filter).with(log).init();
-    if let Some(limit) = cli.open_files {
-        if let Err(e) = limit_open_files(limit) {
-            eprintln!("hull-vmm: {e}");
-            return ExitCode::FAILURE;
-        }
-    }
-    let result = match cli.cmd {
+    // The limit first: nothing the subcommand opens comes before it.
+    let result = cli.open_files.map_or(Ok(()), limit_open_files).and_then(|()| match cli.cmd {
         Cmd::Boot { kernel, initramfs, cmdline, append, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, shares, rng, no_seccomp, api_socket } => {
             let vsock = vsock_uds.map(|uds| VsockConfig { guest_cid, uds });
             let devices = Devices { disks, nics, vsock, shares, rng };
@@ -281,7 +276,7 @@ fn main() -> ExitCode {
         Cmd::Ctl { api_socket, request } => hull_vmm::api::request(&api_socket, &request).map(|reply| println!("{reply}")).map_err(CliError::from),
         Cmd::VhostUser(VhostUserCmd::Vsock { socket, uds, guest_cid }) => hull_vmm::vhost_user::serve_vsock(&socket, &uds, guest_cid).map_err(CliError::from),
         Cmd::VhostUser(VhostUserCmd::Fs { socket, shared_dir, tag }) => hull_vmm::vhost_user::serve_fs(&socket, &shared_dir, &tag).map_err(CliError::from),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
