@@ -50,12 +50,19 @@ const L1_CPU: &str = "max,-xsave";
 /// Measured: 17 pods in a row without a guest failure, against one in four to one in ten
 /// with nested paging; boots ~15% slower.
 const KVM_AMD_PARAMS: &str = "npt=0";
-/// How often a run is repeated when the L1 kernel itself failed (see `l1_kernel_failed`).
-const L1_KERNEL_RETRIES: usize = 1;
+/// How often a run is repeated when L1 itself failed (see `l1_failed`).
+const L1_RETRIES: usize = 3;
 /// Set in the environment of a test re-run inside the L1 VM.
 const INNER_ENV: &str = "HULL_IN_KVM_HOST";
 /// What a test run inside L1 may take, boot to power-off.
 const RUN_LIMIT: Duration = Duration::from_secs(900);
+/// L1's /init rewrites `heartbeat` every 3 s of L1's clock while the command runs. This long
+/// without a new beat, L1 has stopped (its kernel, or QEMU's emulation of the CPU under it).
+const HEARTBEAT_LIMIT: Duration = Duration::from_secs(60);
+/// Until the first beat: L1's boot, its modules and the 9p root.
+const FIRST_BEAT_LIMIT: Duration = Duration::from_secs(180);
+/// How long an L1 that still beats at RUN_LIMIT gets to write what its processes wait on.
+const DUMP_LIMIT: Duration = Duration::from_secs(30);
 
 /// One L1 VM at a time: each keeps both host cores busy, and the suites' timeouts assume it.
 static L1: Mutex<()> = Mutex::new(());
@@ -103,12 +110,17 @@ pub fn real_kvm(test: &str) -> RealKvm {
         Err(e) => panic!("{test}: the L1 KVM host could not be prepared: {e:#}"),
     };
     let mut run = host.run(&exe, &args);
-    for _ in 0..L1_KERNEL_RETRIES {
+    for _ in 0..L1_RETRIES {
         let Ok(failed) = &run else { break };
-        let Some(why) = l1_kernel_failed(&failed.console) else { break };
-        // Not hull's failure: the emulated machine under the test broke (see `l1_kernel_failed`).
-        // Said loudly, and the run is repeated once on a fresh L1 VM.
-        eprintln!("{test}: the L1 KVM host's own kernel failed ({why}); running the test again on a fresh L1 VM. Its console:\n{}", tail(&failed.console, 40));
+        let Some(why) = l1_failed(failed) else { break };
+        // Not hull's failure: the emulated machine under the test broke (see `l1_failed`).
+        // Said loudly, with what the test had printed, and the run is repeated on a fresh L1 VM.
+        eprintln!(
+            "{test}: the L1 KVM host failed ({why}) after {:.0} s; running the test again on a fresh L1 VM.\n--- output ---\n{}\n--- L1 console (tail) ---\n{}",
+            failed.elapsed.as_secs_f64(),
+            tail(&failed.output, 20),
+            tail(&failed.console, 40)
+        );
         run = host.run(&exe, &args);
     }
     match run {
@@ -117,14 +129,23 @@ pub fn real_kvm(test: &str) -> RealKvm {
             RealKvm::RanInside
         }
         Ok(run) => panic!(
-            "{test} in the L1 KVM host: exit status {:?} after {:.0} s\n--- output ---\n{}\n--- L1 console (tail) ---\n{}",
+            "{test} in the L1 KVM host: exit status {:?} after {:.0} s{}\n--- output ---\n{}\n--- L1 console (tail) ---\n{}{}",
             run.status,
             run.elapsed.as_secs_f64(),
+            l1_failed(&run).map(|why| format!(" (L1 failed: {why}, {L1_RETRIES} times retried)")).unwrap_or_default(),
             run.output,
-            tail(&run.console, 60)
+            tail(&run.console, 60),
+            run.dump.as_deref().map(|d| format!("\n--- L1's processes at the time limit ---\n{d}")).unwrap_or_default()
         ),
         Err(e) => panic!("{test}: the L1 KVM host did not run: {e:#}"),
     }
+}
+
+/// Why L1 itself failed under a run, or None: its kernel said so on the console, or it stopped
+/// beating (see `l1_kernel_failed`, `HEARTBEAT_LIMIT`). A test that hangs while L1 beats, or
+/// fails, is the test's failure.
+pub fn l1_failed(run: &Run) -> Option<String> {
+    l1_kernel_failed(&run.console).or_else(|| run.silent.map(|s| format!("no heartbeat for {:.0} s: L1 stopped", s.as_secs_f64())))
 }
 
 /// The first line of L1's console that says L1's own kernel failed (a panic, an oops, a soft
@@ -169,6 +190,10 @@ pub struct Run {
     /// The L1 kernel's console.
     pub console: String,
     pub elapsed: Duration,
+    /// Set when L1 stopped beating: how long it had been silent when it was killed.
+    pub silent: Option<Duration>,
+    /// What L1's processes waited on when the run reached RUN_LIMIT (L1 still beating).
+    pub dump: Option<String>,
 }
 
 impl KvmHost {
@@ -240,29 +265,50 @@ impl KvmHost {
             .stderr(std::fs::File::create(out.path().join("qemu.err")).context("create qemu.err")?)
             .spawn()
             .context("start qemu-system-x86_64 for the L1 KVM host")?;
-        let pid = nix::unistd::Pid::from_raw(qemu.id() as i32);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let waiter = std::thread::spawn(move || {
-            let _ = tx.send(qemu.wait());
-        });
-        let finished = rx.recv_timeout(RUN_LIMIT);
-        if finished.is_err() {
-            // Timed out: kill it (the waiter, which has not reaped it, then returns).
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-        let _ = waiter.join();
-        let elapsed = started.elapsed();
         let read = |name: &str| std::fs::read(out.path().join(name)).map(|b| String::from_utf8_lossy(&b).into_owned());
+        let (mut silent, mut dump, mut killed) = (None, None, None);
+        let (mut beat, mut beat_at) = (None, started);
+        loop {
+            if qemu.try_wait().context("wait for the L1 VM")?.is_some() {
+                break;
+            }
+            let now = Instant::now();
+            let heartbeat = read("heartbeat").ok().filter(|b| !b.is_empty());
+            if heartbeat.is_some() && heartbeat != beat {
+                (beat, beat_at) = (heartbeat, now);
+            }
+            let quiet = now - beat_at;
+            if quiet > if beat.is_some() { HEARTBEAT_LIMIT } else { FIRST_BEAT_LIMIT } {
+                silent = Some(quiet);
+                killed = Some(format!("killed: no heartbeat for {:.0} s", quiet.as_secs_f64()));
+            } else if now - started > RUN_LIMIT {
+                // The test hangs in a live L1: ask for what every process waits on, then end it.
+                std::fs::write(out.path().join("dump-request"), b"").context("ask L1 for its processes")?;
+                let asked = Instant::now();
+                while asked.elapsed() < DUMP_LIMIT && dump.is_none() {
+                    std::thread::sleep(Duration::from_secs(1));
+                    dump = read("dump").ok();
+                }
+                killed = Some(format!("killed after {} s", RUN_LIMIT.as_secs()));
+            }
+            if killed.is_some() {
+                qemu.kill().context("kill the L1 VM")?;
+                qemu.wait().context("wait for the killed L1 VM")?;
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let elapsed = started.elapsed();
         let mut console_text = read("console.log").unwrap_or_default();
         let qemu_err = read("qemu.err").unwrap_or_default();
         if !qemu_err.is_empty() {
             console_text += &format!("\n--- qemu stderr ---\n{qemu_err}");
         }
-        if finished.is_err() {
-            console_text += &format!("\n--- killed after {} s ---", RUN_LIMIT.as_secs());
+        if let Some(killed) = killed {
+            console_text += &format!("\n--- {killed} ---");
         }
         let status = read("status").ok().and_then(|s| s.trim().parse().ok());
-        Ok(Run { status, output: read("output").unwrap_or_default(), console: console_text, elapsed })
+        Ok(Run { status, output: read("output").unwrap_or_default(), console: console_text, elapsed, silent, dump })
     }
 }
 
@@ -410,5 +456,13 @@ mod tests {
         for line in ["[  120.6] watchdog: BUG: soft lockup - CPU#0 stuck for 26s! [kvm-pit/253:255]", "[  326.6] Kernel panic - not syncing: corrupted stack end detected inside scheduler"] {
             assert_eq!(super::l1_kernel_failed(&format!("{normal}{line}\n")).as_deref(), Some(line));
         }
+    }
+
+    #[test]
+    fn an_l1_that_stopped_beating_failed_and_a_test_that_hung_in_a_live_one_did_not() {
+        let run = |silent| super::Run { status: None, output: String::new(), console: String::new(), elapsed: super::RUN_LIMIT, silent, dump: None };
+        assert_eq!(super::l1_failed(&run(None)), None, "a timed-out test in a beating L1 is the test's failure");
+        let why = super::l1_failed(&run(Some(std::time::Duration::from_secs(61)))).expect("a silent L1 failed");
+        assert!(why.contains("no heartbeat for 61 s"), "{why}");
     }
 }

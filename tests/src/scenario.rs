@@ -20,6 +20,12 @@ pub fn containerd() -> Containerd {
     c
 }
 
+/// Says which step a scenario has reached: when a run hangs (in the L1 KVM host, where a
+/// debugger is far), its output says where.
+pub fn step(what: &str) {
+    eprintln!("step: {what}");
+}
+
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
@@ -62,6 +68,7 @@ pub fn task_is(c: &Containerd, id: &str, want: &str) -> bool {
 /// exec (plain and tty), ps, metrics, pause/resume, SIGTERM of an exec, SIGKILL of the task.
 pub fn lifecycle(c: &Containerd) {
     // Output and exit status through containerd.
+    step("lifecycle: output and exit status");
     let t = Instant::now();
     let out = c
         .ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "hello", "sh", "-c", "echo hello from $(hostname) on $(uname -r); echo to-stderr >&2; exit 3"])
@@ -71,6 +78,7 @@ pub fn lifecycle(c: &Containerd) {
     let stdout = text(&out.stdout);
     assert!(stdout.starts_with("hello from hello on ") && stdout.trim_end().ends_with("-hull"), "{stdout}");
     assert!(text(&out.stderr).contains("to-stderr"), "{}", text(&out.stderr));
+    step("lifecycle: exit status 0");
     let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "zero", "true"]).expect("ctr runs");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 
@@ -78,6 +86,7 @@ pub fn lifecycle(c: &Containerd) {
     // 256 MiB and one CPU of limits (at most the host's CPUs). Both runs use one id: the
     // second starts while the first one's shim may still be exiting.
     let size = |args: &[&str]| -> (u64, usize) {
+        step(&format!("lifecycle: VM size with {args:?}"));
         let mut cmd = vec!["run", "--rm", "--runtime", RUNTIME];
         cmd.extend_from_slice(args);
         cmd.extend_from_slice(&[IMAGE, "sized", "sh", "-c", "grep MemTotal /proc/meminfo; grep -c ^processor /proc/cpuinfo"]);
@@ -98,6 +107,7 @@ pub fn lifecycle(c: &Containerd) {
     // exec with 143 (a container's PID 1 ignores SIGTERM without a handler, as under runc);
     // SIGKILL ends the task with 137.
     let id = "long";
+    step("lifecycle: a long-running task");
     let mut run = run_sleeper(c, id);
     let state = |want: &str| task_is(c, id, want);
     let out = c.ctr(&["tasks", "exec", "--exec-id", "e1", id, "sh", "-c", "echo in exec; pidof sleep >/dev/null && echo sees the sleep; exit 5"]).expect("exec");
@@ -143,6 +153,7 @@ pub fn lifecycle(c: &Containerd) {
 /// non-zero status and nothing of the pod is left.
 pub fn vmm_death(c: &Containerd) {
     let id = "vmmdies";
+    step("vmm death");
     let mut run = run_sleeper(c, id);
     // The VMM: QEMU, or hull-vmm's `boot` (not its vhost-user backends).
     let vmm = c

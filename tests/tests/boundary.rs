@@ -254,3 +254,111 @@ fn a_container_creating_files_without_end_pins_a_bounded_number_of_host_files() 
     let _ = c.ctr(&["containers", "rm", id]);
     assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
 }
+
+/// A tenant who owns the guest kernel owns the agent's vsock ports too. Here the guest's /init
+/// is `hostile-agent` (tests/src/bin): the real agent behind a proxy that answers every
+/// GetOOMEvent at once, forever, with an OOM kill of a container that is not in the pod. The
+/// pod must work on, containerd must see no OOM event, and the shim must ask at most ten times
+/// a second (it counts what it drops, in its log, instead of logging each).
+#[test]
+fn a_guest_reporting_oom_kills_of_containers_not_in_its_pod_is_neither_believed_nor_heard_without_end() {
+    require_containerd!();
+    let c = scenario::containerd();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let initramfs = dir.path().join("hostile.cpio");
+    hostile_initramfs(&initramfs);
+    let config = dir.path().join("hull.toml");
+    // debug_console: the console is kept when the pod ends, to count every answer.
+    std::fs::write(&config, format!("initramfs = \"{}\"\ndebug_console = true\n", initramfs.display())).expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let events_out = dir.path().join("events");
+    let mut events = c
+        .ctr_cmd(&["events"])
+        .stdout(std::fs::File::create(&events_out).expect("events file"))
+        .spawn()
+        .expect("ctr events");
+
+    let id = "liar";
+    let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, "--runtime-config-path", &config, IMAGE, id, "sleep", "1000"]).expect("ctr run");
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+    let pod = PodDir::new(&c.namespace, id);
+    let console = pod.vm().console();
+    let counted = |console: &Path| {
+        let log = std::fs::read(console).unwrap_or_default();
+        text(&log).lines().filter_map(|l| l.split("hostile-agent: oom answer ").nth(1)?.trim().parse::<u64>().ok()).max().unwrap_or(0)
+    };
+    let answers = || counted(&console);
+    assert!(wait_until(Duration::from_secs(30), || answers() >= 5), "the shim never asked the hostile guest for OOM events: {}", text(&std::fs::read(&console).unwrap_or_default()));
+    let (first, since) = (answers(), std::time::Instant::now());
+    std::thread::sleep(Duration::from_secs(5));
+    let (asked, secs) = (answers() - first, since.elapsed().as_secs_f64());
+    assert!(asked as f64 <= 12.0 * secs, "the shim asked {asked} times in {secs:.1} s: a guest answering at once is heard without end");
+    let out = c.ctr(&["tasks", "exec", "--exec-id", "after", id, "echo", "still-here"]).expect("ctr exec");
+    assert_eq!(text(&out.stdout), "still-here\n", "the pod works on through the hostile guest: {}", text(&out.stderr));
+
+    let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+    assert!(wait_until(Duration::from_secs(30), || c.ctr(&["tasks", "delete", id]).is_ok_and(|o| o.status.success())), "{}", c.log());
+    let _ = c.ctr(&["containers", "rm", id]);
+    let _ = events.kill();
+    let _ = events.wait();
+    let seen = text(&std::fs::read(&events_out).expect("events"));
+    assert!(seen.contains("/tasks/exit"), "ctr events saw the task's events: {seen}");
+    assert!(!seen.contains("/tasks/oom"), "containerd was told of an OOM kill the guest made up: {seen}");
+    let (log, told) = (c.log(), counted(&pod.kept_console()));
+    let _ = std::fs::remove_file(pod.kept_console());
+    assert!(told >= first, "the kept console counts every answer ({told}, {first} before)");
+    let warned = log.lines().filter(|l| l.contains("OOM event for a container not in this pod dropped") && l.contains("not-in-this-pod")).count();
+    assert!(warned >= 1, "the shim says what it dropped: {log}");
+    assert!(warned <= told.ilog2() as usize + 1, "{warned} log lines for {told} dropped events: the guest writes the host's log without end");
+    assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
+}
+
+/// The guest image's initramfs with `hostile-agent` as /init, the real agent (the image's
+/// /init) as /hostile/hull-agent, and the libraries `hostile-agent` links: a second cpio
+/// archive appended to the first, whose entries the kernel unpacks over the first's.
+fn hostile_initramfs(dest: &Path) {
+    let image = std::fs::read(hull_tests::guest_image_dir().join("initramfs.cpio")).expect("the guest image's initramfs");
+    let agent = cpio_entry(&image, "init").expect("the guest image's /init");
+    let hostile = Path::new(env!("CARGO_BIN_EXE_hostile-agent"));
+    let mut cpio = hull_guest_image::cpio::CpioWriter::new(Vec::new());
+    cpio.dir("hostile", 0o755).expect("cpio");
+    cpio.file("hostile/hull-agent", 0o755, agent).expect("cpio");
+    cpio.file("init", 0o755, &std::fs::read(hostile).expect("hostile-agent")).expect("cpio");
+    let ldd = std::process::Command::new("ldd").arg(hostile).output().expect("ldd");
+    let mut dirs: Vec<String> = Vec::new();
+    for lib in text(&ldd.stdout).split_whitespace().filter(|w| w.starts_with('/')) {
+        let name = lib.trim_start_matches('/');
+        let mut at = String::new();
+        for part in Path::new(name).parent().into_iter().flat_map(|p| p.iter()) {
+            at = if at.is_empty() { part.to_string_lossy().into_owned() } else { format!("{at}/{}", part.to_string_lossy()) };
+            if !dirs.contains(&at) {
+                cpio.dir(&at, 0o755).expect("cpio");
+                dirs.push(at.clone());
+            }
+        }
+        cpio.file(name, 0o755, &std::fs::read(lib).unwrap_or_else(|e| panic!("{lib}: {e}"))).expect("cpio");
+    }
+    let mut bytes = image;
+    bytes.extend(cpio.finish().expect("cpio"));
+    std::fs::write(dest, bytes).expect("write the hostile initramfs");
+}
+
+/// The data of `name` in a newc cpio archive.
+fn cpio_entry<'a>(archive: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    let pad4 = |n: usize| (n + 3) & !3;
+    let mut at = 0;
+    while archive.get(at..at + 6)? == b"070701" {
+        let field = |i: usize| usize::from_str_radix(std::str::from_utf8(archive.get(at + 6 + 8 * i..at + 14 + 8 * i)?).ok()?, 16).ok();
+        let (size, name_len) = (field(6)?, field(11)?);
+        let entry = archive.get(at + 110..at + 110 + name_len - 1)?;
+        let data_at = pad4(at + 110 + name_len);
+        if entry == name.as_bytes() {
+            return archive.get(data_at..data_at + size);
+        }
+        if entry == b"TRAILER!!!" {
+            return None;
+        }
+        at = pad4(data_at + size);
+    }
+    None
+}
