@@ -29,6 +29,7 @@ pub mod generated {
 #[cfg(feature = "api")]
 pub use generated::{agent, agent_ttrpc, health, health_ttrpc, runtimeoptions};
 
+pub mod host_socket;
 pub mod hvsock;
 pub mod mac;
 pub mod stdio;

@@ -15,11 +15,17 @@ use hull_tests::scenario::{self, text, wait_until, RUNTIME};
 const AGENT_PORTS: [u32; 2] = [hull_proto::AGENT_VSOCK_PORT, hull_proto::STDIO_VSOCK_PORT];
 
 /// The host side of a running pod is root's alone: its state directory and every level above
-/// it to /run/hull are 0700, the sockets that reach the VM's agent or its devices and the logs
-/// of what the guest printed 0600.
-fn owner_only(pod: &PodDir) {
+/// it to /run/hull are 0700, the sockets that reach the VM's agent or its devices, the shim's
+/// task API and the logs of what the guest printed 0600.
+fn owner_only(c: &hull_tests::containerd::Containerd, id: &str) {
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).map(|m| m.permissions().mode() & 0o7777).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    // The shim wrote its address into the bundle.
+    let bundle = c.dir.path().join("state/io.containerd.runtime.v2.task").join(&c.namespace).join(id);
+    let address = std::fs::read_to_string(bundle.join("address")).expect("the shim's address in the bundle");
+    let shim_socket = Path::new(address.trim().trim_start_matches("unix://"));
+    assert_eq!(mode(shim_socket), 0o600, "{} drives the pod: owner-only", shim_socket.display());
+    let pod = PodDir::new(&c.namespace, id);
     let vm = pod.vm();
     for dir in [Path::new("/run/hull"), Path::new("/run/hull/shim"), pod.path().parent().expect("namespace dir"), pod.path(), vm.path()] {
         assert_eq!(mode(dir), 0o700, "{} must be owner-only", dir.display());
@@ -70,7 +76,7 @@ fn a_container_cannot_reach_the_agent_over_vsock() {
         assert!(line.starts_with(&format!("{target} refused")), "a container reached the agent: {line}\n{printed}");
     }
 
-    owner_only(&PodDir::new(&c.namespace, id));
+    owner_only(&c, id);
 
     let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
     assert!(wait_until(Duration::from_secs(30), || c.ctr(&["tasks", "delete", id]).is_ok_and(|o| o.status.success())), "{}", c.log());

@@ -38,11 +38,7 @@ pub fn answer(controller: &Controller, request: &str) -> String {
 }
 
 pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
-    let _ = std::fs::remove_file(path);
-    let listen_err = |source| ApiError::Listen { path: path.into(), source };
-    let listener = UnixListener::bind(path).map_err(listen_err)?;
-    crate::owner_only(path).map_err(listen_err)?;
-    Ok(listener)
+    hull_proto::host_socket::bind_owner_only(path).map_err(|source| ApiError::Listen { path: path.into(), source })
 }
 
 /// Serves requests until the process ends. A client that sends garbage or hangs up early

@@ -20,10 +20,3 @@ pub mod seccomp;
 mod test_sink;
 pub mod vhost_user;
 pub mod vstate;
-
-/// Makes a socket hull-vmm listens on owner-only (0600): whoever may connect to it drives the
-/// VM (its control API) or the guest's agent (the hybrid vsock).
-pub fn owner_only(path: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-}

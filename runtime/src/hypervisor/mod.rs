@@ -30,8 +30,6 @@ pub enum HypervisorError {
     Spawn { what: &'static str, source: std::io::Error },
     #[error("Cannot create the log file {path:?}: {source}.")]
     Log { path: PathBuf, source: std::io::Error },
-    #[error("Cannot make the device socket {path:?} owner-only: {source}.")]
-    SocketMode { path: PathBuf, source: std::io::Error },
     #[error("{what} exited with {status} before it was ready: {log}")]
     BackendExited { what: &'static str, status: String, log: String },
     #[error("A device backend did not create {0:?} within 5 s.")]

@@ -25,7 +25,8 @@ impl Qemu {
         let mut cmd = Command::new(&self.vmm);
         cmd.args(["--log-level", "warn", "--open-files", &spec.open_files.to_string(), "vhost-user"]).args(args);
         let backend = Watched::spawn(&mut cmd, what, &Logs { dir, stdout: None, stderr: log, cap: spec.log_cap })?;
-        // The backend creates its socket when it listens; nothing announces it otherwise.
+        // The backend creates its socket when it listens (owner-only from the start, see
+        // hull_proto::host_socket); nothing announces it otherwise.
         let deadline = Instant::now() + Duration::from_secs(5);
         while !socket.exists() {
             if let Some(status) = backend.exited() {
@@ -37,16 +38,6 @@ impl Qemu {
                 return Err(HypervisorError::BackendTimeout(socket.into()));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        // Whoever connects drives the device: owner-only, like hull-vmm's own sockets (the
-        // vhost-user library binds it with the process umask; the 0700 VM directory already
-        // keeps others out).
-        {
-            use std::os::unix::fs::PermissionsExt;
-            if let Err(source) = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)) {
-                backend.kill().await;
-                return Err(HypervisorError::SocketMode { path: socket.into(), source });
-            }
         }
         Ok(backend)
     }

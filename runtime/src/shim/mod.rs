@@ -38,6 +38,8 @@ pub enum ShimError {
     Spawn(#[source] std::io::Error),
     #[error("The shim daemon exited before serving on {address}: {status}.")]
     DaemonDied { address: String, status: String },
+    #[error("Cannot listen on the shim's socket {path:?}: {source}.")]
+    Listen { path: PathBuf, #[source] source: std::io::Error },
     #[error("Cannot serve the task API on {address}: {reason}.")]
     Serve { address: String, reason: String },
     #[error("Cannot write {path:?}: {source}.")]
@@ -122,10 +124,11 @@ fn serve(flags: Flags) -> Result<(), ShimError> {
             services.insert("containerd.task.v2.Task".into(), v3);
         }
         let serve_err = |reason: String| ShimError::Serve { address: flags.socket.clone(), reason };
-        let mut server = ttrpc::r#async::Server::new()
-            .bind(&flags.socket)
-            .map_err(|e| serve_err(e.to_string()))?
-            .register_service(services);
+        // Whoever connects drives the pod: the socket is owner-only from the moment it exists.
+        let listener = hull_proto::host_socket::bind_owner_only(&socket_path)
+            .and_then(ttrpc::r#async::transport::Listener::try_from)
+            .map_err(|source| ShimError::Listen { path: socket_path.clone(), source })?;
+        let mut server = ttrpc::r#async::Server::new().add_listener(listener).register_service(services);
         server.start().await.map_err(|e| serve_err(e.to_string()))?;
         // Serving: close the pipe `start` waits on.
         // SAFETY: dup2 onto fd 1 of an fd we own (stderr is /dev/null here); no Rust object owns fd 1.

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -54,6 +55,8 @@ pub enum VhostUserError {
     Daemon(vhost_user_backend::Error),
     #[error("Cannot watch the device's host sockets: {0}.")]
     Register(#[source] std::io::Error),
+    #[error("Cannot listen on the vhost-user socket {socket:?}: {source}.")]
+    Listen { socket: std::path::PathBuf, #[source] source: std::io::Error },
     #[error("The vhost-user connection on {socket:?} failed: {error}.")]
     Serve { socket: std::path::PathBuf, error: vhost_user_backend::Error },
 }
@@ -79,9 +82,21 @@ impl<D: VirtioDevice + Sync + 'static> DeviceDaemon<D> {
         Ok(DeviceDaemon { daemon })
     }
 
-    /// Serves one vhost-user connection (one VM) on `socket` until the VM goes away.
+    /// Serves one vhost-user connection (one VM) on `socket` until the VM goes away. The socket
+    /// is owner-only from the moment it exists (the library's own listener binds with the
+    /// umask, which the fs backend clears) and is removed when the VM is gone.
     pub fn serve(mut self, socket: &Path) -> Result<(), VhostUserError> {
-        self.daemon.serve(socket).map_err(|error| VhostUserError::Serve { socket: socket.into(), error })
+        let listener = hull_proto::host_socket::bind_owner_only(socket).map_err(|source| VhostUserError::Listen { socket: socket.into(), source })?;
+        let served = self.daemon.start(&mut Listener::from(listener)).and_then(|()| self.daemon.wait());
+        for handler in self.daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        let _ = std::fs::remove_file(socket);
+        match served {
+            // A VM that quits mid-message is a VM going away, not a backend failure.
+            Ok(()) | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage)) => Ok(()),
+            Err(error) => Err(VhostUserError::Serve { socket: socket.into(), error }),
+        }
     }
 }
 

@@ -61,10 +61,8 @@ pub struct VsockMuxer {
 
 impl VsockMuxer {
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<VsockMuxer, VsockError> {
-        let _ = std::fs::remove_file(uds_path);
         let listen_err = |source| VsockError::Listen { path: uds_path.into(), source };
-        let listener = UnixListener::bind(uds_path).map_err(listen_err)?;
-        crate::owner_only(uds_path).map_err(listen_err)?;
+        let listener = hull_proto::host_socket::bind_owner_only(uds_path).map_err(listen_err)?;
         listener.set_nonblocking(true).map_err(listen_err)?;
         let epoll = Epoll::new().map_err(VsockError::Epoll)?;
         epoll
