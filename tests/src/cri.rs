@@ -80,6 +80,25 @@ pub fn container_config(name: &str, command: &[&str], memory_limit: i64) -> Cont
     }
 }
 
+/// A container command serving "hello from <hostname>" over HTTP on port 8080 (busybox httpd).
+pub const HTTPD: &[&str] = &["sh", "-c", "mkdir -p /www && echo \"hello from $(hostname)\" > /www/index.html && exec httpd -f -p 8080 -h /www"];
+
+/// Fetches http://ip:8080/ from container `from`, retrying while the server comes up.
+pub async fn fetch(cri: &mut Cri, from: &str, ip: &str) -> String {
+    let url = format!("http://{ip}:8080/");
+    let mut last = String::new();
+    for _ in 0..20 {
+        // Not wget -T: Debian's static busybox 1.35 segfaults on it.
+        let (out, code) = cri.exec(from, &["timeout", "10", "wget", "-q", "-O", "-", &url]).await;
+        if code == 0 {
+            return out;
+        }
+        last = out;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("{from} cannot fetch {url}: {last}");
+}
+
 impl Cri {
     /// containerd with the CRI plugin, the CNI bridge config and the busybox image, and a
     /// connected client.

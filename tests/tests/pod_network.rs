@@ -143,28 +143,10 @@ fn in_netns(netns: &std::path::Path, cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
-const HTTPD: &[&str] = &["sh", "-c", "mkdir -p /www && echo \"hello from $(hostname)\" > /www/index.html && exec httpd -f -p 8080 -h /www"];
-
-/// Fetches http://ip:8080/ from a container, retrying while the server comes up.
-async fn fetch(cri: &mut hull_tests::cri::Cri, from: &str, ip: &str) -> String {
-    let url = format!("http://{ip}:8080/");
-    let mut last = String::new();
-    for _ in 0..20 {
-        // Not wget -T: Debian's static busybox 1.35 segfaults on it.
-        let (out, code) = cri.exec(from, &["timeout", "10", "wget", "-q", "-O", "-", &url]).await;
-        if code == 0 {
-            return out;
-        }
-        last = out;
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-    panic!("{from} cannot fetch {url}: {last}");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn hull_pods_talk_over_the_cni_bridge_with_each_other_and_with_runc() {
     hull_tests::require_containerd!();
-    use hull_tests::cri::{container_config, Cri, HULL, RUNC};
+    use hull_tests::cri::{container_config, fetch, Cri, HTTPD, HULL, RUNC};
     let mut cri = Cri::start().await.expect("containerd with CRI starts");
 
     // Pod A (hull) serves HTTP; pod B (hull) and pod R (runc) are its clients; R serves too.

@@ -2,7 +2,9 @@
 //! each runs inside the L1 KVM host (`hull_tests::kvm_host`), one L1 VM at a time:
 //! - `probe`: hull-vmm with hull's kernel, two vCPUs and a static probe /init using every
 //!   virtio-mmio device;
-//! - `pod`: pods on the builtin hypervisor through containerd and the shim, picked by `auto`.
+//! - `pod`: pods on the builtin hypervisor through containerd and the shim, picked by `auto`;
+//! - `cri`: a CRI pod of two containers on hull-vmm's virtio-net, and a runc pod it talks to.
 
+mod cri;
 mod pod;
 mod probe;

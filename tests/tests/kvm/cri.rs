@@ -1,0 +1,51 @@
+//! A CRI pod on the builtin hypervisor on a real KVM (as `pod`: here on a VT-x/AMD-V host, else
+//! in the L1 KVM host), the way kubelet runs one: containerd's CRI plugin with the CNI bridge,
+//! the `hull` handler with its default `hypervisor = "auto"`, and a runc pod beside it. The pod
+//! network reaches the guest through hull-vmm's own virtio-net on virtio-mmio.
+
+use std::time::Duration;
+
+use hull_tests::cri::{container_config, fetch, Cri, HTTPD, HULL, RUNC};
+use hull_tests::scenario::step;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cri_pod_of_two_containers_on_the_builtin_virtio_net_and_a_runc_pod_reach_each_other() {
+    hull_tests::require_containerd!();
+    hull_tests::on_real_kvm!("cri::a_cri_pod_of_two_containers_on_the_builtin_virtio_net_and_a_runc_pod_reach_each_other");
+    let mut cri = Cri::start().await.expect("containerd with CRI starts");
+
+    step("cri: a hull pod with a server and a sidecar, a runc pod with a server");
+    let a = cri.run_pod("kvm-a", HULL).await;
+    let server = cri.start_container(&a, container_config("server", HTTPD, 0)).await;
+    let sidecar = cri.start_container(&a, container_config("sidecar", &["sleep", "1000"], 0)).await;
+    let r = cri.run_pod("kvm-r", RUNC).await;
+    let runc = cri.start_container(&r, container_config("runc", HTTPD, 0)).await;
+    let (ip_a, ip_r) = (cri.pod_ip(&a).await, cri.pod_ip(&r).await);
+    assert!(ip_a.starts_with("198.18.0.") && ip_r.starts_with("198.18.0."), "{ip_a} {ip_r}");
+
+    step("cri: the hull pod is one hull-vmm VM whose eth0 is hull's virtio-net");
+    let processes = cri.containerd.pod_processes();
+    assert!(processes.iter().any(|p| p.contains("hull-vmm") && p.contains(" boot ")), "auto picks the builtin engine here: {processes:?}");
+    assert!(!processes.iter().any(|p| p.contains("qemu-system")), "{processes:?}");
+    let (nic, _) = cri.exec(&server, &["readlink", "-f", "/sys/class/net/eth0/device"]).await;
+    assert!(nic.contains("virtio-mmio"), "eth0 sits on hull-vmm's virtio-mmio: {nic}");
+    let (addr, _) = cri.exec(&sidecar, &["ip", "-4", "addr", "show", "eth0"]).await;
+    assert!(addr.contains(&format!("inet {ip_a}/24")), "the sidecar sees the pod's IP: {addr}");
+    let (boot_server, _) = cri.exec(&server, &["cat", "/proc/sys/kernel/random/boot_id"]).await;
+    let (boot_sidecar, _) = cri.exec(&sidecar, &["cat", "/proc/sys/kernel/random/boot_id"]).await;
+    assert_eq!(boot_server, boot_sidecar, "both containers run in the pod's one VM");
+
+    step("cri: sidecar -> server over the pod's loopback, runc -> hull and hull -> runc over the bridge");
+    assert_eq!(fetch(&mut cri, &sidecar, "127.0.0.1").await.trim(), "hello from kvm-a");
+    assert_eq!(fetch(&mut cri, &runc, &ip_a).await.trim(), "hello from kvm-a");
+    assert_eq!(fetch(&mut cri, &sidecar, &ip_r).await.trim(), "hello from kvm-r");
+
+    step("cri: removing both pods leaves nothing");
+    for pod in [&a, &r] {
+        cri.remove_pod(pod).await;
+    }
+    let left = cri.wait_no_pod_processes(Duration::from_secs(30)).await;
+    assert!(left.is_ok(), "processes left after the pods were removed: {left:?}");
+    let links = cri.in_containerd_netns("ip -o link show");
+    assert!(!links.contains("veth"), "{links}");
+}
