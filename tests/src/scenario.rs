@@ -133,6 +133,8 @@ pub fn lifecycle(c: &Containerd) {
     assert!(state("PAUSED"));
     assert!(c.ctr(&["tasks", "resume", id]).unwrap().status.success());
     assert!(state("RUNNING"));
+    step("lifecycle: every thread of every VM process is under seccomp with no_new_privs");
+    every_vm_thread_is_seccompd(c);
 
     let mut exec = c.ctr_cmd(&["tasks", "exec", "--exec-id", "e3", id, "sleep", "1000"]).spawn().expect("exec");
     // Until the exec has started, killing it is refused; then SIGTERM ends it.
@@ -147,6 +149,25 @@ pub fn lifecycle(c: &Containerd) {
     let code = exit_code(&mut run, Duration::from_secs(60));
     assert_eq!(code, Some(Some(137)), "ctr run after SIGKILL (None: still running): {}", c.log());
     assert!(wait_until(Duration::from_secs(10), || c.pod_processes().is_empty()), "VMs left: {:?}", c.pod_processes());
+}
+
+/// Every thread of every VM process of the namespace's pods (QEMU and its vhost-user backends,
+/// or hull-vmm) runs under a seccomp filter (`Seccomp: 2`) with no_new_privs: a guest that
+/// subverts device or VMM code meets the filter, not a plain host process.
+pub fn every_vm_thread_is_seccompd(c: &Containerd) {
+    let processes = c.pod_processes();
+    assert!(!processes.is_empty(), "no VM process to check");
+    for line in &processes {
+        let pid = line.split_whitespace().next().unwrap_or_default();
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>()).unwrap_or_default();
+        assert!(!tasks.is_empty(), "no threads of {line}");
+        for task in tasks {
+            let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+            let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("?").to_string();
+            let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+            assert_eq!((field("Seccomp:"), field("NoNewPrivs:")), ("2".to_string(), "1".to_string()), "thread {} ({}) of {line}", task.display(), comm.trim());
+        }
+    }
 }
 
 /// The VMM dies under a running task (a crash, or the OOM killer): the task ends with a

@@ -79,6 +79,9 @@ impl Qemu {
             // vhost-user needs guest memory the backends can map.
             .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")])
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            // QEMU's own seccomp filter on every thread (with no_new_privs): no obsolete system
+            // calls, no setuid and friends, no fork or exec, no scheduler or resource changes.
+            .args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"])
             // The console on stdout: the runtime caps what it keeps of it (see `log`).
             .args(["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"])
             .arg("-kernel")

@@ -274,8 +274,15 @@ fn main() -> ExitCode {
             boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp: !no_seccomp, api_socket })
         }
         Cmd::Ctl { api_socket, request } => hull_vmm::api::request(&api_socket, &request).map(|reply| println!("{reply}")).map_err(CliError::from),
-        Cmd::VhostUser(VhostUserCmd::Vsock { socket, uds, guest_cid }) => hull_vmm::vhost_user::serve_vsock(&socket, &uds, guest_cid).map_err(CliError::from),
-        Cmd::VhostUser(VhostUserCmd::Fs { socket, shared_dir, tag }) => hull_vmm::vhost_user::serve_fs(&socket, &shared_dir, &tag).map_err(CliError::from),
+        Cmd::VhostUser(cmd) => {
+            // Everything a backend does from here on serves a guest: the device workers' filter
+            // on this thread, inherited by every thread the vhost-user daemon starts.
+            hull_vmm::seccomp::device().and_then(|f| f.apply())?;
+            match cmd {
+                VhostUserCmd::Vsock { socket, uds, guest_cid } => hull_vmm::vhost_user::serve_vsock(&socket, &uds, guest_cid).map_err(CliError::from),
+                VhostUserCmd::Fs { socket, shared_dir, tag } => hull_vmm::vhost_user::serve_fs(&socket, &shared_dir, &tag).map_err(CliError::from),
+            }
+        }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

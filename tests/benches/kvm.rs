@@ -1,0 +1,187 @@
+//! The builtin engine against QEMU with KVM, on a real KVM, in one run: in place on a VT-x/AMD-V
+//! host, else in the L1 KVM host (`hull_tests::kvm_host`), where QEMU uses L1's kvm_amd and
+//! everything runs under TCG, so only the ratios mean anything. Same kernel, initramfs, 2 vCPUs
+//! and 256 MiB for both:
+//! - VMM start → agent answering, median of `ROUNDS` (`hull-vmm boot` vs QEMU with hull's
+//!   vhost-user backends);
+//! - host memory of a VM at agent ready, its processes summed by PSS (guest RAM shared between
+//!   QEMU and the backends counts once): outside guest RAM (what the VMM costs), and guest RAM
+//!   the guest touched, separately;
+//! - a pod through containerd: `ctr run --rm IMAGE ID sh -c 'echo ready'` with the shim on
+//!   each engine (`--runtime-config-path`), and runc as the baseline, median of `ROUNDS`.
+//!
+//! Run with `scripts/bench` (root, containerd, QEMU, the guest image, and a real KVM or what
+//! the L1 KVM host needs).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hull_runtime::hypervisor::{Accel, Binaries, Engine, Vm, VmDir, VmSpec};
+use hull_tests::containerd::{Containerd, IMAGE};
+use hull_tests::kvm_host::{real_kvm, RealKvm};
+use hull_tests::*;
+
+const ROUNDS: usize = 5;
+const MEMORY_MIB: u32 = 256;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn spec() -> VmSpec {
+    let guest = guest_image_dir();
+    VmSpec {
+        kernel: guest.join("bzImage"),
+        initramfs: guest.join("initramfs.cpio"),
+        vcpus: 2,
+        memory_mib: MEMORY_MIB,
+        guest_cid: 3,
+        cmdline_extra: vec![],
+        vmm_extra: vec![],
+        share: None,
+        nic: None,
+        log_cap: 1 << 20,
+        open_files: 4096,
+    }
+}
+
+/// A VM's host memory in KiB by PSS: (outside guest RAM, guest RAM the guest touched). Guest
+/// RAM is the mapping exactly the guest's size (anonymous in hull-vmm, QEMU's memfd shared
+/// with the backends).
+#[derive(Default, Clone, Copy)]
+struct Memory {
+    own_kib: u64,
+    guest_kib: u64,
+}
+
+fn memory(pids: &[u32]) -> Memory {
+    let guest_size = u64::from(MEMORY_MIB) * 1024;
+    let mut m = Memory::default();
+    for pid in pids {
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+        let mut size = 0;
+        for line in smaps.lines() {
+            let mut words = line.split_whitespace();
+            match words.next() {
+                Some("Size:") => size = words.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+                Some("Pss:") => {
+                    let pss: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                    if size == guest_size {
+                        m.guest_kib += pss;
+                    } else {
+                        m.own_kib += pss;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    m
+}
+
+/// Boots a VM to its agent `ROUNDS` times: the median time, and the memory of the last one.
+async fn boots(engine: Engine, dir: &Path) -> (Duration, Memory) {
+    let hypervisor = engine.hypervisor(&Binaries { qemu: "qemu-system-x86_64".into(), vmm: binary("hull-vmm") });
+    let mut times = Vec::new();
+    let mut mem = Memory::default();
+    for i in 0..ROUNDS {
+        let d = dir.join(format!("{i}"));
+        std::fs::create_dir_all(&d).expect("VM dir");
+        let t = Instant::now();
+        let vm = Vm::start(hypervisor.as_ref(), &spec(), VmDir::new(&d)).await.expect("VM starts");
+        vm.wait_for_agent(Duration::from_secs(300)).await.expect("agent answers");
+        times.push(t.elapsed());
+        if i + 1 == ROUNDS {
+            // Let the guest settle (the agent has just come up).
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            mem = memory(&vm.pids());
+        }
+        vm.kill().await;
+    }
+    (median(times), mem)
+}
+
+fn ctr_run(c: &Containerd, runtime: &str, config: Option<&Path>, id: &str) -> Duration {
+    let mut args = vec!["run", "--rm", "--runtime", runtime];
+    let config = config.map(|p| p.to_string_lossy().into_owned());
+    if let Some(p) = &config {
+        args.extend(["--runtime-config-path", p.as_str()]);
+    }
+    args.extend([IMAGE, id, "sh", "-c", "echo ready"]);
+    let t = Instant::now();
+    let out = c.ctr(&args).expect("ctr runs");
+    let took = t.elapsed();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout) == "ready\n", "{runtime} {config:?}: {}\n{}", String::from_utf8_lossy(&out.stderr), c.log());
+    took
+}
+
+async fn bench() {
+    if let Some(why) = missing_prerequisite().or_else(missing_guest_image).or_else(hull_tests::containerd::missing) {
+        eprintln!("SKIP kvm bench: {why}");
+        return;
+    }
+    let accel = hull_runtime::host::Host::probe().qemu_accel().0;
+    assert!(matches!(accel, Accel::Kvm), "QEMU must use KVM here, not {accel:?}");
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    let (builtin_boot, builtin_mem) = boots(Engine::Builtin, &dir.path().join("builtin")).await;
+    let (qemu_boot, qemu_mem) = boots(Engine::Qemu(accel), &dir.path().join("qemu")).await;
+    println!("VMM start -> agent answering, 2 vCPUs, {MEMORY_MIB} MiB, median of {ROUNDS}: builtin {:.0} ms, QEMU/KVM {:.0} ms, builtin/QEMU = {:.2}", ms(builtin_boot), ms(qemu_boot), ms(builtin_boot) / ms(qemu_boot));
+    let mib = |k: u64| k as f64 / 1024.0;
+    println!(
+        "host memory of a VM at agent ready (PSS): outside guest RAM builtin {:.1} MiB, QEMU + backends {:.1} MiB, builtin/QEMU = {:.2}; guest RAM touched builtin {:.1} MiB, QEMU {:.1} MiB; both together builtin/QEMU = {:.2}",
+        mib(builtin_mem.own_kib),
+        mib(qemu_mem.own_kib),
+        builtin_mem.own_kib as f64 / qemu_mem.own_kib as f64,
+        mib(builtin_mem.guest_kib),
+        mib(qemu_mem.guest_kib),
+        (builtin_mem.own_kib + builtin_mem.guest_kib) as f64 / (qemu_mem.own_kib + qemu_mem.guest_kib) as f64
+    );
+
+    let c = Containerd::start("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]").expect("containerd starts");
+    c.import_busybox().expect("image");
+    let configs: Vec<_> = ["builtin", "qemu"]
+        .iter()
+        .map(|h| {
+            let p = dir.path().join(format!("{h}.toml"));
+            std::fs::write(&p, format!("hypervisor = \"{h}\"\nvcpus = 2\nmemory_mib = {MEMORY_MIB}\n")).expect("config");
+            p
+        })
+        .collect();
+    let runs = [("io.containerd.runc.v2", None), ("io.containerd.hull.v2", Some(configs[0].as_path())), ("io.containerd.hull.v2", Some(configs[1].as_path()))];
+    // Warm the page cache and each path once.
+    for (i, (runtime, config)) in runs.iter().enumerate() {
+        ctr_run(&c, runtime, *config, &format!("warm-{i}"));
+    }
+    let mut times = vec![Vec::new(); runs.len()];
+    for round in 0..ROUNDS {
+        for (i, (runtime, config)) in runs.iter().enumerate() {
+            times[i].push(ctr_run(&c, runtime, *config, &format!("run-{i}-{round}")));
+        }
+    }
+    let [runc, builtin, qemu]: [Duration; 3] = times.into_iter().map(median).collect::<Vec<_>>().try_into().expect("three");
+    println!(
+        "ctr run --rm (echo), median of {ROUNDS}: hull builtin {:.0} ms, hull QEMU/KVM {:.0} ms, runc {:.0} ms; builtin/QEMU = {:.2}, builtin/runc = {:.1}, QEMU/runc = {:.1}",
+        ms(builtin),
+        ms(qemu),
+        ms(runc),
+        ms(builtin) / ms(qemu),
+        ms(builtin) / ms(runc),
+        ms(qemu) / ms(runc)
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    match real_kvm("kvm-bench") {
+        RealKvm::Here => bench().await,
+        // real_kvm printed what the run inside printed.
+        RealKvm::RanInside => {}
+        RealKvm::Missing(why) => eprintln!("SKIP kvm bench: {why}"),
+    }
+}
