@@ -188,13 +188,14 @@ impl Agent {
         rootfs: &str,
         stdio: &StdioRequest,
         storages: &[Storage],
+        sandbox_pid: bool,
     ) -> Result<i32, AgentError> {
         check_id(id)?;
         if self.containers.lock().unwrap_or_else(|e| e.into_inner()).contains_key(id) {
             return Err(AgentError::DuplicateContainer(id.into()));
         }
         let mut mounted = storage::mount_all(storages)?;
-        let result = self.create_on_storage(id, spec_json, rootfs, stdio).await;
+        let result = self.create_on_storage(id, spec_json, rootfs, stdio, sandbox_pid).await;
         match result {
             Ok(container) => {
                 container.set_storages(mounted);
@@ -213,6 +214,7 @@ impl Agent {
         spec_json: &str,
         rootfs: &str,
         stdio: &StdioRequest,
+        sandbox_pid: bool,
     ) -> Result<Arc<Container>, AgentError> {
         let (sandbox_ns, cgroup_path) = {
             let sb = self.sandbox.lock().unwrap_or_else(|e| e.into_inner());
@@ -221,7 +223,7 @@ impl Agent {
                 None => (None, PathBuf::from(format!("/hull/{id}"))),
             }
         };
-        let spec = spec::prepare_container_spec(id, spec_json, rootfs, &cgroup_path, sandbox_ns.as_ref())?;
+        let spec = spec::prepare_container_spec(id, spec_json, rootfs, &cgroup_path, sandbox_ns.as_ref(), sandbox_pid)?;
         let terminal = spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
 
         let bundle = self.cfg.state_dir.join("bundles").join(id);

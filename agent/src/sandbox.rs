@@ -2,8 +2,10 @@
 //!
 //! A small holder process (`hull-agent sandbox-holder`) creates new UTS and IPC namespaces (and
 //! a network namespace on a host; inside a VM the pod's network is the VM's own) and sleeps;
-//! containers join its namespaces through /proc/<holder>/ns/*. This is what the pause
-//! container does on a runc node.
+//! containers join its namespaces through /proc/<holder>/ns/*. It also makes the pod's PID
+//! namespace, whose PID 1 is its child, the pod's init (named `pause`: it reaps what is
+//! orphaned there and dies with the holder); containers join that one only when the pod asks
+//! (CRI's `pid: POD`). This is what the pause container does on a runc node.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -81,17 +83,19 @@ impl Sandbox {
         let mut line = String::new();
         let mut reader = BufReader::new(AsyncFdStream::new(ready_r).map_err(SandboxError::Holder)?);
         let ok = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await;
-        if !matches!(ok, Ok(Ok(_))) || line.trim() != "ready" {
+        // "ready <pid of the pod's init>"
+        let init = line.trim().strip_prefix("ready ").and_then(|p| p.parse::<i32>().ok());
+        let (true, Some(init)) = (matches!(ok, Ok(Ok(_))), init) else {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             let status = exited.await.unwrap_or(-1);
             return Err(SandboxError::HolderNotReady { status, output: line.trim().into() });
-        }
+        };
         // The holder is reaped by the reaper; its status is of no interest.
         drop(exited);
         let ns = |n: &str| PathBuf::from(format!("/proc/{pid}/ns/{n}"));
         Ok(Sandbox {
             id: id.into(),
-            namespaces: SandboxNamespaces { net: ns("net"), ipc: ns("ipc"), uts: ns("uts") },
+            namespaces: SandboxNamespaces { net: ns("net"), ipc: ns("ipc"), uts: ns("uts"), pid: PathBuf::from(format!("/proc/{init}/ns/pid")) },
             holder_pid: pid,
             dir,
         })
@@ -105,9 +109,11 @@ impl Sandbox {
     }
 }
 
-/// `hull-agent sandbox-holder`: unshare, set the hostname, say "ready", sleep until killed.
+/// `hull-agent sandbox-holder`: unshare, set the hostname, start the pod's init, say
+/// "ready <its pid>", sleep until killed.
 pub fn holder_main(hostname: &str, new_net: bool) -> i32 {
-    let mut flags = CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
+    // CLONE_NEWPID applies to the children: the first one is PID 1 of the pod's namespace.
+    let mut flags = CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWPID;
     if new_net {
         flags |= CloneFlags::CLONE_NEWNET;
     }
@@ -123,7 +129,17 @@ pub fn holder_main(hostname: &str, new_net: bool) -> i32 {
                     return 1;
                 }
             }
-            let _ = writeln!(out, "ready");
+            // SAFETY: the holder is single-threaded (its subcommand runs before the agent starts
+            // any thread), so the child may run any code.
+            let init = match unsafe { nix::unistd::fork() } {
+                Ok(nix::unistd::ForkResult::Child) => pod_init(),
+                Ok(nix::unistd::ForkResult::Parent { child }) => child,
+                Err(e) => {
+                    let _ = writeln!(out, "cannot start the pod's init: {e}");
+                    return 1;
+                }
+            };
+            let _ = writeln!(out, "ready {init}");
             let _ = out.flush();
             loop {
                 nix::unistd::pause();
@@ -133,6 +149,27 @@ pub fn holder_main(hostname: &str, new_net: bool) -> i32 {
             let _ = writeln!(out, "unshare/sethostname failed: {e}");
             1
         }
+    }
+}
+
+/// PID 1 of the pod's PID namespace: reaps every process orphaned there, forever. It dies with
+/// the holder, and with it everything in the namespace.
+fn pod_init() -> ! {
+    use nix::sys::signal::SigSet;
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    let _ = nix::sys::prctl::set_name(c"pause");
+    // SIGCHLD stays pending while blocked, so none is lost between the reaping and the wait.
+    let mut chld = SigSet::empty();
+    chld.add(Signal::SIGCHLD);
+    let _ = chld.thread_block();
+    loop {
+        while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            if status == WaitStatus::StillAlive {
+                break;
+            }
+        }
+        let _ = chld.wait();
     }
 }
 

@@ -90,7 +90,7 @@ impl agent_ttrpc::Agent for Service {
     async fn create_container(&self, _ctx: &TtrpcContext, req: CreateContainerRequest) -> Reply<CreateContainerResponse> {
         let pid = self
             .agent
-            .create_container(&req.container_id, &req.oci_spec_json, &req.rootfs, &stdio_of(&req.stdio), &req.storages)
+            .create_container(&req.container_id, &req.oci_spec_json, &req.rootfs, &stdio_of(&req.stdio), &req.storages, req.sandbox_pidns)
             .await
             .map_err(status)?;
         let mut r = CreateContainerResponse::new();

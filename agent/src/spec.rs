@@ -34,15 +34,20 @@ pub struct SandboxNamespaces {
     pub net: PathBuf,
     pub ipc: PathBuf,
     pub uts: PathBuf,
+    /// The pod's PID namespace, whose PID 1 is the sandbox's init; containers join it only when
+    /// asked (CRI's `pid: POD`).
+    pub pid: PathBuf,
 }
 
-/// Parses and rewrites a container's spec. `cgroup_path` replaces linux.cgroupsPath.
+/// Parses and rewrites a container's spec. `cgroup_path` replaces linux.cgroupsPath;
+/// `sandbox_pid` puts the container in the sandbox's PID namespace.
 pub fn prepare_container_spec(
     id: &str,
     json: &str,
     rootfs: &str,
     cgroup_path: &Path,
     sandbox: Option<&SandboxNamespaces>,
+    sandbox_pid: bool,
 ) -> Result<Spec, SpecError> {
     let mut spec: Spec = serde_json::from_str(json)
         .map_err(|source| SpecError::Malformed { id: id.into(), source })?;
@@ -73,16 +78,23 @@ pub fn prepare_container_spec(
         return Err(SpecError::Unsupported { id: id.into(), what: "OCI hooks".into() });
     }
 
+    if sandbox_pid && sandbox.is_none() {
+        return Err(SpecError::Unsupported { id: id.into(), what: "the pod's PID namespace outside a sandbox".into() });
+    }
     let linux = spec.linux_mut().get_or_insert_with(Default::default);
     linux.set_cgroups_path(Some(cgroup_path.to_path_buf()));
     let mut joined_uts = false;
     if let Some(sandbox) = sandbox {
         let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+        let pid = sandbox_pid.then_some((LinuxNamespaceType::Pid, &sandbox.pid));
         for (typ, path) in [
             (LinuxNamespaceType::Network, &sandbox.net),
             (LinuxNamespaceType::Ipc, &sandbox.ipc),
             (LinuxNamespaceType::Uts, &sandbox.uts),
-        ] {
+        ]
+        .into_iter()
+        .chain(pid)
+        {
             namespaces.retain(|ns| ns.typ() != typ);
             let mut ns = oci_spec::runtime::LinuxNamespace::default();
             ns.set_typ(typ);
@@ -135,9 +147,10 @@ mod tests {
             net: "/proc/7/ns/net".into(),
             ipc: "/proc/7/ns/ipc".into(),
             uts: "/proc/7/ns/uts".into(),
+            pid: "/proc/8/ns/pid".into(),
         };
         let spec =
-            prepare_container_spec("c1", &spec_json(""), "/tmp", Path::new("/hull/s/c1"), Some(&sandbox))
+            prepare_container_spec("c1", &spec_json(""), "/tmp", Path::new("/hull/s/c1"), Some(&sandbox), false)
                 .expect("valid spec");
         assert_eq!(spec.root().as_ref().unwrap().path(), Path::new("/tmp"));
         let linux = spec.linux().as_ref().unwrap();
@@ -147,11 +160,20 @@ mod tests {
         assert_eq!(net.path().as_deref(), Some(Path::new("/proc/7/ns/net")));
         assert!(ns.iter().any(|n| n.typ() == LinuxNamespaceType::Pid && n.path().is_none()));
         assert_eq!(spec.hostname(), &None);
+
+        // CRI's `pid: POD`: the one pid entry is the sandbox's.
+        let spec = prepare_container_spec("c1", &spec_json(""), "/tmp", Path::new("/hull/s/c1"), Some(&sandbox), true).expect("valid spec");
+        let ns = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let pids: Vec<_> = ns.iter().filter(|n| n.typ() == LinuxNamespaceType::Pid).collect();
+        assert_eq!(pids.len(), 1);
+        assert_eq!(pids[0].path().as_deref(), Some(Path::new("/proc/8/ns/pid")));
+        let err = prepare_container_spec("c1", &spec_json(""), "/tmp", Path::new("/hull/c1"), None, true).unwrap_err();
+        assert!(err.to_string().contains("PID namespace"), "{err}");
     }
 
     #[test]
     fn standalone_container_keeps_its_hostname() {
-        let spec = prepare_container_spec("c1", &spec_json(""), "", Path::new("/hull/c1"), None)
+        let spec = prepare_container_spec("c1", &spec_json(""), "", Path::new("/hull/c1"), None, false)
             .expect("valid spec");
         assert_eq!(spec.hostname().as_deref(), Some("c1"));
     }
@@ -159,7 +181,7 @@ mod tests {
     #[test]
     fn bad_specs_are_named() {
         let err = |json: &str, rootfs: &str| {
-            prepare_container_spec("c9", json, rootfs, Path::new("/hull/c9"), None)
+            prepare_container_spec("c9", json, rootfs, Path::new("/hull/c9"), None, false)
                 .unwrap_err()
                 .to_string()
         };

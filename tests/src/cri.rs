@@ -66,6 +66,9 @@ pub fn pod_config(name: &str, logs: &Path) -> PodSandboxConfig {
     }
 }
 
+/// A container as kubelet asks for it in a pod without `shareProcessNamespace`: kubelet copies
+/// the pod's namespace modes into every container's security context (containerd reads the
+/// container's, and takes a missing one for `pid: POD`).
 pub fn container_config(name: &str, command: &[&str], memory_limit: i64) -> ContainerConfig {
     ContainerConfig {
         metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
@@ -74,6 +77,10 @@ pub fn container_config(name: &str, command: &[&str], memory_limit: i64) -> Cont
         log_path: format!("{name}.log"),
         linux: Some(LinuxContainerConfig {
             resources: (memory_limit > 0).then(|| LinuxContainerResources { memory_limit_in_bytes: memory_limit, ..Default::default() }),
+            security_context: Some(LinuxContainerSecurityContext {
+                namespace_options: Some(NamespaceOption { network: NamespaceMode::Pod as i32, pid: NamespaceMode::Container as i32, ipc: NamespaceMode::Pod as i32, ..Default::default() }),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()

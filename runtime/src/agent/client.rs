@@ -147,11 +147,17 @@ impl AgentConn {
 
     /// Creates a container after the agent mounted `storages` (its rootfs disk, say).
     pub async fn create_on(&self, id: &str, spec: &Value, io: StdioRequest, storages: Vec<agent::Storage>) -> Result<i32, ClientError> {
+        self.create_in_pod(id, spec, io, storages, false).await
+    }
+
+    /// `create_on`, in the sandbox's PID namespace when `pod_pid`.
+    pub async fn create_in_pod(&self, id: &str, spec: &Value, io: StdioRequest, storages: Vec<agent::Storage>, pod_pid: bool) -> Result<i32, ClientError> {
         let mut req = agent::CreateContainerRequest::new();
         req.container_id = id.into();
         req.oci_spec_json = spec.to_string();
         req.stdio = Some(io).into();
         req.storages = storages;
+        req.sandbox_pidns = pod_pid;
         let r = self.client.create_container(ctx(), &req).await;
         r.map(|r| r.pid).map_err(|e| ClientError::rpc("CreateContainer", e))
     }

@@ -135,6 +135,14 @@ fn host_memory_mib() -> Option<i64> {
     Some(kib / 1024)
 }
 
+/// Whether the container joins its pod's PID namespace (CRI's `pid: POD` names the pause's on
+/// the host): in the guest it joins the sandbox's.
+pub fn shares_pod_pid(spec: &Value) -> bool {
+    spec.pointer("/linux/namespaces")
+        .and_then(Value::as_array)
+        .is_some_and(|ns| ns.iter().any(|n| n.get("type").and_then(Value::as_str) == Some("pid") && n.get("path").and_then(Value::as_str).is_some_and(|p| !p.is_empty())))
+}
+
 /// Whether the spec gives the container a network namespace of its own; without one it would
 /// share the host's (CRI's host networking, `ctr run --net-host`), which a VM cannot do.
 pub fn has_own_network(spec: &Value) -> bool {
@@ -209,6 +217,9 @@ mod tests {
     #[test]
     fn host_networking_is_recognised() {
         assert!(has_own_network(&json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"}]}})));
+        assert!(shares_pod_pid(&json!({"linux": {"namespaces": [{"type": "pid", "path": "/proc/42/ns/pid"}]}})));
+        assert!(!shares_pod_pid(&json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"}]}})));
+        assert!(!shares_pod_pid(&json!({"linux": {"namespaces": [{"type": "pid", "path": ""}]}})));
         assert!(!has_own_network(&json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}})));
         assert!(!has_own_network(&json!({"process": {}})));
     }

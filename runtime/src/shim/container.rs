@@ -149,9 +149,10 @@ impl Kind {
         // The guest mounts the share root at GUEST_SHARE/<id>; <share>/<id> is this
         // container's directory there (rootfs, shared host files).
         share_rootfs(&pod.dir, id, &rootfs)?;
+        let pod_pid = spec::shares_pod_pid(&spec);
         let guest_spec = spec::for_guest(id, spec, &container_dir(&pod.dir, id)?)?;
         let (mount_point, _) = guest_paths(id);
-        pod.conn.create_on(id, &guest_spec, paths.request(), vec![share_storage(&mount_point)]).await?;
+        pod.conn.create_in_pod(id, &guest_spec, paths.request(), vec![share_storage(&mount_point)], pod_pid).await?;
         match super::io::connect(&pod.conn, id, "", paths).await {
             Ok(io) => Ok(Some(Arc::new(io))),
             Err(e) => {

@@ -1,0 +1,79 @@
+//! What kubelet does with runc, done with hull through containerd's CRI plugin (issue 15's
+//! list), one test per behaviour, each as kubelet drives it.
+
+use std::time::{Duration, Instant};
+
+use hull_tests::cri::{container_config, Cri, HULL};
+use hull_tests::require_containerd;
+use k8s_cri::v1::{ContainerState, StopContainerRequest};
+
+/// StopContainer on a container whose PID 1 has no SIGTERM handler (a `sleep` as init of its
+/// PID namespace ignores SIGTERM, as under runc): containerd sends SIGTERM, waits the timeout,
+/// then SIGKILL; the call returns soon after the timeout and the container exited 137.
+#[tokio::test(flavor = "multi_thread")]
+async fn stopping_a_container_that_ignores_sigterm_kills_it_after_the_timeout() {
+    require_containerd!();
+    let mut cri = Cri::start().await.expect("containerd with CRI starts");
+    let pod = cri.run_pod("stopper", HULL).await;
+    let id = cri.start_container(&pod, container_config("deaf", &["top"], 0)).await;
+
+    let timeout = 2;
+    let t = Instant::now();
+    let stopped = tokio::time::timeout(Duration::from_secs(timeout as u64 + 30), cri.rt.stop_container(StopContainerRequest { container_id: id.clone(), timeout })).await;
+    let took = t.elapsed();
+    let stopped = stopped.unwrap_or_else(|_| panic!("StopContainer with a {timeout} s timeout did not return in {} s\n{}", timeout + 30, cri.containerd.log()));
+    stopped.unwrap_or_else(|e| panic!("StopContainer: {e}\n{}", cri.containerd.log()));
+    assert!(took >= Duration::from_secs(timeout as u64), "SIGTERM alone ended it after {took:?}: the container should have ignored it");
+    let status = cri.status(&id).await;
+    assert_eq!(status.state, ContainerState::ContainerExited as i32, "{status:?}");
+    assert_eq!(status.exit_code, 137, "killed by SIGKILL after the grace period: {status:?}");
+
+    // Removing the stopped container and its pod completes too.
+    cri.rt.remove_container(k8s_cri::v1::RemoveContainerRequest { container_id: id.clone() }).await.unwrap_or_else(|e| panic!("RemoveContainer: {e}\n{}", cri.containerd.log()));
+    cri.remove_pod(&pod).await;
+    let left = cri.wait_no_pod_processes(Duration::from_secs(20)).await;
+    assert!(left.is_ok(), "left: {left:?}");
+}
+
+/// A pod with `pid: POD`: its containers share one PID namespace, whose PID 1 is the pod's
+/// init (the pause, as under runc), so a process of one container is visible from another. A
+/// pod without it keeps one PID namespace per container.
+#[tokio::test(flavor = "multi_thread")]
+async fn containers_of_a_pod_pid_pod_see_each_others_processes() {
+    use k8s_cri::v1::NamespaceMode;
+    require_containerd!();
+    let mut cri = Cri::start().await.expect("containerd with CRI starts");
+    let mut config = hull_tests::cri::pod_config("podpid", &cri.logs);
+    let options = config.linux.as_mut().and_then(|l| l.security_context.as_mut()).and_then(|s| s.namespace_options.as_mut()).expect("namespace options");
+    options.pid = NamespaceMode::Pod as i32;
+    let pod = cri.run_pod_with(config, HULL).await;
+    // As kubelet does for `shareProcessNamespace: true`: the pod's mode in each container's.
+    let in_pod_pid = |name: &str, command: &[&str]| {
+        let mut c = container_config(name, command, 0);
+        let options = c.linux.as_mut().and_then(|l| l.security_context.as_mut()).and_then(|s| s.namespace_options.as_mut()).expect("namespace options");
+        options.pid = NamespaceMode::Pod as i32;
+        c
+    };
+    let a = cri.start_container(&pod, in_pod_pid("a", &["sleep", "4242"])).await;
+    let b = cri.start_container(&pod, in_pod_pid("b", &["sleep", "1000"])).await;
+    let (seen, code) = cri.exec(&b, &["sh", "-c", "pidof sleep; ps -o pid,args"]).await;
+    assert_eq!(code, 0, "{seen}");
+    assert!(seen.contains("sleep 4242"), "container b sees container a's process: {seen}");
+    let (init, _) = cri.exec(&a, &["cat", "/proc/1/comm"]).await;
+    assert_eq!(init.trim(), "pause", "PID 1 of the pod's namespace is its init");
+
+    // The default (`pid: CONTAINER`): each container is alone in its namespace.
+    let other = cri.run_pod("ownpid", HULL).await;
+    let c = cri.start_container(&other, container_config("c", &["sleep", "4343"], 0)).await;
+    let d = cri.start_container(&other, container_config("d", &["sleep", "1000"], 0)).await;
+    let (seen, _) = cri.exec(&d, &["ps", "-o", "pid,args"]).await;
+    assert!(!seen.contains("sleep 4343"), "{seen}");
+    let (init, _) = cri.exec(&c, &["cat", "/proc/1/cmdline"]).await;
+    assert!(init.starts_with("sleep"), "the container's own process is PID 1 of its namespace: {init}");
+
+    for p in [&pod, &other] {
+        cri.remove_pod(p).await;
+    }
+    let left = cri.wait_no_pod_processes(Duration::from_secs(20)).await;
+    assert!(left.is_ok(), "left: {left:?}");
+}
