@@ -103,7 +103,7 @@ impl Agent {
         Ok(self.container(id)?.process(exec_id)?)
     }
 
-    pub async fn create_sandbox(&self, id: &str, hostname: &str, dns: &[String], interfaces: &[Interface], routes: &[Route]) -> Result<(), AgentError> {
+    pub async fn create_sandbox(&self, id: &str, hostname: &str, dns: &[String], interfaces: &[Interface], routes: &[Route], sysctls: &[(String, String)]) -> Result<(), AgentError> {
         check_id(id)?;
         if let Some(existing) = self.sandbox_id() {
             return Err(SandboxError::Exists(existing).into());
@@ -117,6 +117,7 @@ impl Agent {
             id,
             hostname,
             dns,
+            sysctls,
             &self.cfg.exe,
             &self.cfg.state_dir,
             self.cfg.init_mode,

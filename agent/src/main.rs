@@ -63,6 +63,9 @@ enum Internal {
         hostname: String,
         #[arg(long)]
         new_net: bool,
+        /// KEY=VALUE, set in the sandbox's namespaces.
+        #[arg(long)]
+        sysctl: Vec<String>,
     },
 }
 
@@ -117,8 +120,8 @@ fn main() {
     };
     match cli.cmd {
         Some(Internal::Helper(cmd)) => std::process::exit(helper::main(cmd)),
-        Some(Internal::SandboxHolder { hostname, new_net }) => {
-            std::process::exit(sandbox::holder_main(&hostname, new_net))
+        Some(Internal::SandboxHolder { hostname, new_net, sysctl }) => {
+            std::process::exit(sandbox::holder_main(&hostname, new_net, &sysctl))
         }
         None => {}
     }

@@ -26,6 +26,8 @@ pub enum SandboxError {
     Exists(String),
     #[error("The hostname {0:?} is not valid (1 to 64 characters of letters, digits, '-', '.').")]
     BadHostname(String),
+    #[error("The sysctl {0:?} is not a sysctl name (letters, digits, '_', '-', separated by '.' or '/'), or its value spans lines.")]
+    BadSysctl(String),
     #[error("Cannot start the sandbox namespace holder: {0}.")]
     Holder(#[source] std::io::Error),
     #[error("Cannot start the sandbox namespace holder: it exited with status {status} before it was ready: {output}.")]
@@ -50,6 +52,7 @@ impl Sandbox {
         id: &str,
         hostname: &str,
         dns: &[String],
+        sysctls: &[(String, String)],
         exe: &Path,
         state_dir: &Path,
         init_mode: bool,
@@ -58,6 +61,9 @@ impl Sandbox {
         let hostname = if hostname.is_empty() { id } else { hostname };
         if !valid_hostname(hostname) {
             return Err(SandboxError::BadHostname(hostname.into()));
+        }
+        if let Some((key, _)) = sysctls.iter().find(|(k, v)| sysctl_path(k).is_none() || v.contains('\n')) {
+            return Err(SandboxError::BadSysctl(key.clone()));
         }
         let dir = state_dir.join("sandbox");
         std::fs::create_dir_all(&dir).map_err(|source| SandboxError::Write { path: dir.clone(), source })?;
@@ -74,6 +80,9 @@ impl Sandbox {
         cmd.args(["sandbox-holder", "--hostname", hostname]);
         if !init_mode {
             cmd.arg("--new-net");
+        }
+        for (key, value) in sysctls {
+            cmd.arg("--sysctl").arg(format!("{key}={value}"));
         }
         cmd.stdin(std::process::Stdio::null()).stdout(ready_w).stderr(std::process::Stdio::inherit());
         let child = cmd.spawn().map_err(SandboxError::Holder)?;
@@ -111,7 +120,7 @@ impl Sandbox {
 
 /// `hull-agent sandbox-holder`: unshare, set the hostname, start the pod's init, say
 /// "ready <its pid>", sleep until killed.
-pub fn holder_main(hostname: &str, new_net: bool) -> i32 {
+pub fn holder_main(hostname: &str, new_net: bool, sysctls: &[String]) -> i32 {
     // CLONE_NEWPID applies to the children: the first one is PID 1 of the pod's namespace.
     let mut flags = CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWPID;
     if new_net {
@@ -126,6 +135,16 @@ pub fn holder_main(hostname: &str, new_net: bool) -> i32 {
                 // Bring up loopback so that a pod on a host has at least 127.0.0.1.
                 if let Err(e) = loopback_up() {
                     let _ = writeln!(out, "cannot bring up lo: {e}");
+                    return 1;
+                }
+            }
+            // The pod's sysctls, in its namespaces (the guest's network namespace is the pod's),
+            // before any container joins them.
+            for kv in sysctls {
+                let (key, value) = kv.split_once('=').unwrap_or((kv, ""));
+                let set = sysctl_path(key).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput)).and_then(|p| std::fs::write(p, value));
+                if let Err(e) = set {
+                    let _ = writeln!(out, "cannot set sysctl {key} to {value:?}: {e}");
                     return 1;
                 }
             }
@@ -150,6 +169,14 @@ pub fn holder_main(hostname: &str, new_net: bool) -> i32 {
             1
         }
     }
+}
+
+/// Where sysctl `key` lives under /proc/sys (dots or slashes separate its parts, as runc
+/// takes them), or None for a name that could leave /proc/sys.
+fn sysctl_path(key: &str) -> Option<PathBuf> {
+    let parts: Vec<&str> = key.split(['.', '/']).collect();
+    let ok = parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+    ok.then(|| parts.iter().fold(PathBuf::from("/proc/sys"), |path, p| path.join(p)))
 }
 
 /// PID 1 of the pod's PID namespace: reaps every process orphaned there, forever. It dies with
@@ -199,4 +226,18 @@ fn loopback_up() -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysctl_names_stay_under_proc_sys() {
+        assert_eq!(sysctl_path("kernel.shm_rmid_forced"), Some(PathBuf::from("/proc/sys/kernel/shm_rmid_forced")));
+        assert_eq!(sysctl_path("net/ipv4/ip_forward"), Some(PathBuf::from("/proc/sys/net/ipv4/ip_forward")));
+        for bad in ["", "kernel..x", "../etc/passwd", "kernel/../../etc", "a b", "kernel.x\n"] {
+            assert_eq!(sysctl_path(bad), None, "{bad:?}");
+        }
+    }
 }

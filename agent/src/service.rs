@@ -75,7 +75,8 @@ fn stdio_of(s: &protobuf::MessageField<StdioRequest>) -> StdioRequest {
 #[async_trait]
 impl agent_ttrpc::Agent for Service {
     async fn create_sandbox(&self, _ctx: &TtrpcContext, req: CreateSandboxRequest) -> Reply<Empty> {
-        self.agent.create_sandbox(&req.sandbox_id, &req.hostname, &req.dns, &req.interfaces, &req.routes).await.map_err(status)?;
+        let sysctls: Vec<(String, String)> = req.sysctls.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        self.agent.create_sandbox(&req.sandbox_id, &req.hostname, &req.dns, &req.interfaces, &req.routes, &sysctls).await.map_err(status)?;
         Ok(Empty::new())
     }
 

@@ -77,3 +77,63 @@ async fn containers_of_a_pod_pid_pod_see_each_others_processes() {
     let left = cri.wait_no_pod_processes(Duration::from_secs(20)).await;
     assert!(left.is_ok(), "left: {left:?}");
 }
+
+/// A pod with `pid: NODE` (hostPID): inside a VM the pod's node is its guest, so its
+/// containers share the guest's root PID namespace (Kata's choice) and see every process of
+/// the pod, the other containers' included; the host's processes stay out of sight.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_pid_pod_sees_its_guest_not_the_host() {
+    use k8s_cri::v1::NamespaceMode;
+    require_containerd!();
+    let mut cri = Cri::start().await.expect("containerd with CRI starts");
+    let mut config = hull_tests::cri::pod_config("hostpid", &cri.logs);
+    let options = config.linux.as_mut().and_then(|l| l.security_context.as_mut()).and_then(|s| s.namespace_options.as_mut()).expect("namespace options");
+    options.pid = NamespaceMode::Node as i32;
+    let pod = cri.run_pod_with(config, HULL).await;
+    let with_node_pid = |name: &str, command: &[&str]| {
+        let mut c = container_config(name, command, 0);
+        let options = c.linux.as_mut().and_then(|l| l.security_context.as_mut()).and_then(|s| s.namespace_options.as_mut()).expect("namespace options");
+        options.pid = NamespaceMode::Node as i32;
+        c
+    };
+    let _a = cri.start_container(&pod, with_node_pid("a", &["sleep", "4545"])).await;
+    let b = cri.start_container(&pod, with_node_pid("b", &["sleep", "1000"])).await;
+    let (seen, code) = cri.exec(&b, &["ps", "-o", "pid,args"]).await;
+    assert_eq!(code, 0, "{seen}");
+    assert!(seen.contains("sleep 4545"), "b sees a's process: {seen}");
+    let (init, _) = cri.exec(&b, &["cat", "/proc/1/cmdline"]).await;
+    assert!(init.contains("init"), "PID 1 is the guest's init (the agent): {init:?}");
+    assert!(!seen.contains("containerd"), "the host's processes are not the pod's node: {seen}");
+
+    cri.remove_pod(&pod).await;
+    let left = cri.wait_no_pod_processes(Duration::from_secs(20)).await;
+    assert!(left.is_ok(), "left: {left:?}");
+}
+
+/// The pod's sysctls (CRI puts them on the sandbox only): a namespaced one of IPC and one of
+/// the network read back as set in every container of the pod.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pods_sysctls_are_set_in_its_containers_namespaces() {
+    require_containerd!();
+    let mut cri = Cri::start().await.expect("containerd with CRI starts");
+    let mut config = hull_tests::cri::pod_config("sysctls", &cri.logs);
+    let linux = config.linux.as_mut().expect("linux config");
+    linux.sysctls.insert("kernel.shm_rmid_forced".into(), "1".into());
+    linux.sysctls.insert("net.ipv4.ip_unprivileged_port_start".into(), "1000".into());
+    let pod = cri.run_pod_with(config, HULL).await;
+    let c = cri.start_container(&pod, container_config("c", &["sleep", "1000"], 0)).await;
+    let (seen, code) = cri.exec(&c, &["cat", "/proc/sys/kernel/shm_rmid_forced", "/proc/sys/net/ipv4/ip_unprivileged_port_start"]).await;
+    assert_eq!(code, 0, "{seen}");
+    assert_eq!(seen.split_whitespace().collect::<Vec<_>>(), ["1", "1000"], "{seen}");
+
+    // A name that would leave /proc/sys is refused by name, and nothing of the pod is left.
+    let mut bad = hull_tests::cri::pod_config("badsysctl", &cri.logs);
+    bad.linux.as_mut().expect("linux config").sysctls.insert("kernel/../../../etc/x".into(), "1".into());
+    let refused = cri.rt.run_pod_sandbox(k8s_cri::v1::RunPodSandboxRequest { config: Some(bad), runtime_handler: HULL.into() }).await;
+    let err = refused.expect_err("a sysctl outside /proc/sys is refused").to_string();
+    assert!(err.contains("kernel/../../../etc/x"), "{err}");
+
+    cri.remove_pod(&pod).await;
+    let left = cri.wait_no_pod_processes(Duration::from_secs(30)).await;
+    assert!(left.is_ok(), "left: {left:?}");
+}

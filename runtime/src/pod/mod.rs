@@ -51,6 +51,8 @@ pub struct PodSpec<'a> {
     /// pod/share.rs); `hull run` shares its
     /// one rootfs directly, so that nothing is mounted over the user's directory.
     pub share: Option<&'a Path>,
+    /// The pod's sysctls (the sandbox spec's `linux.sysctl`), set in the guest sandbox.
+    pub sysctls: std::collections::HashMap<String, String>,
 }
 
 pub struct Pod {
@@ -133,6 +135,7 @@ impl Pod {
         let mut req = hull_proto::agent::CreateSandboxRequest::new();
         req.sandbox_id = spec.id.into();
         req.hostname = spec.hostname.into();
+        req.sysctls = spec.sysctls.clone();
         if let Some(net) = net {
             // The VMM has its own copy of the tap now; ours would keep it alive after the VMM.
             drop(net.tap);

@@ -135,6 +135,12 @@ fn host_memory_mib() -> Option<i64> {
     Some(kib / 1024)
 }
 
+/// The spec's `linux.sysctl` (for a CRI sandbox, the pod's sysctls).
+pub fn sysctls(spec: &Value) -> std::collections::HashMap<String, String> {
+    let Some(map) = spec.pointer("/linux/sysctl").and_then(Value::as_object) else { return Default::default() };
+    map.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect()
+}
+
 /// Whether the container joins its pod's PID namespace (CRI's `pid: POD` names the pause's on
 /// the host): in the guest it joins the sandbox's.
 pub fn shares_pod_pid(spec: &Value) -> bool {
