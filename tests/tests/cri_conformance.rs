@@ -137,3 +137,47 @@ async fn a_pods_sysctls_are_set_in_its_containers_namespaces() {
     let left = cri.wait_no_pod_processes(Duration::from_secs(30)).await;
     assert!(left.is_ok(), "left: {left:?}");
 }
+
+/// A volume with `propagation: HOST_TO_CONTAINER` (rslave): the container starts, and a mount
+/// made on the host under the volume's source after the start shows in the container.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_to_container_volume_sees_a_host_mount_made_after_start() {
+    use k8s_cri::v1::{Mount, MountPropagation};
+    require_containerd!();
+    let mut cri = Cri::start().await.expect("containerd with CRI starts");
+    let source = cri.containerd.dir.path().join("volume");
+    std::fs::create_dir_all(source.join("later")).expect("volume dir");
+    // On a node / is a shared mount (systemd makes it so); containerd checks the source is
+    // shared or a slave. Here the source is made a shared mount of its own.
+    let sh = |cmd: &str| assert!(std::process::Command::new("sh").args(["-c", cmd]).status().expect("sh").success(), "{cmd}");
+    sh(&format!("mount --bind {0} {0} && mount --make-shared {0}", source.display()));
+    // A host mount under the source from before the start (a volume is an rbind: it comes too).
+    let early = source.join("early");
+    std::fs::create_dir_all(&early).expect("early dir");
+    sh(&format!("mount -t tmpfs tmpfs {0} && echo early > {0}/marker", early.display()));
+    let mounted_on_host = |dir: &std::path::Path| std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().any(|l| l.split_whitespace().nth(4) == Some(&*dir.to_string_lossy()));
+    let pod = cri.run_pod("propagation", HULL).await;
+    let mut config = container_config("c", &["sleep", "1000"], 0);
+    config.mounts.push(Mount { container_path: "/vol".into(), host_path: source.to_string_lossy().into_owned(), propagation: MountPropagation::PropagationHostToContainer as i32, ..Default::default() });
+    let c = cri.start_container(&pod, config).await;
+
+    let tmpfs = source.join("later");
+    let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(&tmpfs).status().expect("mount");
+    assert!(mounted.success());
+    std::fs::write(tmpfs.join("marker"), "from a host mount\n").expect("marker");
+    let (seen, code) = cri.exec(&c, &["cat", "/vol/later/marker"]).await;
+    let _ = std::process::Command::new("umount").arg(&tmpfs).status();
+    assert_eq!((code, seen.trim()), (0, "from a host mount"), "{seen}");
+
+    let (seen, _) = cri.exec(&c, &["cat", "/vol/early/marker"]).await;
+    assert_eq!(seen.trim(), "early");
+
+    // The shim's unmounts of the container's copy never reach back to the host's mounts.
+    cri.remove_pod(&pod).await;
+    let early_kept = mounted_on_host(&early);
+    let _ = std::process::Command::new("umount").arg(&early).status();
+    let _ = std::process::Command::new("umount").arg(&source).status();
+    assert!(early_kept, "removing the pod unmounted the host's {early:?}");
+    let left = cri.wait_no_pod_processes(Duration::from_secs(30)).await;
+    assert!(left.is_ok(), "left: {left:?}");
+}

@@ -49,6 +49,10 @@ pub fn for_guest(id: &str, mut spec: Value, host_share: &Path) -> Result<Value, 
     }
     if let Some(linux) = obj.get_mut("linux").and_then(Value::as_object_mut) {
         linux.remove("mountLabel");
+        // Propagation is the host's business: a host mount under a volume reaches the guest
+        // through the share (its host bind is a slave of the source, pod/share.rs), not as a
+        // mount event in the guest, whose share mount is private.
+        linux.remove("rootfsPropagation");
         // Namespace paths (CRI's network namespace, the sandbox's) are host paths; the agent
         // joins the guest sandbox's namespaces itself.
         if let Some(ns) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
@@ -83,6 +87,10 @@ pub fn for_guest(id: &str, mut spec: Value, host_share: &Path) -> Result<Value, 
             }
             bind_into(&source, &host, bind_of(m)).map_err(|e| share_err(e.into()))?;
             m["source"] = json!(guest_mounts.join(i.to_string()));
+            // (r)slave, (r)shared, (r)private: see rootfsPropagation above.
+            if let Some(options) = m.get_mut("options").and_then(Value::as_array_mut) {
+                options.retain(|o| !o.as_str().is_some_and(|o| ["slave", "rslave", "shared", "rshared", "private", "rprivate", "unbindable", "runbindable"].contains(&o)));
+            }
         }
     }
     Ok(spec)
