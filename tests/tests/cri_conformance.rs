@@ -138,8 +138,9 @@ async fn a_pods_sysctls_are_set_in_its_containers_namespaces() {
     assert!(left.is_ok(), "left: {left:?}");
 }
 
-/// A volume with `propagation: HOST_TO_CONTAINER` (rslave): the container starts, and a mount
-/// made on the host under the volume's source after the start shows in the container.
+/// A volume with `propagation: HOST_TO_CONTAINER` (rslave) and one with BIDIRECTIONAL: the
+/// container starts, a mount made on the host under the volume's source after the start shows
+/// in the container, and removing the pod leaves the host's mounts under the source alone.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_host_to_container_volume_sees_a_host_mount_made_after_start() {
     use k8s_cri::v1::{Mount, MountPropagation};
@@ -159,6 +160,8 @@ async fn a_host_to_container_volume_sees_a_host_mount_made_after_start() {
     let pod = cri.run_pod("propagation", HULL).await;
     let mut config = container_config("c", &["sleep", "1000"], 0);
     config.mounts.push(Mount { container_path: "/vol".into(), host_path: source.to_string_lossy().into_owned(), propagation: MountPropagation::PropagationHostToContainer as i32, ..Default::default() });
+    // BIDIRECTIONAL (rshared) starts too; what the container mounts stays in the guest.
+    config.mounts.push(Mount { container_path: "/vol2".into(), host_path: source.to_string_lossy().into_owned(), propagation: MountPropagation::PropagationBidirectional as i32, ..Default::default() });
     let c = cri.start_container(&pod, config).await;
 
     let tmpfs = source.join("later");
@@ -170,6 +173,8 @@ async fn a_host_to_container_volume_sees_a_host_mount_made_after_start() {
     assert_eq!((code, seen.trim()), (0, "from a host mount"), "{seen}");
 
     let (seen, _) = cri.exec(&c, &["cat", "/vol/early/marker"]).await;
+    assert_eq!(seen.trim(), "early");
+    let (seen, _) = cri.exec(&c, &["cat", "/vol2/early/marker"]).await;
     assert_eq!(seen.trim(), "early");
 
     // The shim's unmounts of the container's copy never reach back to the host's mounts.
