@@ -173,18 +173,27 @@ pub fn every_vm_thread_is_seccompd(c: &Containerd) {
 /// The VMM dies under a running task (a crash, or the OOM killer): the task ends with a
 /// non-zero status and nothing of the pod is left.
 pub fn vmm_death(c: &Containerd) {
-    let id = "vmmdies";
-    step("vmm death");
-    let mut run = run_sleeper(c, id);
     // The VMM: QEMU, or hull-vmm's `boot` (not its vhost-user backends).
-    let vmm = c
-        .pod_processes()
-        .into_iter()
-        .find(|p| p.split_whitespace().nth(1).is_some_and(|exe| exe.contains("qemu-system") || exe.ends_with("hull-vmm")) && !p.contains(" vhost-user "))
-        .unwrap_or_else(|| panic!("no VMM among {:?}", c.pod_processes()));
-    let pid: i32 = vmm.split_whitespace().next().and_then(|p| p.parse().ok()).expect("the VMM's pid");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill the VMM");
-    let code = exit_code(&mut run, Duration::from_secs(60)).unwrap_or_else(|| panic!("ctr run did not end after the VMM died: {}", c.log()));
-    assert!(code.is_some_and(|c| c != 0), "a task whose VMM died reports a non-zero exit, got {code:?}");
-    assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left after the VMM died: {:?}", c.pod_processes());
+    let is_vmm = |p: &str| p.split_whitespace().nth(1).is_some_and(|exe| exe.contains("qemu-system") || exe.ends_with("hull-vmm")) && !p.contains(" vhost-user ");
+    pod_process_death(c, "vmmdies", "the VMM", is_vmm);
+}
+
+/// One of QEMU's vhost-user backends (`vsock` or `fs`) dies under a running task: the pod ends
+/// as when its VMM dies.
+pub fn backend_death(c: &Containerd, device: &str) {
+    let needle = format!(" vhost-user {device} ");
+    pod_process_death(c, &format!("{device}dies"), &format!("the vhost-user {device} backend"), |p| p.contains(&needle));
+}
+
+/// Kills the pod process `is_it` picks under a running task: the task ends with a non-zero
+/// status and nothing of the pod is left.
+fn pod_process_death(c: &Containerd, id: &str, what: &str, is_it: impl Fn(&str) -> bool) {
+    step(&format!("death of {what}"));
+    let mut run = run_sleeper(c, id);
+    let victim = c.pod_processes().into_iter().find(|p| is_it(p)).unwrap_or_else(|| panic!("no {what} among {:?}", c.pod_processes()));
+    let pid: i32 = victim.split_whitespace().next().and_then(|p| p.parse().ok()).expect("a pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    let code = exit_code(&mut run, Duration::from_secs(60)).unwrap_or_else(|| panic!("ctr run did not end after {what} died: {}", c.log()));
+    assert!(code.is_some_and(|c| c != 0), "a task whose {what} died reports a non-zero exit, got {code:?}");
+    assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left after {what} died: {:?}", c.pod_processes());
 }

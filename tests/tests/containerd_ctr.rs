@@ -20,6 +20,15 @@ fn a_dead_vmm_ends_its_tasks_with_nothing_left() {
     scenario::vmm_death(&scenario::containerd());
 }
 
+/// QEMU's devices live in two more processes; the death of either ends the pod like the VMM's.
+#[test]
+fn a_dead_vhost_user_backend_ends_its_tasks_with_nothing_left() {
+    require_containerd!();
+    let c = scenario::containerd();
+    scenario::backend_death(&c, "vsock");
+    scenario::backend_death(&c, "fs");
+}
+
 #[test]
 fn bad_commands_fail_clearly_and_a_killed_shim_is_cleaned_up() {
     require_containerd!();

@@ -369,9 +369,10 @@ impl Vm {
         }
     }
 
-    /// The VMM's exit status, if it has exited (it died, or the guest powered off).
+    /// The VMM's exit status, if it has exited (it died, or the guest powered off), else that
+    /// of a device backend that died: without it the VM cannot go on.
     pub fn exited(&self) -> Option<ExitStatus> {
-        self.vmm.exited()
+        std::iter::once(&self.vmm).chain(&self.backends).find_map(Watched::exited)
     }
 
     /// Waits for the VMM to exit on its own, at most `limit`.
@@ -379,9 +380,18 @@ impl Vm {
         self.vmm.wait(limit).await
     }
 
-    /// Waits until the VMM has exited, however long that takes.
+    /// Waits until the VM has ended, however long that takes: its VMM exited, or one of its
+    /// device backends died, in which case the rest is killed (a VM whose vsock or share is
+    /// gone cannot go on, and must not be left running).
     pub async fn ended(&self) -> Option<ExitStatus> {
-        self.vmm.ended().await
+        let processes = std::iter::once(&self.vmm).chain(&self.backends).map(|p| Box::pin(p.ended()));
+        let (status, index, _) = futures_util::future::select_all(processes).await;
+        if index > 0 {
+            let pid = self.backends[index - 1].pid();
+            tracing::error!(backend_pid = pid, status = ?status, "a device backend of the pod VM died; killing the VM");
+            self.kill().await;
+        }
+        status
     }
 
     /// Waits up to `limit` for every backend to exit; returns how each did.
