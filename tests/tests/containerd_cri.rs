@@ -90,6 +90,18 @@ async fn cri_pods_are_microvms() {
         .map(|r| panic!("a host-network pod must be refused: {r:?}\n{}", cri.containerd.log()))
         .unwrap_err();
     assert!(err.message().contains("host's network namespace"), "{err}");
+    // Nor the host's IPC namespace.
+    let mut host = pod_config("pod-hostipc", &logs);
+    if let Some(ns) = host.linux.as_mut().and_then(|l| l.security_context.as_mut()).and_then(|s| s.namespace_options.as_mut()) {
+        ns.ipc = NamespaceMode::Node as i32;
+    }
+    let err = cri
+        .rt
+        .run_pod_sandbox(RunPodSandboxRequest { config: Some(host), runtime_handler: HULL.into() })
+        .await
+        .map(|r| panic!("a host-IPC pod must be refused: {r:?}\n{}", cri.containerd.log()))
+        .unwrap_err();
+    assert!(err.message().contains("host's IPC namespace"), "{err}");
     assert_eq!(cri.containerd.pod_processes().iter().filter(|l| l.contains("qemu")).count(), 2, "{:?}", cri.containerd.pod_processes());
 
     for pod in [&a, &b] {

@@ -160,9 +160,19 @@ pub fn shares_pod_pid(spec: &Value) -> bool {
 /// Whether the spec gives the container a network namespace of its own; without one it would
 /// share the host's (CRI's host networking, `ctr run --net-host`), which a VM cannot do.
 pub fn has_own_network(spec: &Value) -> bool {
+    has_namespace(spec, "network")
+}
+
+/// Whether the spec gives the container an IPC namespace (its own or the pod's); without one it
+/// would share the host's (CRI's `hostIPC`), which a VM cannot do: the guest's is not the host's.
+pub fn has_own_ipc(spec: &Value) -> bool {
+    has_namespace(spec, "ipc")
+}
+
+fn has_namespace(spec: &Value, typ: &str) -> bool {
     spec.pointer("/linux/namespaces")
         .and_then(Value::as_array)
-        .is_some_and(|ns| ns.iter().any(|n| n.get("type").and_then(Value::as_str) == Some("network")))
+        .is_some_and(|ns| ns.iter().any(|n| n.get("type").and_then(Value::as_str) == Some(typ)))
 }
 
 #[cfg(test)]

@@ -131,6 +131,12 @@ impl TaskService {
                 format!("container {id} asks for the host's network namespace (host networking); a pod in a microVM cannot share it"),
             ));
         }
+        if !spec::has_own_ipc(&spec) {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                format!("container {id} asks for the host's IPC namespace (hostIPC); a pod in a microVM cannot share it"),
+            ));
+        }
         let kind = Kind::of(&spec);
         let paths = stdio_paths(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         let pod = self.ensure_pod(&pod_id, &spec, &req.options).await?;
