@@ -19,6 +19,8 @@ use crate::storage::{self, StorageError};
 
 /// How often a running container's OOM counter is read.
 const OOM_POLL: Duration = Duration::from_millis(100);
+/// Numbers the terminal sockets of execs (see exec).
+static NEXT_CONSOLE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -364,7 +366,9 @@ impl Agent {
         let terminal = process.terminal().unwrap_or(false);
         let json = serde_json::to_vec(&process).map_err(|e| AgentError::Bundle { id: id.into(), source: std::io::Error::other(e) })?;
         std::fs::write(&process_path, json).map_err(|source| AgentError::Bundle { id: id.into(), source })?;
-        let console = terminal.then(|| container.bundle.join(format!("console-{exec_id}.sock")));
+        // Named by a counter, not the exec id: a CRI exec id is 64 characters, the bundle path
+        // holds the container's 64 already, and a socket path has 108 bytes.
+        let console = terminal.then(|| container.bundle.join(format!("console-{}.sock", NEXT_CONSOLE.fetch_add(1, std::sync::atomic::Ordering::Relaxed))));
         let root = self.libcontainer_root();
         let args = helper_args(&["helper", "exec", "--id", id], &[("--root", &root), ("--process", &process_path)]);
         let args = with_console(args, console.as_deref());

@@ -12,7 +12,9 @@ use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 
 use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::oci_spec::runtime::{LinuxSeccomp, Spec};
 use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use serde::{Deserialize, Serialize};
 
 /// The descriptor the helper reports on.
@@ -84,9 +86,11 @@ fn run(cmd: HelperCommand) -> Result<i32, String> {
                 .ok_or_else(|| "libcontainer created the container but reported no pid".to_string())
         }
         HelperCommand::Exec { id, root, process, console_socket } => {
+            let seccomp = container_seccomp(&root, &id)?;
             let pid = ContainerBuilder::new(id, SyscallType::Linux)
                 .with_root_path(root)
                 .map_err(|e| error_chain(&e))?
+                .with_executor(SeccompThenExec { seccomp })
                 .with_console_socket(console_socket)
                 .as_tenant()
                 .with_process(Some(process))
@@ -127,4 +131,59 @@ mod tests {
         }
         assert_eq!(serde_json::to_string(&Report::Pid(7)).unwrap(), r#"{"pid":7}"#);
     }
+}
+
+/// The seccomp profile of a running container (its spec's `linux.seccomp`).
+fn container_seccomp(root: &std::path::Path, id: &str) -> Result<Option<LinuxSeccomp>, String> {
+    let container = libcontainer::container::Container::load(root.join(id)).map_err(|e| error_chain(&e))?;
+    let config = container.bundle().join("config.json");
+    let spec = Spec::load(&config).map_err(|e| format!("cannot read {config:?}: {}", error_chain(&e)))?;
+    Ok(spec.linux().as_ref().and_then(|l| l.seccomp().clone()))
+}
+
+/// The workload of an exec: the container's seccomp filter, then libcontainer's own execve.
+///
+/// runc confines every process of a container with its seccomp profile, execs included;
+/// libcontainer 0.7 builds an exec's spec without `linux.seccomp`, so an exec would escape the
+/// profile (a `kubectl exec` could `chmod` where the profile forbids it). The executor runs in
+/// the exec's process after libcontainer's set-up, right before execve, with the exec's
+/// capabilities already in place. Installing a filter takes CAP_SYS_ADMIN or `no_new_privs`;
+/// where the process has neither, it gets `no_new_privs` first (stricter than runc, which
+/// installs such a filter before dropping capabilities: a setuid binary in such an exec does
+/// not gain privileges).
+#[derive(Clone)]
+struct SeccompThenExec {
+    seccomp: Option<LinuxSeccomp>,
+}
+
+impl Executor for SeccompThenExec {
+    fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        if let Some(seccomp) = &self.seccomp {
+            let installed = match libcontainer::seccomp::initialize_seccomp(seccomp) {
+                Ok(fd) => Ok(fd),
+                Err(_) => {
+                    // EACCES without CAP_SYS_ADMIN: retry under no_new_privs.
+                    nix::sys::prctl::set_no_new_privs().map_err(|e| ExecutorError::Other(format!("cannot set no_new_privs for the seccomp filter: {e}")))?;
+                    libcontainer::seccomp::initialize_seccomp(seccomp)
+                }
+            };
+            match installed {
+                // A notify listener (SCMP_ACT_NOTIFY) has nobody to serve it in the guest: its
+                // syscalls fail as with no listener.
+                Ok(Some(fd)) => drop(unsafe_owned(fd)),
+                Ok(None) => {}
+                Err(e) => return Err(ExecutorError::Other(format!("cannot install the container's seccomp filter: {}", error_chain(&e)))),
+            }
+        }
+        libcontainer::workload::default::get_executor().exec(spec)
+    }
+
+    fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
+        libcontainer::workload::default::get_executor().validate(spec)
+    }
+}
+
+fn unsafe_owned(fd: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
+    // SAFETY: libseccomp returned this notify descriptor to us alone; nothing else closes it.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
 }

@@ -5,6 +5,7 @@ mod agent;
 mod cgroups;
 mod container;
 mod fd;
+mod forward;
 mod helper;
 mod init;
 mod launcher;
@@ -38,6 +39,10 @@ struct Cli {
     /// unix API socket.
     #[arg(long)]
     stdio_listen: Option<String>,
+    /// Where to accept port-forward connections. Default: `vsock:1026`, or PATH.forward beside a
+    /// unix API socket.
+    #[arg(long)]
+    forward_listen: Option<String>,
     /// Bundles and container state.
     #[arg(long, default_value = "/run/hull-agent")]
     state_dir: PathBuf,
@@ -176,6 +181,11 @@ async fn serve(cli: Cli, init_mode: bool) -> Result<(), MainError> {
         (None, Address::Vsock(_)) => Address::Vsock(hull_proto::STDIO_VSOCK_PORT),
         (None, Address::Unix(p)) => Address::Unix(hull_proto::stdio_socket_path(p)),
     };
+    let forward_addr = match (&cli.forward_listen, &api) {
+        (Some(s), _) => Address::parse(s)?,
+        (None, Address::Vsock(_)) => Address::Vsock(hull_proto::FORWARD_VSOCK_PORT),
+        (None, Address::Unix(p)) => Address::Unix(hull_proto::forward_socket_path(p)),
+    };
     // Reap before anything can start a child.
     let reaper = reaper::Reaper::start()?;
     let exe = std::env::current_exe().map_err(MainError::Exe)?;
@@ -186,7 +196,7 @@ async fn serve(cli: Cli, init_mode: bool) -> Result<(), MainError> {
         let addr = format!("{addr:?}");
         move |source| MainError::Serve { addr, source }
     };
-    for addr in [&api, &stdio_addr] {
+    for addr in [&api, &stdio_addr, &forward_addr] {
         if let Address::Unix(p) = addr {
             let _ = std::fs::remove_file(p);
         }
@@ -198,10 +208,11 @@ async fn serve(cli: Cli, init_mode: bool) -> Result<(), MainError> {
     let mut server = server
         .register_service(health_ttrpc::create_health(Arc::new(service.clone())))
         .register_service(agent_ttrpc::create_agent(Arc::new(service)));
-    spawn_stdio_listener(&stdio_addr, agent.clone())
-        .map_err(|source| MainError::Listen { addr: format!("{stdio_addr:?}"), source })?;
+    for (addr, port) in [(&stdio_addr, StreamPort::Stdio), (&forward_addr, StreamPort::Forward)] {
+        spawn_listener(addr, port, agent.clone()).map_err(|source| MainError::Listen { addr: format!("{addr:?}"), source })?;
+    }
     server.start().await.map_err(serve_err(&api))?;
-    tracing::info!(api = ?api, stdio = ?stdio_addr, init_mode, version = service::AGENT_VERSION, "agent ready");
+    tracing::info!(api = ?api, stdio = ?stdio_addr, forward = ?forward_addr, init_mode, version = service::AGENT_VERSION, "agent ready");
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(MainError::Sigterm)?;
     tokio::select! {
@@ -219,7 +230,7 @@ async fn serve(cli: Cli, init_mode: bool) -> Result<(), MainError> {
     // Long-poll calls (GetOOMEvent) never finish on their own; do not let them hold the
     // power-off.
     let _ = tokio::time::timeout(Duration::from_millis(300), server.shutdown()).await;
-    for addr in [&api, &stdio_addr] {
+    for addr in [&api, &stdio_addr, &forward_addr] {
         if let Address::Unix(p) = addr {
             let _ = std::fs::remove_file(p);
         }
@@ -228,49 +239,78 @@ async fn serve(cli: Cli, init_mode: bool) -> Result<(), MainError> {
     Ok(())
 }
 
-/// A listener of stdio connections: unix (host) or vsock (guest).
-trait StdioListener: Send + 'static {
-    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
-    fn accept_stream(&mut self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+/// The agent's stream ports besides the API: each accepted connection is one stream.
+#[derive(Debug, Clone, Copy)]
+enum StreamPort {
+    /// A process's stdin, stdout, stderr or terminal (`stdio`).
+    Stdio,
+    /// A TCP connection to the pod's loopback (`forward`).
+    Forward,
 }
 
-impl StdioListener for tokio::net::UnixListener {
+impl StreamPort {
+    fn name(self) -> &'static str {
+        match self {
+            StreamPort::Stdio => "stdio",
+            StreamPort::Forward => "forward",
+        }
+    }
+
+    async fn handle<S>(self, stream: S, agent: Arc<Agent>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        match self {
+            StreamPort::Stdio => stdio::handle(stream, agent).await,
+            StreamPort::Forward => forward::handle(stream).await,
+        }
+    }
+}
+
+/// A listener of stream connections: unix (host) or vsock (guest).
+trait StreamListener: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept_stream(&mut self, port: StreamPort) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl StreamListener for tokio::net::UnixListener {
     type Stream = tokio::net::UnixStream;
-    async fn accept_stream(&mut self) -> std::io::Result<Self::Stream> {
+    async fn accept_stream(&mut self, _port: StreamPort) -> std::io::Result<Self::Stream> {
         self.accept().await.map(|(s, _)| s)
     }
 }
 
-impl StdioListener for tokio_vsock::VsockListener {
+impl StreamListener for tokio_vsock::VsockListener {
     type Stream = tokio_vsock::VsockStream;
-    async fn accept_stream(&mut self) -> std::io::Result<Self::Stream> {
+    async fn accept_stream(&mut self, port: StreamPort) -> std::io::Result<Self::Stream> {
         loop {
             let (stream, peer) = self.accept().await?;
-            if peer::admit(peer.cid(), "stdio") {
+            if peer::admit(peer.cid(), port.name()) {
                 return Ok(stream);
             }
         }
     }
 }
 
-fn accept_stdio<L: StdioListener>(mut listener: L, agent: Arc<Agent>) {
+fn accept_streams<L: StreamListener>(mut listener: L, port: StreamPort, agent: Arc<Agent>) {
     tokio::spawn(async move {
         loop {
-            match listener.accept_stream().await {
+            match listener.accept_stream(port).await {
                 Ok(s) => {
-                    tokio::spawn(stdio::handle(s, agent.clone()));
+                    tokio::spawn(port.handle(s, agent.clone()));
                 }
-                Err(e) => tracing::warn!(error = %e, "stdio accept failed"),
+                Err(e) => tracing::warn!(error = %e, port = port.name(), "accept failed"),
             }
         }
     });
 }
 
-fn spawn_stdio_listener(addr: &Address, agent: Arc<Agent>) -> std::io::Result<()> {
+fn spawn_listener(addr: &Address, port: StreamPort, agent: Arc<Agent>) -> std::io::Result<()> {
     match addr {
-        Address::Unix(path) => accept_stdio(tokio::net::UnixListener::bind(path)?, agent),
-        Address::Vsock(port) => accept_stdio(
-            tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, *port))?,
+        Address::Unix(path) => accept_streams(tokio::net::UnixListener::bind(path)?, port, agent),
+        Address::Vsock(vport) => accept_streams(
+            tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, *vport))?,
+            port,
             agent,
         ),
     }

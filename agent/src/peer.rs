@@ -1,4 +1,4 @@
-//! Only the host talks to the agent. The agent's API and stdio ports accept vsock connections
+//! Only the host talks to the agent. The agent's API, stdio and port-forward ports accept vsock connections
 //! whose peer is the host (CID 2) and drop every other one with a counted log line.
 //!
 //! The guest kernel has no vsock loopback transport (the image build fails if it has), so no

@@ -29,6 +29,7 @@ pub mod generated {
 #[cfg(feature = "api")]
 pub use generated::{agent, agent_ttrpc, health, health_ttrpc, runtimeoptions};
 
+pub mod forward;
 pub mod host_socket;
 pub mod hvsock;
 pub mod mac;
@@ -41,10 +42,19 @@ pub const API_VERSION: u32 = 1;
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The vsock port of the agent's stdio stream listener inside a guest.
 pub const STDIO_VSOCK_PORT: u32 = 1025;
+/// The vsock port of the agent's port-forward listener inside a guest (see [`forward`]).
+pub const FORWARD_VSOCK_PORT: u32 = 1026;
 
 /// The stdio listener path that goes with an agent unix socket path.
 pub fn stdio_socket_path(agent_socket: &std::path::Path) -> std::path::PathBuf {
     let mut s = agent_socket.as_os_str().to_owned();
     s.push(".stdio");
+    s.into()
+}
+
+/// The port-forward listener path that goes with an agent unix socket path.
+pub fn forward_socket_path(agent_socket: &std::path::Path) -> std::path::PathBuf {
+    let mut s = agent_socket.as_os_str().to_owned();
+    s.push(".forward");
     s.into()
 }

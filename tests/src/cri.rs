@@ -225,3 +225,102 @@ impl Cri {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     }
 }
+
+/// kubelet's side of containerd's streaming server (exec, attach, port-forward): a websocket
+/// speaking `v4.channel.k8s.io`, where every binary message starts with its channel number.
+/// Exec: 0 stdin, 1 stdout, 2 stderr, 3 status (JSON), 4 terminal size (JSON). Port-forward:
+/// 0 data, 1 error, and the server starts each with the port (u16, little endian).
+pub struct ChannelStream {
+    ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+}
+
+impl ChannelStream {
+    pub async fn send(&mut self, channel: u8, data: &[u8]) {
+        use futures_util::SinkExt;
+        let mut message = vec![channel];
+        message.extend_from_slice(data);
+        self.ws.send(tokio_tungstenite::tungstenite::Message::binary(message)).await.expect("websocket send");
+    }
+
+    /// The next non-empty message as (channel, bytes); None once the server closed.
+    pub async fn next(&mut self) -> Option<(u8, Vec<u8>)> {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            match self.ws.next().await? {
+                Ok(Message::Binary(b)) if b.len() > 1 => return Some((b[0], b[1..].to_vec())),
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Everything received on `channel` until `done` holds for it (or the stream closes, or
+    /// `limit` passes), with the last message of `status_channel` if any.
+    pub async fn collect(&mut self, channel: u8, status_channel: Option<u8>, limit: Duration, done: impl Fn(&str) -> bool) -> (String, Option<String>) {
+        let mut out = Vec::new();
+        let mut status = None;
+        let _ = tokio::time::timeout(limit, async {
+            while let Some((ch, data)) = self.next().await {
+                if ch == channel {
+                    out.extend_from_slice(&data);
+                    if done(&String::from_utf8_lossy(&out)) {
+                        return;
+                    }
+                } else if Some(ch) == status_channel {
+                    status = Some(String::from_utf8_lossy(&data).into_owned());
+                    return;
+                }
+            }
+        })
+        .await;
+        (String::from_utf8_lossy(&out).into_owned(), status)
+    }
+}
+
+impl Cri {
+    /// Opens a streaming URL CRI returned. The streaming server listens on containerd's
+    /// loopback, inside containerd's network namespace: the socket is made there.
+    pub async fn open_stream(&self, url: &str) -> ChannelStream {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let authority = url.strip_prefix("http://").and_then(|r| r.split('/').next()).unwrap_or_else(|| panic!("a streaming URL: {url}")).to_string();
+        let netns = format!("/proc/{}/ns/net", self.containerd.pid());
+        let tcp = std::thread::spawn(move || -> std::io::Result<std::net::TcpStream> {
+            let ns = std::fs::File::open(&netns)?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let s = std::net::TcpStream::connect(&authority)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+        .join()
+        .expect("connect thread")
+        .unwrap_or_else(|e| panic!("connect to the streaming server {url}: {e}"));
+        let tcp = tokio::net::TcpStream::from_std(tcp).expect("tokio stream");
+        let mut request = url.replacen("http://", "ws://", 1).into_client_request().expect("websocket request");
+        request.headers_mut().insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse().expect("header"));
+        let (ws, _) = tokio_tungstenite::client_async(request, tcp).await.unwrap_or_else(|e| panic!("websocket to {url}: {e}\n{}", self.containerd.log()));
+        ChannelStream { ws }
+    }
+
+    /// Exec through the streaming server (what `kubectl exec` does).
+    pub async fn exec_stream(&mut self, id: &str, cmd: &[&str], tty: bool, stdin: bool) -> ChannelStream {
+        let r = self
+            .rt
+            .exec(ExecRequest { container_id: id.into(), cmd: cmd.iter().map(|s| s.to_string()).collect(), tty, stdin, stdout: true, stderr: !tty })
+            .await
+            .unwrap_or_else(|e| panic!("Exec: {e}\n{}", self.containerd.log()))
+            .into_inner();
+        self.open_stream(&r.url).await
+    }
+
+    /// Port-forward to `port` of a pod (what `kubectl port-forward` does).
+    pub async fn port_forward(&mut self, pod: &Pod, port: i32) -> ChannelStream {
+        let r = self
+            .rt
+            .port_forward(PortForwardRequest { pod_sandbox_id: pod.id.clone(), port: vec![port] })
+            .await
+            .unwrap_or_else(|e| panic!("PortForward: {e}\n{}", self.containerd.log()))
+            .into_inner();
+        self.open_stream(&r.url).await
+    }
+}

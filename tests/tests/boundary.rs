@@ -12,7 +12,7 @@ use hull_tests::require_containerd;
 use hull_tests::scenario::{self, text, wait_until, RUNTIME};
 
 /// The agent's API and stdio ports (hull_proto).
-const AGENT_PORTS: [u32; 2] = [hull_proto::AGENT_VSOCK_PORT, hull_proto::STDIO_VSOCK_PORT];
+const AGENT_PORTS: [u32; 3] = [hull_proto::AGENT_VSOCK_PORT, hull_proto::STDIO_VSOCK_PORT, hull_proto::FORWARD_VSOCK_PORT];
 
 /// The host side of a running pod is root's alone: its state directory and every level above
 /// it to /run/hull are 0700, the sockets that reach the VM's agent or its devices, the shim's

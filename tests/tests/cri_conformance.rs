@@ -186,3 +186,119 @@ async fn a_host_to_container_volume_sees_a_host_mount_made_after_start() {
     let left = cri.wait_no_pod_processes(Duration::from_secs(30)).await;
     assert!(left.is_ok(), "left: {left:?}");
 }
+
+/// A container's seccomp profile from its CRI security context is enforced in the guest as runc
+/// does, on its init and on every exec: a Localhost profile failing chmod and sethostname with
+/// EPERM makes them fail there, with CAP_SYS_ADMIN too (the exec's filter is installed with and
+/// without that capability), while the same pod's unconfined container may do both.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_localhost_seccomp_profile_is_enforced_in_the_guest() {
+    use k8s_cri::v1::{security_profile::ProfileType, Capability, SecurityProfile};
+    require_containerd!();
+    let mut cri = Cri::start().await.expect("containerd with CRI starts");
+    let profile = cri.containerd.dir.path().join("no-chmod.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","architectures":["SCMP_ARCH_X86_64"],
+            "syscalls":[{"names":["chmod","fchmod","fchmodat","fchmodat2","sethostname"],"action":"SCMP_ACT_ERRNO","errnoRet":1}]}"#,
+    )
+    .expect("profile");
+    let pod = cri.run_pod("seccomp", HULL).await;
+    let with = |name: &str, command: &[&str], profile: SecurityProfile, sys_admin: bool| {
+        let mut c = container_config(name, command, 0);
+        let sc = c.linux.as_mut().and_then(|l| l.security_context.as_mut()).expect("security context");
+        sc.seccomp = Some(profile);
+        if sys_admin {
+            sc.capabilities = Some(Capability { add_capabilities: vec!["CAP_SYS_ADMIN".into()], ..Default::default() });
+        }
+        c
+    };
+    let localhost = || SecurityProfile { profile_type: ProfileType::Localhost as i32, localhost_ref: profile.to_string_lossy().into_owned() };
+    let unconfined = || SecurityProfile { profile_type: ProfileType::Unconfined as i32, ..Default::default() };
+    let chmod = ["sh", "-c", "touch /tmp/f && chmod 600 /tmp/f"];
+    // The container's own process: its log says what chmod did.
+    let init = cri.start_container(&pod, with("init", &["sh", "-c", "touch /tmp/f; chmod 600 /tmp/f; echo chmod=$?; sleep 1000"], localhost(), false)).await;
+    let confined = cri.start_container(&pod, with("confined", &["sleep", "1000"], localhost(), false)).await;
+    let admin = cri.start_container(&pod, with("admin", &["sleep", "1000"], localhost(), true)).await;
+    let free = cri.start_container(&pod, with("free", &["sleep", "1000"], unconfined(), true)).await;
+
+    let (out, code) = cri.exec(&confined, &chmod).await;
+    assert_ne!(code, 0, "chmod in an exec under a profile that forbids it: {out}");
+    assert!(out.contains("Operation not permitted"), "EPERM, the profile's errno: {out}");
+    let (out, code) = cri.exec(&admin, &chmod).await;
+    assert!(code != 0 && out.contains("Operation not permitted"), "chmod with CAP_SYS_ADMIN under the profile: {code} {out}");
+    let (out, code) = cri.exec(&admin, &["hostname", "renamed"]).await;
+    assert!(code != 0 && out.contains("Operation not permitted"), "sethostname with CAP_SYS_ADMIN under the profile: {code} {out}");
+    let (out, code) = cri.exec(&free, &chmod).await;
+    assert_eq!(code, 0, "an unconfined container may chmod: {out}");
+    let (out, code) = cri.exec(&free, &["hostname", "renamed"]).await;
+    assert_eq!(code, 0, "an unconfined container with CAP_SYS_ADMIN may set the hostname: {out}");
+    let (out, _) = cri.exec(&init, &["grep", "-h", "Seccomp:", "/proc/1/status"]).await;
+    assert!(out.contains('2'), "the container's init runs under a filter: {out}");
+    let log = std::fs::read_to_string(cri.logs.join("seccomp").join("init.log")).unwrap_or_default();
+    assert!(log.contains("chmod=1"), "chmod failed in the container's init: {log}");
+
+    cri.remove_pod(&pod).await;
+    let left = cri.wait_no_pod_processes(Duration::from_secs(30)).await;
+    assert!(left.is_ok(), "left: {left:?}");
+}
+
+/// `kubectl exec -it`: an exec with a terminal and stdin through containerd's streaming server.
+/// A terminal size set by the client is what the process sees, typed input reaches the shell,
+/// its output comes back, and its exit code is reported on the status channel.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interactive_tty_exec_echoes_input_resizes_and_reports_its_exit_code() {
+    require_containerd!();
+    let mut cri = Cri::start().await.expect("containerd with CRI starts");
+    let pod = cri.run_pod("interactive", HULL).await;
+    let id = cri.start_container(&pod, container_config("shell", &["sleep", "1000"], 0)).await;
+
+    let mut s = cri.exec_stream(&id, &["sh"], true, true).await;
+    s.send(4, br#"{"Width":100,"Height":30}"#).await;
+    // The resize travels containerd → shim → agent while the shell starts: ask until the
+    // shell sees it.
+    let mut seen = String::new();
+    for _ in 0..40 {
+        s.send(0, b"stty size\n").await;
+        let (out, status) = s.collect(1, Some(3), Duration::from_millis(500), |o| o.contains("30 100")).await;
+        assert!(status.is_none(), "the shell ended early: {status:?}; output: {seen}{out}");
+        seen.push_str(&out);
+        if seen.contains("30 100") {
+            break;
+        }
+    }
+    assert!(seen.contains("30 100"), "the terminal never had the size the client set: {seen:?}");
+    s.send(0, b"echo typed-$((6*7)); exit 3\n").await;
+    let (out, status) = s.collect(1, Some(3), Duration::from_secs(30), |_| false).await;
+    assert!(out.contains("typed-42"), "the shell's answer to typed input: {out:?}");
+    let status = status.unwrap_or_else(|| panic!("no exit status; output: {out:?}"));
+    assert!(status.contains(r#""reason":"ExitCode","message":"3""#), "exit code 3 reported: {status}");
+
+    cri.remove_pod(&pod).await;
+    let left = cri.wait_no_pod_processes(Duration::from_secs(30)).await;
+    assert!(left.is_ok(), "left: {left:?}");
+}
+
+/// `kubectl port-forward`: containerd dials localhost:PORT in the pod's network namespace on
+/// the host; the server listens in the guest, and its answer comes back through the forward.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_forward_reaches_a_server_in_the_pod() {
+    require_containerd!();
+    let mut cri = Cri::start().await.expect("containerd with CRI starts");
+    let pod = cri.run_pod("forwarded", HULL).await;
+    let web = cri.start_container(&pod, container_config("web", hull_tests::cri::HTTPD, 0)).await;
+    // Served inside the pod before anything is forwarded.
+    let local = hull_tests::cri::fetch(&mut cri, &web, "127.0.0.1").await;
+    assert!(local.contains("hello from forwarded"), "{local}");
+
+    for round in 0..2 {
+        let mut s = cri.port_forward(&pod, 8080).await;
+        s.send(0, b"GET / HTTP/1.0\r\n\r\n").await;
+        let (out, _) = s.collect(0, None, Duration::from_secs(30), |o| o.contains("hello from forwarded")).await;
+        assert!(out.contains("200 OK") && out.contains("hello from forwarded"), "round {round}: the pod's server through the forward: {out:?}\n{}", cri.containerd.log());
+    }
+
+    cri.remove_pod(&pod).await;
+    let left = cri.wait_no_pod_processes(Duration::from_secs(30)).await;
+    assert!(left.is_ok(), "left: {left:?}");
+}

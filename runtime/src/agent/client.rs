@@ -6,7 +6,7 @@ use std::time::Duration;
 use hull_proto::agent::{self, StdioRequest};
 use hull_proto::agent_ttrpc::AgentClient;
 use hull_proto::health_ttrpc::HealthClient;
-use hull_proto::hvsock;
+use hull_proto::{forward, hvsock};
 use hull_proto::stdio::{StreamHeader, StreamKind};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,6 +22,10 @@ pub enum ClientError {
     Rpc { call: &'static str, code: ttrpc::Code, message: String },
     #[error("The {kind} stream of {container} could not be attached: {reason}.")]
     Attach { container: String, kind: StreamKind, reason: String },
+    #[error("Cannot open a port-forward to guest port {port}: {source}.")]
+    Forward { port: u16, source: std::io::Error },
+    #[error("Cannot open a port-forward to guest port {port}: {source}")]
+    ForwardRefused { port: u16, source: hull_proto::forward::ForwardError },
     #[error("Reading the output of {container} failed: {source}.")]
     Output { container: String, source: std::io::Error },
 }
@@ -77,20 +81,38 @@ pub struct RunOutput {
     pub stderr: String,
 }
 
-/// Where the agent's stdio listener is.
+/// Where the agent's stream listeners (stdio, port-forward) are.
 #[derive(Debug, Clone)]
-enum StdioEndpoint {
-    /// An agent on this host: PATH.stdio beside its API socket.
+enum StreamEndpoint {
+    /// An agent on this host: PATH.stdio and PATH.forward beside its API socket PATH.
     Unix(PathBuf),
     /// An agent in a VM, behind a hybrid vsock unix socket.
     HybridVsock(PathBuf),
+}
+
+/// One of the agent's stream listeners.
+#[derive(Debug, Clone, Copy)]
+enum StreamListener {
+    Stdio,
+    Forward,
+}
+
+impl StreamEndpoint {
+    async fn open(&self, listener: StreamListener) -> std::io::Result<UnixStream> {
+        match (self, listener) {
+            (StreamEndpoint::Unix(api), StreamListener::Stdio) => UnixStream::connect(hull_proto::stdio_socket_path(api)).await,
+            (StreamEndpoint::Unix(api), StreamListener::Forward) => UnixStream::connect(hull_proto::forward_socket_path(api)).await,
+            (StreamEndpoint::HybridVsock(uds), StreamListener::Stdio) => hybrid_vsock_connect(uds, hull_proto::STDIO_VSOCK_PORT).await,
+            (StreamEndpoint::HybridVsock(uds), StreamListener::Forward) => hybrid_vsock_connect(uds, hull_proto::FORWARD_VSOCK_PORT).await,
+        }
+    }
 }
 
 /// A connection to an agent: on a host (unix socket) or in a VM (hybrid vsock).
 pub struct AgentConn {
     pub client: AgentClient,
     pub health: HealthClient,
-    stdio: StdioEndpoint,
+    streams: StreamEndpoint,
 }
 
 /// Opens a stream to guest vsock `port` through a hybrid vsock unix socket (see
@@ -111,15 +133,15 @@ pub async fn hybrid_vsock_connect(uds: &Path, port: u32) -> std::io::Result<Unix
 }
 
 impl AgentConn {
-    fn from_client(c: ttrpc::r#async::Client, stdio: StdioEndpoint) -> AgentConn {
-        AgentConn { client: AgentClient::new(c.clone()), health: HealthClient::new(c), stdio }
+    fn from_client(c: ttrpc::r#async::Client, streams: StreamEndpoint) -> AgentConn {
+        AgentConn { client: AgentClient::new(c.clone()), health: HealthClient::new(c), streams }
     }
 
     pub async fn connect_unix(api: &Path) -> Result<AgentConn, ClientError> {
         let c = ttrpc::r#async::Client::connect(&format!("unix://{}", api.display()))
             .await
             .map_err(|source| ClientError::Ttrpc { path: api.into(), source })?;
-        Ok(AgentConn::from_client(c, StdioEndpoint::Unix(hull_proto::stdio_socket_path(api))))
+        Ok(AgentConn::from_client(c, StreamEndpoint::Unix(api.into())))
     }
 
     /// Connects to the agent in a VM through the VM's hybrid vsock socket.
@@ -128,7 +150,7 @@ impl AgentConn {
             .await
             .map_err(|source| ClientError::Connect { path: uds.into(), source })?;
         let c = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::from(s));
-        Ok(AgentConn::from_client(c, StdioEndpoint::HybridVsock(uds.into())))
+        Ok(AgentConn::from_client(c, StreamEndpoint::HybridVsock(uds.into())))
     }
 
     /// Asks the agent whether it serves.
@@ -274,11 +296,7 @@ impl AgentConn {
     /// Opens one stdio stream of a process; the returned socket carries its bytes.
     pub async fn attach(&self, id: &str, exec_id: &str, kind: StreamKind) -> Result<UnixStream, ClientError> {
         let fail = |reason: String| ClientError::Attach { container: id.into(), kind, reason };
-        let mut s = match &self.stdio {
-            StdioEndpoint::Unix(p) => UnixStream::connect(p).await,
-            StdioEndpoint::HybridVsock(uds) => hybrid_vsock_connect(uds, hull_proto::STDIO_VSOCK_PORT).await,
-        }
-        .map_err(|e| fail(e.to_string()))?;
+        let mut s = self.streams.open(StreamListener::Stdio).await.map_err(|e| fail(e.to_string()))?;
         let header = StreamHeader { kind, container_id: id.into(), exec_id: exec_id.into() };
         s.write_all(header.to_line().as_bytes()).await.map_err(|e| fail(e.to_string()))?;
         // Byte by byte: nothing after the reply line may be consumed here.
@@ -290,6 +308,21 @@ impl AgentConn {
             b"OK\n" => Ok(s),
             other => Err(fail(String::from_utf8_lossy(other).trim().to_string())),
         }
+    }
+
+    /// Opens a TCP connection to `port` on the pod's loopback in the guest (see
+    /// `hull_proto::forward`); the returned socket carries its bytes.
+    pub async fn forward(&self, port: u16) -> Result<UnixStream, ClientError> {
+        let fail = |source: std::io::Error| ClientError::Forward { port, source };
+        let mut s = self.streams.open(StreamListener::Forward).await.map_err(fail)?;
+        s.write_all(forward::request_line(port).as_bytes()).await.map_err(fail)?;
+        // Byte by byte: the stream's own bytes follow the reply line.
+        let mut reply = Vec::new();
+        while reply.last() != Some(&b'\n') && reply.len() <= forward::MAX_LINE {
+            reply.push(s.read_u8().await.map_err(fail)?);
+        }
+        forward::parse_reply(&reply).map_err(|source| ClientError::ForwardRefused { port, source })?;
+        Ok(s)
     }
 
     /// Creates a container with stdout and stderr, starts it and collects everything.

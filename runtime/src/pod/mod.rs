@@ -4,8 +4,10 @@
 //! - `state`: the pod's state directory (sole owner of its layout).
 //! - `share`: what the guest sees of the host (the virtio-fs share).
 //! - `network`: the pod's CNI interface carried into the VM.
+//! - `forward`: containerd's port-forward dials relayed into the VM.
 //! - `spec`: a container's OCI spec rewritten for the guest, and the VM's size.
 
+pub mod forward;
 pub mod network;
 pub mod share;
 pub mod spec;
@@ -66,6 +68,8 @@ pub struct Pod {
     /// debug_console: keep the console log beside the state directory when the pod ends.
     keep_console: bool,
     vm: Vm,
+    /// Relays containerd's port-forward dials (pods with a network namespace).
+    _forwarder: Option<forward::PortForwarder>,
 }
 
 impl Pod {
@@ -116,7 +120,19 @@ impl Pod {
         match Self::ready(config, dir, spec, &vm, net).await {
             Ok(conn) => {
                 tracing::info!(sandbox_id = %id, ready_ms = started.elapsed().as_millis() as u64, "pod VM ready");
-                Ok(Pod { id: id.into(), dir: dir.clone(), conn: Arc::new(conn), vmm_pid: vm.vmm_pid(), engine, engine_why: why, keep_console: config.debug_console, vm })
+                let conn = Arc::new(conn);
+                let forwarder = match spec.netns {
+                    Some(ns) => match forward::PortForwarder::start(id, ns, conn.clone()).await {
+                        Ok(f) => Some(f),
+                        // The pod runs; only kubectl port-forward will not reach it.
+                        Err(e) => {
+                            tracing::warn!(sandbox_id = %id, error = %e, "port-forward into this pod is unavailable");
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                Ok(Pod { id: id.into(), dir: dir.clone(), conn, vmm_pid: vm.vmm_pid(), engine, engine_why: why, keep_console: config.debug_console, vm, _forwarder: forwarder })
             }
             Err(e) => {
                 // Killed and reaped before the caller removes the state directory.
