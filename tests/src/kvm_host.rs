@@ -31,8 +31,10 @@ use crate::BUSYBOX;
 const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
 /// Loaded from the initramfs: what mounting the 9p root and the overlay needs.
 const BOOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay"];
-/// Loaded from the full module tree once the root is mounted: KVM, and what pods and CNI use.
-const HOST_MODULES: &[&str] = &["kvm_amd", "tun", "veth", "bridge", "sch_ingress", "cls_u32", "act_mirred", "fuse"];
+/// Loaded from the full module tree once the root is mounted: KVM, and what pods and CNI use
+/// (the nf_tables ones for the shim's port-forward redirect; L1's chrooted command cannot
+/// autoload them; crc32c_generic first: busybox modprobe ignores libcrc32c's soft dependency).
+const HOST_MODULES: &[&str] = &["kvm_amd", "tun", "veth", "bridge", "sch_ingress", "cls_u32", "act_mirred", "fuse", "crc32c_generic", "nf_tables", "nft_chain_nat", "nft_compat", "nft_redir", "xt_REDIRECT"];
 /// The L1 VM's size: two vCPUs (SMP guests need two host vCPUs) and room for containerd, the
 /// pod VMs and the overlay's tmpfs.
 const L1_CPUS: &str = "2";

@@ -221,6 +221,7 @@ async fn a_localhost_seccomp_profile_is_enforced_in_the_guest() {
     let confined = cri.start_container(&pod, with("confined", &["sleep", "1000"], localhost(), false)).await;
     let admin = cri.start_container(&pod, with("admin", &["sleep", "1000"], localhost(), true)).await;
     let free = cri.start_container(&pod, with("free", &["sleep", "1000"], unconfined(), true)).await;
+    let default = cri.start_container(&pod, with("default", &["sleep", "1000"], SecurityProfile { profile_type: ProfileType::RuntimeDefault as i32, ..Default::default() }, false)).await;
 
     let (out, code) = cri.exec(&confined, &chmod).await;
     assert_ne!(code, 0, "chmod in an exec under a profile that forbids it: {out}");
@@ -233,6 +234,13 @@ async fn a_localhost_seccomp_profile_is_enforced_in_the_guest() {
     assert_eq!(code, 0, "an unconfined container may chmod: {out}");
     let (out, code) = cri.exec(&free, &["hostname", "renamed"]).await;
     assert_eq!(code, 0, "an unconfined container with CAP_SYS_ADMIN may set the hostname: {out}");
+    // containerd's RuntimeDefault profile confines the container's processes, execs included;
+    // Unconfined leaves them without a filter.
+    let seccomp_mode = ["sh", "-c", "grep Seccomp: /proc/1/status /proc/self/status"];
+    let (out, _) = cri.exec(&default, &seccomp_mode).await;
+    assert_eq!(out.matches("Seccomp:\t2").count(), 2, "RuntimeDefault filters the init and the exec: {out}");
+    let (out, _) = cri.exec(&free, &seccomp_mode).await;
+    assert_eq!(out.matches("Seccomp:\t0").count(), 2, "Unconfined: {out}");
     let (out, _) = cri.exec(&init, &["grep", "-h", "Seccomp:", "/proc/1/status"]).await;
     assert!(out.contains('2'), "the container's init runs under a filter: {out}");
     let log = std::fs::read_to_string(cri.logs.join("seccomp").join("init.log")).unwrap_or_default();

@@ -40,6 +40,13 @@ async fn a_cri_pod_of_two_containers_on_the_builtin_virtio_net_and_a_runc_pod_re
     assert_eq!(fetch(&mut cri, &runc, &ip_a).await.trim(), "hello from kvm-a");
     assert_eq!(fetch(&mut cri, &sidecar, &ip_r).await.trim(), "hello from kvm-r");
 
+    step("cri: kubectl port-forward reaches the hull pod's server through hull-vmm's vsock");
+    let mut forward = cri.port_forward(&a, 8080).await;
+    forward.send(0, b"GET / HTTP/1.0\r\n\r\n").await;
+    let (out, _) = forward.collect(0, None, Duration::from_secs(60), |o| o.contains("hello from kvm-a")).await;
+    assert!(out.contains("hello from kvm-a"), "the server through the port-forward: {out:?}\n{}", cri.containerd.log());
+    drop(forward);
+
     step("cri: removing both pods leaves nothing");
     for pod in [&a, &r] {
         cri.remove_pod(pod).await;
