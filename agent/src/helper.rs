@@ -159,15 +159,10 @@ struct SeccompThenExec {
 impl Executor for SeccompThenExec {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
         if let Some(seccomp) = &self.seccomp {
-            let installed = match libcontainer::seccomp::initialize_seccomp(seccomp) {
-                Ok(fd) => Ok(fd),
-                Err(_) => {
-                    // EACCES without CAP_SYS_ADMIN: retry under no_new_privs.
-                    nix::sys::prctl::set_no_new_privs().map_err(|e| ExecutorError::Other(format!("cannot set no_new_privs for the seccomp filter: {e}")))?;
-                    libcontainer::seccomp::initialize_seccomp(seccomp)
-                }
-            };
-            match installed {
+            if !has_effective_sys_admin() {
+                nix::sys::prctl::set_no_new_privs().map_err(|e| ExecutorError::Other(format!("cannot set no_new_privs for the seccomp filter: {e}")))?;
+            }
+            match libcontainer::seccomp::initialize_seccomp(seccomp) {
                 // A notify listener (SCMP_ACT_NOTIFY) has nobody to serve it in the guest: its
                 // syscalls fail as with no listener.
                 Ok(Some(fd)) => drop(unsafe_owned(fd)),
@@ -181,6 +176,18 @@ impl Executor for SeccompThenExec {
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
         libcontainer::workload::default::get_executor().validate(spec)
     }
+}
+
+/// Whether this process has CAP_SYS_ADMIN in its effective set (what installing a seccomp
+/// filter without no_new_privs takes).
+fn has_effective_sys_admin() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
 }
 
 fn unsafe_owned(fd: std::os::fd::RawFd) -> std::os::fd::OwnedFd {

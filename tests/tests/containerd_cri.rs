@@ -110,3 +110,115 @@ async fn cri_pods_are_microvms() {
     let left = cri.wait_no_pod_processes(Duration::from_secs(20)).await;
     assert!(left.is_ok(), "VMs left after the pods were removed: {left:?}");
 }
+
+/// The memory cgroup hierarchy of this host: (its mount, v1?). Every CI host has one.
+fn memory_hierarchy() -> (std::path::PathBuf, bool) {
+    let v1 = std::path::Path::new("/sys/fs/cgroup/memory");
+    if v1.join("memory.limit_in_bytes").exists() {
+        (v1.into(), true)
+    } else {
+        ("/sys/fs/cgroup".into(), false)
+    }
+}
+
+/// The memory cgroup of a process, from /proc/PID/cgroup.
+fn memory_cgroup_of(pid: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == "memory")) || l.starts_with("0::"))
+        .and_then(|l| l.splitn(3, ':').nth(2))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The pod's host processes (the shim, the VMM, its backends): every process whose command
+/// line names the sandbox.
+fn pod_host_pids(sandbox: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(sandbox) && ["containerd-shim-hull-v2", "qemu-system", "hull-vmm"].iter().any(|p| cmdline.contains(p)) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+/// Issue 14: the pod's VM lives in the pod's cgroup, as the pause would under runc: kubelet's
+/// pod cgroup (CRI's cgroup_parent) plus the sandbox id. The shim, the VMM and every backend are
+/// there, so a memory limit kubelet sets on the pod's cgroup bounds the whole VM: a guest that
+/// touches more is stopped by the host's cgroup (its VMM OOM-killed, the pod's tasks end
+/// non-zero), not by the host running out. Removing the pod removes its cgroup.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pods_cgroup_holds_its_vm_and_its_memory_limit_bounds_the_guest() {
+    require_containerd!();
+    let mut cri = Cri::start().await.expect("containerd with CRI starts");
+    let (memory, v1) = memory_hierarchy();
+    let parent_name = format!("hull-test-pod-{}", std::process::id());
+    let parent = memory.join(&parent_name);
+    std::fs::create_dir_all(&parent).expect("the pod's parent cgroup (kubelet's pod cgroup)");
+    if !v1 {
+        // As kubelet does: the pod cgroup's children account memory.
+        let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory");
+    }
+    let mut config = pod_config("bounded", &cri.logs);
+    config.linux.as_mut().expect("linux").cgroup_parent = format!("/{parent_name}");
+    let pod = cri.run_pod_with(config, HULL).await;
+
+    let pod_cgroup = format!("/{parent_name}/{}", pod.id);
+    let processes = pod_host_pids(&pod.id);
+    assert!(processes.len() >= 2, "the shim and the VMM at least: {processes:?}");
+    for (pid, cmdline) in &processes {
+        assert_eq!(memory_cgroup_of(pid), pod_cgroup, "{cmdline}");
+    }
+
+    // kubelet's limit on the pod's cgroup: the memory the pod holds that the host cannot reclaim
+    // without swap (anonymous memory and shmem: the guest RAM is a shared memfd the vhost-user
+    // backends map), plus 32 MiB; page cache does not count. A limit below what the host
+    // cannot reclaim at once is refused (EBUSY): then a little more.
+    let stat = std::fs::read_to_string(memory.join(&pod_cgroup[1..]).join("memory.stat")).expect("the pod cgroup's memory.stat");
+    let field = |name: &str| stat.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<u64>().ok()).unwrap_or(0);
+    let unreclaimable = if v1 { field("total_inactive_anon") + field("total_active_anon") } else { field("anon") + field("shmem") };
+    assert!(unreclaimable > 0, "{stat}");
+    let limit_file = parent.join(if v1 { "memory.limit_in_bytes" } else { "memory.max" });
+    let mut limit = unreclaimable + (32 << 20);
+    while let Err(e) = std::fs::write(&limit_file, limit.to_string()) {
+        assert!(limit < unreclaimable + (64 << 20), "set the pod cgroup's limit to {limit}: {e}\n{stat}");
+        limit += 8 << 20;
+    }
+    // About 100 MiB touched in the guest (a 64 MiB string built by doubling), within the
+    // guest's 256 MiB: only the host's cgroup can stop it.
+    let hog = cri
+        .start_container(&pod, container_config("hog", &["awk", r#"BEGIN { s = "xxxxxxxx"; while (length(s) < 60000000) s = s s; print "survived", length(s); system("sleep 1000") }"#], 0))
+        .await;
+    let mut st = cri.status(&hog).await;
+    for _ in 0..600 {
+        if st.state == ContainerState::ContainerExited as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        st = cri.status(&hog).await;
+    }
+    let log = std::fs::read_to_string(cri.logs.join("bounded").join("hog.log")).unwrap_or_default();
+    assert_eq!(st.state, ContainerState::ContainerExited as i32, "the guest went past the pod's limit of {limit} bytes and still runs: {log}");
+    assert_ne!(st.exit_code, 0, "{st:?}");
+    // The kernel's count, as the shim reads it from the pod's cgroup before removing it.
+    let said = tokio::time::timeout(Duration::from_secs(20), async {
+        while !cri.containerd.log().contains("the pod's cgroup hit its memory limit and the host's OOM killer killed pod VM processes") {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(said.is_ok(), "the host's cgroup OOM-killed the VMM, and the shim says so: {st:?}\n{}", cri.containerd.log());
+
+    cri.remove_pod(&pod).await;
+    let left = cri.wait_no_pod_processes(Duration::from_secs(30)).await;
+    assert!(left.is_ok(), "left: {left:?}");
+    assert!(!memory.join(&pod_cgroup[1..]).exists(), "the pod's cgroup is removed with the pod");
+    std::fs::remove_dir(&parent).expect("nothing of the pod is left under its parent cgroup");
+}

@@ -47,6 +47,12 @@ pub fn check(config: Option<&Path>) -> Result<i32, CliError> {
         Kvm::NoHardware => "/dev/kvm without VMX or SVM: auto uses QEMU here".into(),
         Kvm::Missing => "needs /dev/kvm".into(),
     }, false);
+    match hull_runtime::pod::cgroup::describe_host() {
+        Ok(how) => line(true, "pod cgroups", format!("{how}; a pod's VM, backends and shim join the sandbox's cgroupsPath there"), false),
+        Err(e) => line(false, "pod cgroups", format!("{e} A pod's VM then stays in the shim's cgroup."), false),
+    }
+    let iptables = Command::new("iptables").arg("--version").output().is_ok_and(|o| o.status.success());
+    line(iptables, "port-forward", "kubectl port-forward needs iptables with the nat table (a REDIRECT in the pod's network namespace)".into(), false);
     let containerd = Path::new("/usr/bin/containerd").exists();
     line(containerd, "containerd", "runtime_type = \"io.containerd.hull.v2\" needs containerd-shim-hull-v2 on its PATH".into(), false);
     // The same answer the shim gets for this config.

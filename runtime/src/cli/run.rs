@@ -176,7 +176,7 @@ pub async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], image:
         .map_err(|source| CliError::Agent { path: "tempdir".into(), source })?;
     let id = format!("run-{}", std::process::id());
     let t = Instant::now();
-    let spec = PodSpec { id: &id, hostname, netns: None, share: Some(&rootfs), sysctls: Default::default() };
+    let spec = PodSpec { id: &id, hostname, netns: None, share: Some(&rootfs), sysctls: Default::default(), cgroups_path: None };
     let pod = Pod::boot(&config, PodDir::at(work.path().join(&id)), spec).await?;
     if verbose {
         eprintln!("hull: microVM ready in {:.2} s under {:?} ({})", t.elapsed().as_secs_f64(), pod.engine, pod.engine_why);

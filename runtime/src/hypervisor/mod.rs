@@ -387,6 +387,12 @@ impl Vm {
         let processes = std::iter::once(&self.vmm).chain(&self.backends).map(|p| Box::pin(p.ended()));
         let (status, index, _) = futures_util::future::select_all(processes).await;
         if index > 0 {
+            // A backend exits cleanly once its VMM's connection closes: when the VMM died first
+            // (a crash, the host's OOM killer), the VMM's end is the news, not the backend's.
+            if let Ok(Some(vmm)) = tokio::time::timeout(Duration::from_millis(500), self.vmm.ended()).await {
+                self.kill().await;
+                return Some(vmm);
+            }
             let pid = self.backends[index - 1].pid();
             tracing::error!(backend_pid = pid, status = ?status, "a device backend of the pod VM died; killing the VM");
             self.kill().await;

@@ -11,11 +11,14 @@
 //! the guest's loopback (`hull_proto::forward`). Every IPv4 dial succeeds at once, so
 //! containerd never falls back to IPv6; the agent tries 127.0.0.1, then ::1.
 //!
-//! The rule lives and dies with the pod's network namespace; a connection whose port nothing
-//! serves in the guest is closed at once (containerd reports the stream's end).
+//! The rule sits in a chain of hull's own (`HULL-PORT-FORWARD`, jumped to from `OUTPUT`), made
+//! afresh when the pod starts and removed with the pod's tap and filters; a connection whose
+//! port nothing serves in the guest is closed at once (containerd reports the stream's end).
+//! The host's own network namespace is refused: its loopback is not the pod's to take.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -25,7 +28,7 @@ use nix::sched::{setns, CloneFlags};
 use nix::sys::socket::{getsockopt, sockopt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::agent::client::AgentConn;
+use crate::agent::{AgentConn, ClientError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PortForwardError {
@@ -39,9 +42,17 @@ pub enum PortForwardError {
     Iptables(#[source] std::io::Error),
     #[error("iptables could not add the loopback redirect in the pod network namespace ({status}): {stderr}")]
     IptablesFailed { status: std::process::ExitStatus, stderr: String },
-    #[error("The thread that entered the pod network namespace panicked.")]
-    Panicked,
+    #[error("The thread that enters the pod network namespace could not start or panicked: {0}.")]
+    Thread(String),
+    #[error("The pod's network namespace {0:?} is the host's; hull does not redirect the host's loopback.")]
+    HostNamespace(PathBuf),
 }
+
+/// hull's own nat chain in the pod's network namespace.
+const CHAIN: &str = "HULL-PORT-FORWARD";
+/// How long the agent may take to answer a forward: a guest that never answers does not hold
+/// the relay's connections for ever.
+const AGENT_REPLY: Duration = Duration::from_secs(10);
 
 /// The shim's port-forward relay of one pod; it ends when dropped.
 pub struct PortForwarder {
@@ -62,32 +73,75 @@ impl PortForwarder {
         // thread that made it, and a child process inherits its creator thread's) and then
         // ends, so no thread of the runtime ever leaves the host's namespace.
         let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(listen_in(&path));
-        });
-        let listener = rx.await.map_err(|_| PortForwardError::Panicked)??;
+        std::thread::Builder::new()
+            .name("port-forward-netns".into())
+            .spawn(move || {
+                let _ = tx.send(listen_in(&path));
+            })
+            .map_err(|e| PortForwardError::Thread(e.to_string()))?;
+        let listener = rx.await.map_err(|_| PortForwardError::Thread("it panicked".into()))??;
         let listener = TcpListener::from_std(listener).map_err(PortForwardError::Listen)?;
         let task = tokio::spawn(relay(listener, conn, sandbox_id.to_string()));
         Ok(PortForwarder { task })
     }
 }
 
-fn listen_in(netns: &Path) -> Result<std::net::TcpListener, PortForwardError> {
+/// Enters `netns` (this thread only, for good: call it on a thread of its own).
+fn enter(netns: &Path) -> Result<(), PortForwardError> {
     let ns = std::fs::File::open(netns).map_err(|source| PortForwardError::Netns { path: netns.into(), source })?;
-    setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| PortForwardError::Setns { path: netns.into(), source })?;
+    let host = std::fs::metadata("/proc/self/ns/net").map_err(|source| PortForwardError::Netns { path: "/proc/self/ns/net".into(), source })?;
+    let pod = ns.metadata().map_err(|source| PortForwardError::Netns { path: netns.into(), source })?;
+    if (pod.dev(), pod.ino()) == (host.dev(), host.ino()) {
+        return Err(PortForwardError::HostNamespace(netns.into()));
+    }
+    setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| PortForwardError::Setns { path: netns.into(), source })
+}
+
+fn listen_in(netns: &Path) -> Result<std::net::TcpListener, PortForwardError> {
+    enter(netns)?;
     let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(PortForwardError::Listen)?;
     listener.set_nonblocking(true).map_err(PortForwardError::Listen)?;
-    let port = listener.local_addr().map_err(PortForwardError::Listen)?.port();
+    let port = listener.local_addr().map_err(PortForwardError::Listen)?.port().to_string();
+    // The chain may be left from a pod that used this namespace before: made if missing, emptied.
+    let _ = iptables(&["-N", CHAIN]);
+    iptables(&["-F", CHAIN])?;
+    iptables(&["-A", CHAIN, "-o", "lo", "-p", "tcp", "-d", "127.0.0.0/8", "-j", "REDIRECT", "--to-ports", &port])?;
+    if iptables(&["-C", "OUTPUT", "-j", CHAIN]).is_err() {
+        iptables(&["-A", "OUTPUT", "-j", CHAIN])?;
+    }
+    Ok(listener)
+}
+
+/// One iptables command on the nat table of this thread's network namespace (a child process
+/// inherits the namespace of the thread that starts it).
+fn iptables(args: &[&str]) -> Result<(), PortForwardError> {
     // -w: CNI plugins of other pods may hold the xtables lock for a moment.
-    let out = Command::new("iptables")
-        .args(["-w", "10", "-t", "nat", "-A", "OUTPUT", "-o", "lo", "-p", "tcp", "-d", "127.0.0.0/8", "-j", "REDIRECT", "--to-ports"])
-        .arg(port.to_string())
-        .output()
-        .map_err(PortForwardError::Iptables)?;
+    let out = Command::new("iptables").args(["-w", "10", "-t", "nat"]).args(args).output().map_err(PortForwardError::Iptables)?;
     if !out.status.success() {
         return Err(PortForwardError::IptablesFailed { status: out.status, stderr: String::from_utf8_lossy(&out.stderr).trim().into() });
     }
-    Ok(listener)
+    Ok(())
+}
+
+/// Removes the redirect from `netns` (the pod's end; nothing if it was never made).
+pub fn remove_redirect(netns: &Path) {
+    let path = netns.to_path_buf();
+    let removed = std::thread::Builder::new().name("port-forward-netns".into()).spawn(move || -> Result<(), PortForwardError> {
+        enter(&path)?;
+        if iptables(&["-C", "OUTPUT", "-j", CHAIN]).is_ok() {
+            iptables(&["-D", "OUTPUT", "-j", CHAIN])?;
+        }
+        if iptables(&["-F", CHAIN]).is_ok() {
+            iptables(&["-X", CHAIN])?;
+        }
+        Ok(())
+    });
+    match removed.map(|t| t.join()) {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(PortForwardError::Netns { .. }))) => {} // the namespace is gone, and the rule with it
+        Ok(Ok(Err(e))) => tracing::warn!(netns = ?netns, error = %e, "cannot remove the port-forward redirect"),
+        Ok(Err(_)) | Err(_) => tracing::warn!(netns = ?netns, "cannot remove the port-forward redirect: its thread failed"),
+    }
 }
 
 /// The port a redirected connection was dialled to.
@@ -116,7 +170,8 @@ async fn relay(listener: TcpListener, conn: Arc<AgentConn>, sandbox_id: String) 
         let conn = conn.clone();
         let sandbox_id = sandbox_id.clone();
         tokio::spawn(async move {
-            match conn.forward(port).await {
+            let opened = tokio::time::timeout(AGENT_REPLY, conn.forward(port)).await;
+            match opened.unwrap_or_else(|_| Err(ClientError::Forward { port, source: std::io::ErrorKind::TimedOut.into() })) {
                 Ok(mut guest) => {
                     tracing::info!(sandbox_id, port, "port-forward open");
                     let moved = tokio::io::copy_bidirectional(&mut client, &mut guest).await;

@@ -5,8 +5,10 @@
 //! - `share`: what the guest sees of the host (the virtio-fs share).
 //! - `network`: the pod's CNI interface carried into the VM.
 //! - `forward`: containerd's port-forward dials relayed into the VM.
+//! - `cgroup`: the pod's cgroup, where the VM's host processes live.
 //! - `spec`: a container's OCI spec rewritten for the guest, and the VM's size.
 
+pub mod cgroup;
 pub mod forward;
 pub mod network;
 pub mod share;
@@ -39,6 +41,8 @@ pub enum PodError {
     Network(#[from] NetworkError),
     #[error(transparent)]
     Share(#[from] share::ShareError),
+    #[error("The pod's VM cannot be put in the pod's cgroup: {0}")]
+    Cgroup(#[from] cgroup::CgroupError),
 }
 
 /// What a pod is booted with, besides the config.
@@ -55,6 +59,9 @@ pub struct PodSpec<'a> {
     pub share: Option<&'a Path>,
     /// The pod's sysctls (the sandbox spec's `linux.sysctl`), set in the guest sandbox.
     pub sysctls: std::collections::HashMap<String, String>,
+    /// The pod's cgroup (the sandbox spec's `linux.cgroupsPath`): the VM's host processes and
+    /// the shim live there (pod/cgroup.rs).
+    pub cgroups_path: Option<&'a str>,
 }
 
 pub struct Pod {
@@ -68,20 +75,44 @@ pub struct Pod {
     /// debug_console: keep the console log beside the state directory when the pod ends.
     keep_console: bool,
     vm: Vm,
-    /// Relays containerd's port-forward dials (pods with a network namespace).
-    _forwarder: Option<forward::PortForwarder>,
+    /// Relays containerd's port-forward dials (pods with a network namespace); ends with the VM.
+    forwarder: std::sync::Mutex<Option<forward::PortForwarder>>,
+    /// The pod's cgroup, left when the VM is gone.
+    cgroup: std::sync::Mutex<Option<cgroup::PodCgroup>>,
 }
 
 impl Pod {
     /// Boots the pod's VM and creates the sandbox in its agent. On failure nothing is left:
     /// the VM's processes are killed and the state directory is removed.
     pub async fn boot(config: &Config, dir: PodDir, spec: PodSpec<'_>) -> Result<Pod, PodError> {
+        // Joined first: everything the VM is, it is inside the pod's cgroup from its start.
+        let mut cgroup = match spec.cgroups_path.map(cgroup::PodCgroup::join) {
+            Some(Ok(c)) => Some(c),
+            Some(Err(e @ (cgroup::CgroupError::Systemd(_) | cgroup::CgroupError::NoHierarchy))) => {
+                tracing::warn!(sandbox_id = %spec.id, error = %e, "the pod's VM stays in the shim's cgroup");
+                None
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => None,
+        };
         let result = Self::boot_vm(config, &dir, &spec).await;
-        if result.is_err() {
-            // Every path out of boot_vm has killed and reaped what it started.
-            remove_state(&dir);
+        match result {
+            Ok(pod) => {
+                if let Some(c) = &cgroup {
+                    tracing::info!(sandbox_id = %spec.id, cgroups = ?c.dirs().collect::<Vec<_>>(), "pod VM in the pod's cgroup");
+                }
+                *pod.cgroup.lock().unwrap_or_else(|p| p.into_inner()) = cgroup;
+                Ok(pod)
+            }
+            Err(e) => {
+                // Every path out of boot_vm has killed and reaped what it started.
+                if let Some(c) = cgroup.as_mut() {
+                    c.leave();
+                }
+                remove_state(&dir);
+                Err(e)
+            }
         }
-        result
     }
 
     async fn boot_vm(config: &Config, dir: &PodDir, spec: &PodSpec<'_>) -> Result<Pod, PodError> {
@@ -89,6 +120,10 @@ impl Pod {
         let (engine, why) = Host::probe().engine(config.hypervisor)?;
         tracing::info!(sandbox_id = %id, hypervisor = ?config.hypervisor, engine = ?engine, why, vcpus = config.vcpus, memory_mib = config.memory_mib, "booting the pod VM");
         dir.create()?;
+        if let Some(path) = spec.cgroups_path {
+            // For `delete`, should this shim die: it removes the cgroup when the pod is gone.
+            dir.record_cgroup(path)?;
+        }
         if spec.share.is_none() {
             share::prepare(dir)?;
         }
@@ -132,7 +167,7 @@ impl Pod {
                     },
                     None => None,
                 };
-                Ok(Pod { id: id.into(), dir: dir.clone(), conn, vmm_pid: vm.vmm_pid(), engine, engine_why: why, keep_console: config.debug_console, vm, _forwarder: forwarder })
+                Ok(Pod { id: id.into(), dir: dir.clone(), conn, vmm_pid: vm.vmm_pid(), engine, engine_why: why, keep_console: config.debug_console, vm, forwarder: std::sync::Mutex::new(forwarder), cgroup: Default::default() })
             }
             Err(e) => {
                 // Killed and reaped before the caller removes the state directory.
@@ -166,6 +201,12 @@ impl Pod {
         self.vm.exited().map(|s| s.to_string())
     }
 
+    /// How many of the pod's host processes the kernel's OOM killer killed because the pod's
+    /// cgroup hit its memory limit (None: the pod has no cgroup, or no counter).
+    pub fn oom_kills(&self) -> Option<u64> {
+        self.cgroup.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|c| c.oom_kills())
+    }
+
     /// Waits until the VM has exited; says how (None: its exit could not be waited for).
     pub async fn ended(&self) -> Option<String> {
         self.vm.ended().await.map(|s| s.to_string())
@@ -187,7 +228,11 @@ impl Pod {
             tracing::warn!(sandbox_id = %self.id, "the pod VM did not power off; killing it");
         }
         ask.abort();
+        drop(self.forwarder.lock().unwrap_or_else(|p| p.into_inner()).take());
         self.vm.kill().await;
+        if let Some(mut c) = self.cgroup.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            c.leave();
+        }
         if self.keep_console {
             let kept = self.dir.kept_console();
             let _ = std::fs::copy(self.dir.vm().console(), &kept);
@@ -207,6 +252,16 @@ pub fn cleanup_pod(dir: &PodDir) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
     }
+    if let Some(path) = dir.cgroup() {
+        // The killed processes leave the cgroup as they are reaped; give them a moment.
+        for _ in 0..20 {
+            if dir.pids().iter().all(|&pid| !is_ours(pid)) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        cgroup::remove(&path);
+    }
     remove_state(dir);
 }
 
@@ -214,6 +269,7 @@ pub fn cleanup_pod(dir: &PodDir) {
 /// Its processes are gone already.
 fn remove_state(dir: &PodDir) {
     if let Some(ns) = dir.netns() {
+        forward::remove_redirect(&ns);
         if let Err(e) = network::teardown(&ns) {
             tracing::warn!(netns = ?ns, error = %e, "cannot remove the pod's tap and filters");
         }

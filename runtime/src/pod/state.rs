@@ -54,6 +54,7 @@ pub struct PodDir {
 
 const PIDS: &str = "pids";
 const NETNS: &str = "netns";
+const CGROUP: &str = "cgroup";
 const SHARED: &str = "shared";
 const MOUNTS: &str = "mounts";
 const VM: &str = "vm";
@@ -145,6 +146,15 @@ impl PodDir {
 
     pub fn record_netns(&self, netns: &Path) -> Result<(), StateError> {
         write(self.path.join(NETNS), netns.as_os_str().as_encoded_bytes())
+    }
+
+    pub fn record_cgroup(&self, cgroups_path: &str) -> Result<(), StateError> {
+        write(self.path.join(CGROUP), cgroups_path.as_bytes())
+    }
+
+    /// The pod's cgroupsPath, as recorded at boot.
+    pub fn cgroup(&self) -> Option<String> {
+        std::fs::read_to_string(self.path.join(CGROUP)).ok().map(|s| s.trim().to_string())
     }
 
     pub fn netns(&self) -> Option<PathBuf> {

@@ -81,6 +81,10 @@ pub fn watch_pod(pod: Arc<Pod>, containers: Containers, events: Events) {
         };
         let exits = containers.exit_all(255);
         tracing::error!(sandbox_id = %pod.id, status = %why, processes = exits.len(), "the pod VM exited");
+        // Why a pod's VM died is the first question about it; the counter goes with the cgroup.
+        if let Some(kills) = pod.oom_kills().filter(|&n| n > 0) {
+            tracing::error!(sandbox_id = %pod.id, oom_kills = kills, "the pod's cgroup hit its memory limit and the host's OOM killer killed pod VM processes");
+        }
         for (id, exec_id, exit) in exits {
             publish_exit(&events, &id, &exec_id, pod.vmm_pid, exit).await;
         }

@@ -99,7 +99,7 @@ impl TaskService {
                 (config.vcpus, config.memory_mib) = spec::vm_size(spec, config.vcpus, config.memory_mib).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
                 let hostname = spec.get("hostname").and_then(|h| h.as_str()).unwrap_or(pod_id);
                 let netns = crate::pod::network::netns_path(spec);
-                let pod = Pod::boot(&config, PodDir::new(&self.namespace, pod_id), PodSpec { id: pod_id, hostname, netns: netns.as_deref(), share: None, sysctls: spec::sysctls(spec) })
+                let pod = Pod::boot(&config, PodDir::new(&self.namespace, pod_id), PodSpec { id: pod_id, hostname, netns: netns.as_deref(), share: None, sysctls: spec::sysctls(spec), cgroups_path: spec.pointer("/linux/cgroupsPath").and_then(|p| p.as_str()).filter(|p| !p.is_empty()) })
                     .await
                     .map(Arc::new)
                     .map_err(|e| status(Code::UNAVAILABLE, format!("pod {pod_id}: {e}")))?;
