@@ -181,13 +181,7 @@ impl Executor for SeccompThenExec {
 /// Whether this process has CAP_SYS_ADMIN in its effective set (what installing a seccomp
 /// filter without no_new_privs takes).
 fn has_effective_sys_admin() -> bool {
-    const CAP_SYS_ADMIN: u32 = 21;
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
+    caps::has_cap(None, caps::CapSet::Effective, caps::Capability::CAP_SYS_ADMIN).unwrap_or(false)
 }
 
 fn unsafe_owned(fd: std::os::fd::RawFd) -> std::os::fd::OwnedFd {

@@ -31,6 +31,14 @@
 //! # guest that caches more sees "Too many open files" until it forgets some. A lower limit
 //! # the shim inherits stays.
 //! vm_open_files = 262144
+//! # Run every host process of a pod VM (hull-vmm, or QEMU and its device backends) in a jail:
+//! # new mount, pid, ipc, uts and network namespaces, a per-pod root holding only what the
+//! # process needs, no_new_privs, no core dumps. A process that serves the pod's share runs as
+//! # uid 0 with only the capabilities of a file server; every other one as jail_uid:jail_gid
+//! # with none. Off: they run as root in the host's namespaces (debugging only).
+//! jail = true
+//! jail_uid = 2000000000
+//! jail_gid = 2000000000
 //! # tracing filter for the shim's log.
 //! log_level = "info"
 //! ```
@@ -74,6 +82,9 @@ pub struct Config {
     pub debug_console: bool,
     pub vm_log_kib: u64,
     pub vm_open_files: u64,
+    pub jail: bool,
+    pub jail_uid: u32,
+    pub jail_gid: u32,
     pub log_level: String,
 }
 
@@ -104,6 +115,11 @@ impl Default for Config {
             debug_console: false,
             vm_log_kib: 1024,
             vm_open_files: 262144,
+            jail: true,
+            // Far above the ids of users and of the usual subordinate ranges (100000 up): a
+            // pod process owns nothing on the host but its socket directory.
+            jail_uid: 2_000_000_000,
+            jail_gid: 2_000_000_000,
             log_level: "info".into(),
         }
     }
@@ -132,7 +148,15 @@ impl Config {
         if !(64..=1 << 20).contains(&cfg.vm_open_files) {
             return Err(ConfigError::Parse { path: path.into(), reason: "vm_open_files must be between 64 and 1048576".into() });
         }
+        if cfg.jail && (cfg.jail_uid == 0 || cfg.jail_gid == 0) {
+            return Err(ConfigError::Parse { path: path.into(), reason: "jail_uid and jail_gid must not be 0 (root)".into() });
+        }
         Ok(cfg)
+    }
+
+    /// The jail of the pod VMs' processes, if they are jailed.
+    pub fn jail(&self) -> Option<crate::hypervisor::jail::Jail> {
+        self.jail.then_some(crate::hypervisor::jail::Jail { uid: self.jail_uid, gid: self.jail_gid })
     }
 
     /// Loads `explicit` (the runtime option), else `$HULL_CONFIG`, else the default path. Only
@@ -190,7 +214,8 @@ mod tests {
 
     #[test]
     fn every_key_parses_and_missing_keys_keep_their_defaults() {
-        let cfg = Config::parse(Path::new("t.toml"), "hypervisor = \"qemu\"\nvcpus = 2\nmemory_mib = 512\nboot_timeout_secs = 5\ndebug_console = true\nlog_level = \"debug\"\nkernel = \"/k\"\ninitramfs = \"/i\"\nqemu = \"/q\"\nvmm = \"/v\"\nkernel_params = \"noxsave quiet\"\nvm_log_kib = 64\nvm_open_files = 4096\n").unwrap();
+        let cfg = Config::parse(Path::new("t.toml"), "hypervisor = \"qemu\"\nvcpus = 2\nmemory_mib = 512\nboot_timeout_secs = 5\ndebug_console = true\nlog_level = \"debug\"\nkernel = \"/k\"\ninitramfs = \"/i\"\nqemu = \"/q\"\nvmm = \"/v\"\nkernel_params = \"noxsave quiet\"\nvm_log_kib = 64\nvm_open_files = 4096\njail = false\njail_uid = 5000\njail_gid = 5001\n").unwrap();
+        assert_eq!((cfg.jail, cfg.jail_uid, cfg.jail_gid), (false, 5000, 5001));
         assert_eq!(cfg.hypervisor, Hypervisor::Qemu);
         assert_eq!((cfg.vcpus, cfg.memory_mib, cfg.boot_timeout_secs), (2, 512, 5));
         assert!(cfg.debug_console);
@@ -199,6 +224,7 @@ mod tests {
         let cfg = Config::parse(Path::new("t.toml"), "").unwrap();
         assert_eq!(cfg.hypervisor, Hypervisor::Auto);
         assert_eq!((cfg.vcpus, cfg.memory_mib), (1, 256));
+        assert!(cfg.jail().is_some(), "jailed by default");
     }
 
     #[test]
@@ -213,6 +239,8 @@ mod tests {
         assert!(err.contains("vm_log_kib"), "{err}");
         let err = Config::parse(Path::new("x.toml"), "kernel_params = \"a\\nb\"").unwrap_err().to_string();
         assert!(err.contains("kernel_params"), "{err}");
+        let err = Config::parse(Path::new("x.toml"), "jail_uid = 0").unwrap_err().to_string();
+        assert!(err.contains("jail_uid"), "{err}");
         let err = Config::load(Some(Path::new("/nonexistent/hull.toml"))).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/hull.toml"), "{err}");
     }

@@ -47,6 +47,7 @@ fn spec() -> VmSpec {
         nic: None,
         log_cap: 1 << 20,
         open_files: 4096,
+        jail: None,
     }
 }
 

@@ -4,6 +4,8 @@
 //! - RSS of the VM's processes once hull's guest kernel and agent are up, 128 MiB guest:
 //!   `hull-vmm boot` (builtin engine, KVM) vs QEMU + hull's vhost-user backends (same kernel
 //!   and initramfs), as a ratio. Where /dev/kvm is kvm_pvm the builtin boot takes minutes;
+//! - pod VM start → agent ready under QEMU (with a share: QEMU and both backends), every process
+//!   jailed (`hull-vmm jail`, the default) vs unjailed, alternating, p50 of 5 each, as a ratio;
 //! - vsock throughput through the vhost-user backend under QEMU: 256 MiB each way between a
 //!   host process and a container's stdio in the guest, MB/s.
 //!
@@ -99,6 +101,7 @@ fn config() -> VmSpec {
         nic: None,
         log_cap: 1 << 20,
         open_files: 4096,
+        jail: None,
     }
 }
 
@@ -179,6 +182,33 @@ async fn vsock_throughput(dir: &std::path::Path) -> (f64, f64) {
     (out_rate, in_rate)
 }
 
+/// Start → agent ready (s, p50 of 5 each) with every VM process jailed and without, alternating
+/// so that both meet the same host.
+async fn jailed_vs_unjailed(dir: &std::path::Path) -> (f64, f64) {
+    let shared = dir.join("jail-share");
+    std::fs::create_dir_all(&shared).expect("share");
+    let (mut jailed, mut direct) = (Vec::new(), Vec::new());
+    for round in 0..10 {
+        let mut cfg = config();
+        cfg.share = Some(Share { tag: FS_TAG.into(), dir: shared.clone() });
+        let jail = round % 2 == 0;
+        cfg.jail = jail.then(|| hull_runtime::config::Config::default().jail()).flatten();
+        let vm_dir = dir.join(format!("jail-{round}"));
+        std::fs::create_dir_all(&vm_dir).expect("dir");
+        let t = Instant::now();
+        let vm = start(&cfg, &vm_dir, qemu_engine()).await;
+        vm.wait_for_agent(Duration::from_secs(600)).await.expect("agent answers");
+        let took = t.elapsed().as_secs_f64();
+        vm.kill().await;
+        if jail { jailed.push(took) } else { direct.push(took) }
+    }
+    let p50 = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (p50(&mut jailed), p50(&mut direct))
+}
+
 #[tokio::main]
 async fn main() {
     if let Some(why) = missing_prerequisite().or_else(missing_guest_image) {
@@ -187,6 +217,9 @@ async fn main() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     println!("hull-vmm process start -> first KVM_RUN: {:.1} ms (p50 of 20)", start_to_first_run(dir.path()));
+
+    let (jailed, direct) = jailed_vs_unjailed(dir.path()).await;
+    println!("pod VM start -> agent ready (QEMU/{:?}, with a share), p50 of 5: jailed {jailed:.2} s, unjailed {direct:.2} s, jailed/unjailed = {:.2}", Host::probe().qemu_accel().0, jailed / direct);
 
     let (out_rate, in_rate) = vsock_throughput(dir.path()).await;
     println!("vsock through the vhost-user backend (QEMU/{:?}), {MIB} MiB: guest->host {out_rate:.0} MB/s, host->guest {in_rate:.0} MB/s", Host::probe().qemu_accel().0);

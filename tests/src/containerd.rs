@@ -152,11 +152,26 @@ impl Containerd {
 }
 
 impl Containerd {
-    /// Processes (QEMU, device backends) of this containerd's pods.
+    /// Processes (QEMU, device backends, hull-vmm) of this containerd's pods, as "PID
+    /// COMMAND LINE": each `hull-vmm jail` (its command line names the pod's directory) and
+    /// after it the process it jails (whose command line sees only the jail).
     pub fn pod_processes(&self) -> Vec<String> {
         let pattern = format!("/run/hull/shim/{}/", self.namespace);
         let out = Command::new("pgrep").args(["-a", "-f", &pattern]).output();
-        out.map(|o| String::from_utf8_lossy(&o.stdout).lines().map(String::from).collect()).unwrap_or_default()
+        let found: Vec<String> = out.map(|o| String::from_utf8_lossy(&o.stdout).lines().map(String::from).collect()).unwrap_or_default();
+        let mut all = Vec::new();
+        for line in found {
+            let pid = line.split_whitespace().next().unwrap_or_default().to_string();
+            all.push(line);
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+            for child in children.split_whitespace() {
+                if let Ok(cmdline) = std::fs::read(format!("/proc/{child}/cmdline")) {
+                    let words: Vec<String> = cmdline.split(|b| *b == 0).filter(|w| !w.is_empty()).map(|w| String::from_utf8_lossy(w).into_owned()).collect();
+                    all.push(format!("{child} {}", words.join(" ")));
+                }
+            }
+        }
+        all
     }
 }
 

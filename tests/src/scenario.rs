@@ -133,8 +133,8 @@ pub fn lifecycle(c: &Containerd) {
     assert!(state("PAUSED"));
     assert!(c.ctr(&["tasks", "resume", id]).unwrap().status.success());
     assert!(state("RUNNING"));
-    step("lifecycle: every thread of every VM process is under seccomp with no_new_privs");
-    every_vm_thread_is_seccompd(c);
+    step("lifecycle: every VM process is jailed, unprivileged and under seccomp");
+    every_vm_process_is_jailed(c);
 
     let mut exec = c.ctr_cmd(&["tasks", "exec", "--exec-id", "e3", id, "sleep", "1000"]).spawn().expect("exec");
     // Until the exec has started, killing it is refused; then SIGTERM ends it.
@@ -151,21 +151,64 @@ pub fn lifecycle(c: &Containerd) {
     assert!(wait_until(Duration::from_secs(10), || c.pod_processes().is_empty()), "VMs left: {:?}", c.pod_processes());
 }
 
-/// Every thread of every VM process of the namespace's pods (QEMU and its vhost-user backends,
-/// or hull-vmm) runs under a seccomp filter (`Seccomp: 2`) with no_new_privs: a guest that
-/// subverts device or VMM code meets the filter, not a plain host process.
-pub fn every_vm_thread_is_seccompd(c: &Containerd) {
+/// The process `hull-vmm jail` (whose pid is `pid`) runs in its jail: its only child.
+pub fn jailed_child(pid: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?.split_whitespace().next().map(String::from)
+}
+
+/// The capabilities a jailed virtio-fs server keeps (hull-vmm's `jail::FS_SERVER_CAPS`):
+/// chown, dac_override, fowner, fsetid, setgid, setuid, mknod, setfcap.
+const FS_SERVER_CAPS: u64 = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 6) | (1 << 7) | (1 << 27) | (1 << 31);
+
+/// Every host process of the namespace's pods (QEMU and its vhost-user backends, or hull-vmm;
+/// each a `hull-vmm jail` and the process it jails) is confined: every thread under a seccomp
+/// filter (`Seccomp: 2`) with no_new_privs; a root that is the jail (the host's /etc is not
+/// there), its own mount, network and pid namespaces (PID 1 in its own); an unprivileged uid,
+/// or uid 0 with at most a file server's capabilities (only a process serving the share), and
+/// none at all for the jail's waiter; and the cgroup of the pod's VM.
+pub fn every_vm_process_is_jailed(c: &Containerd) {
     let processes = c.pod_processes();
     assert!(!processes.is_empty(), "no VM process to check");
-    for line in &processes {
-        let pid = line.split_whitespace().next().unwrap_or_default();
-        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>()).unwrap_or_default();
-        assert!(!tasks.is_empty(), "no threads of {line}");
-        for task in tasks {
-            let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
-            let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("?").to_string();
-            let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-            assert_eq!((field("Seccomp:"), field("NoNewPrivs:")), ("2".to_string(), "1".to_string()), "thread {} ({}) of {line}", task.display(), comm.trim());
+    let status = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |status: &str, name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("?").to_string();
+    let caps = |status: &str, name: &str| u64::from_str_radix(&field(status, name), 16).unwrap_or(u64::MAX);
+    let link = |path: String| std::fs::read_link(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    // Each jail's line is followed by its jailed process's, which the checks below reach from it.
+    let jails: Vec<&String> = processes.iter().filter(|l| l.contains(" jail --root ")).collect();
+    assert!(!jails.is_empty(), "no VM process runs in `hull-vmm jail`: {processes:?}");
+    assert_eq!(jails.len() * 2, processes.len(), "a pod process outside `hull-vmm jail`: {processes:?}");
+    for line in jails {
+        let waiter = line.split_whitespace().next().unwrap_or_default().to_string();
+        let child = jailed_child(&waiter).unwrap_or_else(|| panic!("no jailed process under {line}"));
+        for pid in [&waiter, &child] {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>()).unwrap_or_default();
+            assert!(!tasks.is_empty(), "no threads of {pid} ({line})");
+            for task in tasks {
+                let st = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+                let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+                assert_eq!((field(&st, "Seccomp:"), field(&st, "NoNewPrivs:")), ("2".to_string(), "1".to_string()), "thread {} ({}) of {line}", task.display(), comm.trim());
+            }
+            let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+            assert!(!root.join("etc").exists() && root.join("run").is_dir(), "{pid} ({line}) is not in its jail: its / holds {:?}", std::fs::read_dir(&root).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>()));
+            for ns in ["mnt", "net", "ipc", "uts"] {
+                assert_ne!(link(format!("/proc/{pid}/ns/{ns}")), link(format!("/proc/self/ns/{ns}")), "{pid} ({line}) shares the host's {ns} namespace");
+            }
+            assert_eq!(std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok(), std::fs::read_to_string(format!("/proc/{waiter}/cgroup")).ok(), "{pid} left the pod's cgroup");
+        }
+        let waiter_status = status(&waiter);
+        assert_eq!((caps(&waiter_status, "CapEff:"), caps(&waiter_status, "CapPrm:"), caps(&waiter_status, "CapBnd:")), (0, 0, 0), "the jail's waiter keeps capabilities: {line}");
+        let st = status(&child);
+        let ns_pid = field(&st, "NSpid:");
+        assert!(ns_pid.ends_with("\t1") || ns_pid.ends_with(" 1"), "the jailed process is PID 1 of its own pid namespace, NSpid {ns_pid:?}: {line}");
+        let uid = field(&st, "Uid:");
+        let unprivileged = uid.split_whitespace().all(|u| u != "0");
+        let (eff, bnd) = (caps(&st, "CapEff:"), caps(&st, "CapBnd:"));
+        if unprivileged {
+            assert_eq!((eff, caps(&st, "CapPrm:")), (0, 0), "an unprivileged jailed process with capabilities: {line}");
+        } else {
+            assert!(line.contains("/share:") || line.contains(":/share"), "only a process serving the share stays uid 0: {line} (Uid {uid})");
+            assert_eq!(eff & !FS_SERVER_CAPS, 0, "uid 0 in the jail with capabilities beyond a file server's: {eff:x} ({line})");
+            assert_eq!(bnd & !FS_SERVER_CAPS, 0, "bounding set beyond a file server's: {bnd:x} ({line})");
         }
     }
 }
@@ -185,13 +228,14 @@ pub fn backend_death(c: &Containerd, device: &str) {
     pod_process_death(c, &format!("{device}dies"), &format!("the vhost-user {device} backend"), |p| p.contains(&needle));
 }
 
-/// Kills the pod process `is_it` picks under a running task: the task ends with a non-zero
-/// status and nothing of the pod is left.
+/// Kills the pod process `is_it` picks (the process its jail runs, which a guest would crash)
+/// under a running task: the task ends with a non-zero status and nothing of the pod is left.
 fn pod_process_death(c: &Containerd, id: &str, what: &str, is_it: impl Fn(&str) -> bool) {
     step(&format!("death of {what}"));
     let mut run = run_sleeper(c, id);
-    let victim = c.pod_processes().into_iter().find(|p| is_it(p)).unwrap_or_else(|| panic!("no {what} among {:?}", c.pod_processes()));
-    let pid: i32 = victim.split_whitespace().next().and_then(|p| p.parse().ok()).expect("a pid");
+    let victim = c.pod_processes().into_iter().find(|p| p.contains(" jail --root ") && is_it(p)).unwrap_or_else(|| panic!("no {what} among {:?}", c.pod_processes()));
+    let waiter = victim.split_whitespace().next().expect("a pid");
+    let pid: i32 = jailed_child(waiter).unwrap_or_else(|| waiter.to_string()).parse().expect("a pid");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
     let code = exit_code(&mut run, Duration::from_secs(60)).unwrap_or_else(|| panic!("ctr run did not end after {what} died: {}", c.log()));
     assert!(code.is_some_and(|c| c != 0), "a task whose {what} died reports a non-zero exit, got {code:?}");

@@ -33,10 +33,16 @@ fn owner_only(c: &hull_tests::containerd::Containerd, id: &str) {
     assert_eq!(mode(&vm.vsock()), 0o600, "{} reaches the agent: owner-only", vm.vsock().display());
     // Every other socket (QEMU's vhost-user devices) and log (the guest console) too; not the
     // `vsock.sock_<port>` listeners, which are whoever serves that host port (here the test).
-    let ours = |e: &std::fs::DirEntry| !e.file_name().to_string_lossy().starts_with("vsock.sock_");
-    for entry in std::fs::read_dir(vm.path()).expect("read the VM directory").flatten().filter(ours) {
+    // The jail's root is the one exception: root's, read-only to the jailed processes that
+    // must traverse it, inside the owner-only VM directory.
+    let ours = |e: &std::fs::DirEntry| !e.file_name().to_string_lossy().starts_with("vsock.sock_") && e.path() != vm.jail_root();
+    let entries = std::fs::read_dir(vm.path()).expect("read the VM directory").chain(std::fs::read_dir(vm.run()).expect("read the socket directory"));
+    for entry in entries.flatten().filter(ours) {
         assert_eq!(mode(&entry.path()) & 0o077, 0, "{} must be owner-only", entry.path().display());
     }
+    let root = std::fs::metadata(vm.jail_root()).expect("the jail's root");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((root.uid(), mode(&vm.jail_root()) & 0o022), (0, 0), "the jail's root is root's and no one else writes it");
 }
 
 /// An ordinary container (default capabilities, not privileged) dials the agent's ports at
@@ -58,6 +64,10 @@ fn a_container_cannot_reach_the_agent_over_vsock() {
     let host_port = 5005;
     let listen_at = format!("{}_{host_port}", PodDir::new(&c.namespace, id).vm().vsock().display());
     let listener = UnixListener::bind(&listen_at).expect("listen on the pod's host vsock port");
+    // A host service serving guests gives the jail's uid its socket (README): the VM process
+    // that connects for the guest is unprivileged on QEMU.
+    let cfg = hull_runtime::config::Config::default();
+    std::os::unix::fs::chown(&listen_at, Some(cfg.jail_uid), Some(cfg.jail_gid)).expect("chown the listener");
     let accepted = std::thread::spawn(move || listener.accept().is_ok());
 
     let mut targets: Vec<String> = vec![format!("2:{host_port}")];

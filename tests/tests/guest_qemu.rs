@@ -43,6 +43,7 @@ fn config() -> VmSpec {
         nic: None,
         log_cap: 1 << 20,
         open_files: 4096,
+        jail: None,
     }
 }
 
@@ -381,7 +382,9 @@ fn the_device_probe_under_qemu_through_hull_vhost_user_backends() {
         [flag.to_string(), value.to_string()]
     })
     .collect();
-    let uds = dir.path().join("vsock.sock");
+    // The VM's socket directory (`VmDir::run`), made before the VM so the probe listens first.
+    std::fs::create_dir(dir.path().join("run")).expect("socket directory");
+    let uds = dir.path().join("run/vsock.sock");
     let guest_connects = probe::listen_for_guest(&uds);
     let started = Instant::now();
     // The probe's host side is synchronous; the VM's processes are watched by this runtime.

@@ -13,6 +13,7 @@ pub mod config;
 pub mod device_manager;
 pub mod devices;
 pub mod fuzzing;
+pub mod jail;
 pub mod log_limit;
 pub mod running_vm;
 pub mod seccomp;

@@ -98,6 +98,14 @@ pub fn api_thread() -> Result<Filter, SeccompError> {
     compile("api", &list, SeccompAction::KillProcess, SeccompAction::Allow)
 }
 
+/// The waiter of `hull-vmm jail` (see `jail`): it waits for the jailed process and exits as it
+/// did.
+pub fn jail_waiter() -> Result<Filter, SeccompError> {
+    let mut list = COMMON.to_vec();
+    list.extend([libc::SYS_wait4, libc::SYS_waitid]);
+    compile("jail waiter", &list, SeccompAction::KillProcess, SeccompAction::Allow)
+}
+
 /// Device workers: everything but what no device needs.
 pub fn device() -> Result<Filter, SeccompError> {
     let denied = [

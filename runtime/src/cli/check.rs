@@ -51,6 +51,16 @@ pub fn check(config: Option<&Path>) -> Result<i32, CliError> {
         Ok(how) => line(true, "pod cgroups", format!("{how}; a pod's VM, backends and shim join the sandbox's cgroupsPath there"), false),
         Err(e) => line(false, "pod cgroups", format!("{e} A pod's VM then stays in the shim's cgroup."), false),
     }
+    match cfg.jail() {
+        Some(jail) => {
+            let scratch = std::env::temp_dir().join(format!("hull-check-jail.{}", std::process::id()));
+            match hull_runtime::hypervisor::jail::check(&cfg.vmm, jail, &scratch) {
+                Ok(_) => line(true, "jail", format!("pod VM processes run in their own namespaces and root, as {}:{} or (serving the share) uid 0 with a file server's capabilities", jail.uid, jail.gid), true),
+                Err(e) => line(false, "jail", format!("{e} (set jail = false to run pod processes unconfined)"), true),
+            }
+        }
+        None => line(false, "jail", "off (jail = false): pod VM processes run as root in the host's namespaces".into(), false),
+    }
     let iptables = Command::new("iptables").arg("--version").output().is_ok_and(|o| o.status.success());
     line(iptables, "port-forward", "kubectl port-forward needs iptables with the nat table (a REDIRECT in the pod's network namespace)".into(), false);
     let containerd = Path::new("/usr/bin/containerd").exists();

@@ -2,10 +2,12 @@
 //! in process (no QEMU, no backend processes). hull-vmm knows its machine's kernel command
 //! line; the words here are appended to it.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use tokio::process::Command;
 
+use super::jail::{Needs, Placement};
 use super::{exists, pass_tap, HypervisorError, Launched, VmDir, VmSpec, TAP_FD};
 use crate::host;
 
@@ -25,7 +27,7 @@ impl Builtin {
         words.join(" ")
     }
 
-    fn command(&self, spec: &VmSpec, dir: &VmDir) -> Command {
+    fn command(&self, spec: &VmSpec, dir: &VmDir) -> Result<Command, HypervisorError> {
         let mut vcpus = spec.vcpus;
         if vcpus > 1 && host::kvm_is_pvm() {
             // Measured: a second vCPU never comes up under kvm_pvm (the boot stalls before the
@@ -33,30 +35,35 @@ impl Builtin {
             tracing::warn!(vcpus, "kvm_pvm host: the builtin VM gets one vCPU");
             vcpus = 1;
         }
-        let mut cmd = Command::new(&self.vmm);
-        cmd.args(["--log-level", "info", "--open-files", &spec.open_files.to_string(), "boot"])
-            .arg("--kernel")
-            .arg(&spec.kernel)
-            .arg("--initramfs")
-            .arg(&spec.initramfs)
-            .args(["--append", &Self::append(spec)])
-            .args(["--vcpus", &vcpus.to_string(), "--memory-mib", &spec.memory_mib.to_string()])
-            // The console on stdout: the runtime caps what it keeps of it (see `log`).
-            .args(["--console", "-"])
-            .arg("--vsock-uds")
-            .arg(dir.vsock())
-            .args(["--guest-cid", &spec.guest_cid.to_string(), "--rng"]);
+        let at = Placement { spec, dir, vmm: &self.vmm };
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |words: &[&str]| args.extend(words.iter().map(OsString::from));
+        push(&["--log-level", "info", "--open-files", &spec.open_files.to_string(), "boot"]);
+        push(&["--append", &Self::append(spec)]);
+        push(&["--vcpus", &vcpus.to_string(), "--memory-mib", &spec.memory_mib.to_string()]);
+        // The console on stdout: the runtime caps what it keeps of it (see `log`).
+        push(&["--console", "-", "--guest-cid", &spec.guest_cid.to_string(), "--rng"]);
         if let Some(nic) = &spec.nic {
-            cmd.args(["--net", &format!("fd={TAP_FD},mac={}", nic.mac)]);
+            push(&["--net", &format!("fd={TAP_FD},mac={}", nic.mac)]);
+        }
+        for (flag, path) in [("--kernel", at.kernel()), ("--initramfs", at.initramfs()), ("--vsock-uds", at.socket("vsock.sock"))] {
+            args.push(flag.into());
+            args.push(path.into());
+        }
+        if let Some(dir) = at.share() {
+            let tag = spec.share.as_ref().map(|s| s.tag.as_str()).unwrap_or_default();
+            let mut arg = OsString::from(format!("{tag}="));
+            arg.push(dir);
+            args.push("--share".into());
+            args.push(arg);
+        }
+        args.extend(spec.vmm_extra.iter().map(OsString::from));
+        let needs = Needs { kernel: true, kvm: true, share: spec.share.is_some() };
+        let mut cmd = at.command(&self.vmm, args, needs)?;
+        if let Some(nic) = &spec.nic {
             pass_tap(&mut cmd, nic.tap_fd);
         }
-        if let Some(share) = &spec.share {
-            let mut arg = std::ffi::OsString::from(format!("{}=", share.tag));
-            arg.push(&share.dir);
-            cmd.arg("--share").arg(arg);
-        }
-        cmd.args(&spec.vmm_extra);
-        cmd
+        Ok(cmd)
     }
 }
 
@@ -68,6 +75,6 @@ impl super::Hypervisor for Builtin {
 
     async fn prepare(&self, spec: &VmSpec, dir: &VmDir) -> Result<Launched, HypervisorError> {
         exists("hull-vmm", &self.vmm)?;
-        Ok(Launched { vmm: self.command(spec, dir), vmm_log: "hull-vmm.log", backends: Vec::new() })
+        Ok(Launched { vmm: self.command(spec, dir)?, vmm_log: "hull-vmm.log", backends: Vec::new() })
     }
 }

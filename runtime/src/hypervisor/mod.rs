@@ -7,6 +7,7 @@
 //! its arm in `Engine::hypervisor`.
 
 pub mod builtin;
+pub mod jail;
 pub mod log;
 pub mod qemu;
 
@@ -28,6 +29,8 @@ pub enum HypervisorError {
     Missing { what: &'static str, path: PathBuf },
     #[error("Cannot start {what}: {source}.")]
     Spawn { what: &'static str, source: std::io::Error },
+    #[error("Cannot prepare the VM's directory {path:?}: {source}.")]
+    Dir { path: PathBuf, source: std::io::Error },
     #[error("Cannot create the log file {path:?}: {source}.")]
     Log { path: PathBuf, source: std::io::Error },
     #[error("{what} exited with {status} before it was ready: {log}")]
@@ -93,6 +96,8 @@ pub struct VmSpec {
     pub log_cap: u64,
     /// The most files each VM process may hold open (see `Config::vm_open_files`).
     pub open_files: u64,
+    /// Run every VM process in `hull-vmm jail` (see `jail`), or (None) directly as root.
+    pub jail: Option<jail::Jail>,
 }
 
 /// A host directory exported to the guest as virtio-fs `tag`.
@@ -114,7 +119,8 @@ pub struct Nic {
 
 const CONSOLE: &str = "console.log";
 
-/// The VM's files: its sockets, console and process logs, in one directory nothing else uses.
+/// The VM's files: its console and process logs, its sockets in `run/`, the jail's root in
+/// `root/` (see `jail`), in one directory nothing else uses.
 #[derive(Debug, Clone)]
 pub struct VmDir(PathBuf);
 
@@ -127,7 +133,15 @@ impl VmDir {
     }
     /// The hybrid vsock socket: `CONNECT <port>` reaches the guest.
     pub fn vsock(&self) -> PathBuf {
-        self.0.join("vsock.sock")
+        self.run().join("vsock.sock")
+    }
+    /// The VM processes' sockets (the jail's `/run`).
+    pub fn run(&self) -> PathBuf {
+        self.0.join("run")
+    }
+    /// The jail's root.
+    pub fn jail_root(&self) -> PathBuf {
+        self.0.join("root")
     }
     /// The guest's serial console.
     pub fn console(&self) -> PathBuf {
@@ -320,7 +334,7 @@ impl Vm {
         if let Some(share) = &spec.share {
             exists("The shared directory", &share.dir)?;
         }
-        let _ = std::fs::remove_file(dir.vsock());
+        jail::prepare_dirs(spec, &dir)?;
         let Launched { mut vmm, vmm_log, backends } = hypervisor.prepare(spec, &dir).await?;
         // The VMM's stdout is the guest's serial console.
         let logs = Logs { dir: &dir, stdout: Some(CONSOLE), stderr: vmm_log, cap: spec.log_cap };

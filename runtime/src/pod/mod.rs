@@ -149,6 +149,7 @@ impl Pod {
             nic: net.as_ref().map(|n| Nic { tap_fd: n.tap.as_raw_fd(), mac: n.mac.clone() }),
             log_cap: config.vm_log_kib * 1024,
             open_files: config.vm_open_files,
+            jail: config.jail(),
         };
         let binaries = Binaries { qemu: config.qemu.clone(), vmm: config.vmm.clone() };
         let vm = Vm::start(engine.hypervisor(&binaries).as_ref(), &vm_spec, dir.vm()).await?;

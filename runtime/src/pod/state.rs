@@ -7,7 +7,8 @@
 //! <pod>/netns     the pod's network namespace, when the VM has a NIC there
 //! <pod>/mounts/   host-private: the shim's mounts for the guest, one directory per container
 //! <pod>/shared/   the guest's virtio-fs share: a read-only view of mounts/ (pod/share.rs)
-//! <pod>/vm/       the VM's sockets (vsock.sock), console and process logs
+//! <pod>/vm/       the VM's console and process logs, its sockets in run/ (vsock.sock), the
+//!                 jail's root in root/ (hypervisor/jail.rs)
 //! <pod>.console.log  the console kept after the pod ended (debug_console)
 //! ```
 

@@ -90,6 +90,36 @@ enum Cmd {
     /// Serve a device to QEMU over vhost-user.
     #[command(subcommand)]
     VhostUser(VhostUserCmd),
+    /// Run PROGRAM in a jail (as root): new mount, pid, ipc, uts and network namespaces, ROOT as
+    /// its read-only `/` holding only the binds, an unprivileged uid/gid or only the named
+    /// capabilities, no_new_privs, no core dumps. Exits as PROGRAM does (128+N for signal N).
+    Jail {
+        /// The host directory that becomes the jail's root.
+        #[arg(long)]
+        root: PathBuf,
+        /// SOURCE:TARGET[:ro]: a host path the jail sees at TARGET (repeatable). A device bound
+        /// in is usable through its group.
+        #[arg(long = "bind", value_parser = hull_vmm::jail::parse_bind)]
+        binds: Vec<hull_vmm::jail::JailBind>,
+        /// Give the jail its own /proc/self/fd and /proc/self/mountinfo (a virtio-fs server).
+        #[arg(long)]
+        proc_self: bool,
+        /// UID:GID to run as, with no capabilities.
+        #[arg(long, value_parser = parse_ids, conflicts_with = "keep_caps")]
+        user: Option<(u32, u32)>,
+        /// Stay uid 0 with only these capabilities (repeatable; `chown` or `CAP_CHOWN`).
+        #[arg(long = "keep-cap", value_parser = hull_vmm::jail::parse_capability)]
+        keep_caps: Vec<caps::Capability>,
+        /// The program (as the jail sees it) and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<std::ffi::OsString>,
+    },
+}
+
+fn parse_ids(s: &str) -> Result<(u32, u32), String> {
+    let (u, g) = s.split_once(':').ok_or("UID:GID")?;
+    let id = |v: &str| v.parse::<u32>().map_err(|_| format!("{v:?} is not a numeric id"));
+    Ok((id(u)?, id(g)?))
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,6 +171,8 @@ enum CliError {
     Seccomp(#[from] hull_vmm::seccomp::SeccompError),
     #[error(transparent)]
     VhostUser(#[from] hull_vmm::vhost_user::VhostUserError),
+    #[error(transparent)]
+    Jail(#[from] hull_vmm::jail::JailError),
 }
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
@@ -266,12 +298,23 @@ fn main() -> ExitCode {
     let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_filter(hull_vmm::log_limit::per_call_site(10, std::time::Duration::from_secs(60)));
     tracing_subscriber::registry().with(filter).with(log).init();
     // The limit first: nothing the subcommand opens comes before it.
+    let mut code = ExitCode::SUCCESS;
     let result = cli.open_files.map_or(Ok(()), limit_open_files).and_then(|()| match cli.cmd {
         Cmd::Boot { kernel, initramfs, cmdline, append, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, shares, rng, no_seccomp, api_socket } => {
             let vsock = vsock_uds.map(|uds| VsockConfig { guest_cid, uds });
             let devices = Devices { disks, nics, vsock, shares, rng };
             let cmdline = kernel_cmdline(cmdline, &append);
             boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp: !no_seccomp, api_socket })
+        }
+        Cmd::Jail { root, binds, proc_self, user, keep_caps, command } => {
+            let user = match user {
+                Some((uid, gid)) => hull_vmm::jail::JailUser::Unprivileged { uid, gid },
+                None => hull_vmm::jail::JailUser::Root { keep: keep_caps },
+            };
+            let mut command = command.into_iter();
+            let program = command.next().map(PathBuf::from).unwrap_or_default();
+            let config = hull_vmm::jail::JailConfig { root, binds, proc_self, user, program, args: command.collect() };
+            hull_vmm::jail::run(&config).map(|c| code = ExitCode::from(c)).map_err(CliError::from)
         }
         Cmd::Ctl { api_socket, request } => hull_vmm::api::request(&api_socket, &request).map(|reply| println!("{reply}")).map_err(CliError::from),
         Cmd::VhostUser(cmd) => {
@@ -285,7 +328,7 @@ fn main() -> ExitCode {
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => code,
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("hull-vmm: {e}");

@@ -1,0 +1,214 @@
+//! How a VM process is started: inside `hull-vmm jail` (the default; see hull-vmm's `jail`
+//! module) or, with `jail = false`, directly. A hypervisor asks a `Placement` where the process
+//! sees each file (the jail's `/kernel` or the host path) and for the command that starts it;
+//! what the process needs from the host (`Needs`) decides what the jail holds and who the
+//! process is.
+//!
+//! ```text
+//! <vm dir>/root/   the jail's `/` (mount points only, created by the jail in its own namespace)
+//! <vm dir>/run/    the VM's sockets, the jail's `/run`: owned by the jail's uid
+//! ```
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use tokio::process::Command;
+
+use super::{HypervisorError, VmDir, VmSpec};
+
+/// The unprivileged ids a jailed pod process runs as when it needs no capability (see
+/// `Config::jail_uid`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Jail {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What a VM process needs from the host.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Needs {
+    /// The guest kernel and initramfs (a VMM).
+    pub kernel: bool,
+    /// /dev/kvm.
+    pub kvm: bool,
+    /// The pod's share, served as the guest's file owners: uid 0 with the virtio-fs server's
+    /// capabilities (`FS_SERVER_CAPS`) instead of the unprivileged uid.
+    pub share: bool,
+}
+
+/// The capabilities a process serving the share keeps (hull-vmm's `jail::FS_SERVER_CAPS`).
+const FS_SERVER_CAPS: &[&str] = &["chown", "dac_override", "fowner", "fsetid", "setgid", "setuid", "mknod", "setfcap"];
+
+/// Read-only system directories a dynamically linked program needs (the jail binds the ones
+/// this host has; on a merged-/usr host /lib and /lib64 are links into /usr).
+const SYSTEM_DIRS: &[&str] = &["/usr", "/lib", "/lib64"];
+
+/// Where the processes of one VM find things, and how they start.
+pub struct Placement<'a> {
+    pub spec: &'a VmSpec,
+    pub dir: &'a VmDir,
+    /// hull-vmm on the host: the jail itself, and the device backends.
+    pub vmm: &'a Path,
+}
+
+impl Placement<'_> {
+    fn jailed(&self) -> bool {
+        self.spec.jail.is_some()
+    }
+
+    fn seen(&self, jailed: &str, host: &Path) -> PathBuf {
+        if self.jailed() { PathBuf::from(jailed) } else { host.to_path_buf() }
+    }
+
+    pub fn kernel(&self) -> PathBuf {
+        self.seen("/kernel", &self.spec.kernel)
+    }
+
+    pub fn initramfs(&self) -> PathBuf {
+        self.seen("/initramfs", &self.spec.initramfs)
+    }
+
+    /// The share as the process serving it sees it.
+    pub fn share(&self) -> Option<PathBuf> {
+        self.spec.share.as_ref().map(|s| self.seen("/share", &s.dir))
+    }
+
+    /// A socket in the VM's socket directory, as a VM process sees it.
+    pub fn socket(&self, name: &str) -> PathBuf {
+        if self.jailed() { Path::new("/run").join(name) } else { self.dir.run().join(name) }
+    }
+
+    /// The command that runs `program` (a host path; a bare name is looked up in PATH) with
+    /// `args`, jailed for `needs` unless the VM runs unjailed.
+    pub fn command(&self, program: &Path, args: Vec<OsString>, needs: Needs) -> Result<Command, HypervisorError> {
+        let Some(jail) = self.spec.jail else {
+            let mut cmd = Command::new(program);
+            cmd.args(args);
+            return Ok(cmd);
+        };
+        let program = resolve(program)?;
+        // A program of the system directories keeps its path (QEMU finds its firmware relative
+        // to its own); any other is bound in at the root.
+        let system = SYSTEM_DIRS.iter().any(|d| program.starts_with(d));
+        let inside = if system { program.clone() } else { Path::new("/").join(program.file_name().unwrap_or("program".as_ref())) };
+        let mut cmd = Command::new(self.vmm);
+        cmd.args(["--log-level", "warn", "jail", "--root"]).arg(self.dir.jail_root());
+        let mut bind = |source: &Path, target: &Path, ro: bool| {
+            let mut arg = OsString::from(source);
+            arg.push(":");
+            arg.push(target);
+            if ro {
+                arg.push(":ro");
+            }
+            cmd.arg("--bind").arg(arg);
+        };
+        if !system {
+            bind(&program, &inside, true);
+        }
+        for dir in SYSTEM_DIRS.iter().map(Path::new).filter(|d| d.exists()) {
+            bind(dir, dir, true);
+        }
+        bind(&self.dir.run(), Path::new("/run"), false);
+        if needs.kernel {
+            bind(&self.spec.kernel, Path::new("/kernel"), true);
+            bind(&self.spec.initramfs, Path::new("/initramfs"), true);
+        }
+        if needs.kvm {
+            // Read-only mount, usable device: the process cannot chmod the host's node.
+            bind(Path::new("/dev/kvm"), Path::new("/dev/kvm"), true);
+        }
+        let share = needs.share.then_some(self.spec.share.as_ref()).flatten();
+        if let Some(share) = share {
+            // As the host made it: the share's top read-only, the containers' rootfs writable.
+            bind(&share.dir, Path::new("/share"), false);
+            cmd.arg("--proc-self");
+            for cap in FS_SERVER_CAPS {
+                cmd.args(["--keep-cap", cap]);
+            }
+        } else {
+            cmd.args(["--user", &format!("{}:{}", jail.uid, jail.gid)]);
+        }
+        cmd.arg("--").arg(&inside).args(args);
+        Ok(cmd)
+    }
+
+    /// Gives a socket a uid-0 backend made to the jail's uid, so the unprivileged VMM can
+    /// connect to it (the directory is the jail's alone; the socket stays owner-only).
+    pub fn hand_socket_to_jail(&self, name: &str) -> Result<(), HypervisorError> {
+        let Some(jail) = self.spec.jail else { return Ok(()) };
+        let path = self.dir.run().join(name);
+        std::os::unix::fs::lchown(&path, Some(jail.uid), Some(jail.gid)).map_err(|source| HypervisorError::Dir { path, source })
+    }
+}
+
+/// Creates the VM's socket directory (owned by the jail's uid, owner-only) and the jail's root
+/// for a new VM. A host service that serves a guest's connections to host port P listens at
+/// `run/vsock.sock_P` (a socket the jail's uid can write to); the VM's own sockets left by an
+/// earlier VM of this directory are removed, so that none answers for this one.
+pub(crate) fn prepare_dirs(spec: &VmSpec, dir: &VmDir) -> Result<(), HypervisorError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| HypervisorError::Dir { path, source }
+    };
+    let run = dir.run();
+    match std::fs::DirBuilder::new().mode(0o700).create(&run) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(err(&run)(e)),
+        _ => {}
+    }
+    for stale in ["vsock.sock", "vhost-vsock.sock", "vhost-fs.sock"] {
+        let _ = std::fs::remove_file(run.join(stale));
+    }
+    if let Some(jail) = spec.jail {
+        let root = dir.jail_root();
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&root).map_err(err(&root))?;
+        std::os::unix::fs::chown(&run, Some(jail.uid), Some(jail.gid)).map_err(err(&run))?;
+    }
+    Ok(())
+}
+
+/// Whether this host can jail pod processes: runs `hull-vmm --version` in a jail as a VM
+/// process would run (namespaces, the per-pod root, the unprivileged uid) under `scratch`, a
+/// directory this removes afterwards. Returns what hull-vmm printed.
+pub fn check(vmm: &Path, jail: Jail, scratch: &Path) -> Result<String, HypervisorError> {
+    let dir = VmDir::new(scratch);
+    let spec = VmSpec {
+        kernel: PathBuf::new(),
+        initramfs: PathBuf::new(),
+        vcpus: 1,
+        memory_mib: 0,
+        guest_cid: 0,
+        cmdline_extra: Vec::new(),
+        vmm_extra: Vec::new(),
+        share: None,
+        nic: None,
+        log_cap: 0,
+        open_files: 0,
+        jail: Some(jail),
+    };
+    std::fs::create_dir_all(scratch).map_err(|source| HypervisorError::Dir { path: scratch.into(), source })?;
+    let result = prepare_dirs(&spec, &dir).and_then(|()| {
+        let at = Placement { spec: &spec, dir: &dir, vmm };
+        let mut cmd = at.command(vmm, vec!["--version".into()], Needs::default())?;
+        let out = cmd.as_std_mut().output().map_err(|source| HypervisorError::Spawn { what: "hull-vmm jail", source })?;
+        let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() {
+            Ok(printed)
+        } else {
+            Err(HypervisorError::BackendExited { what: "hull-vmm jail", status: out.status.to_string(), log: String::from_utf8_lossy(&out.stderr).trim().into() })
+        }
+    });
+    let _ = std::fs::remove_dir_all(scratch);
+    result
+}
+
+/// `program` as an absolute host path (a bare name looked up in PATH, as exec would).
+fn resolve(program: &Path) -> Result<PathBuf, HypervisorError> {
+    let found = if program.components().count() > 1 {
+        Some(program.to_path_buf())
+    } else {
+        std::env::var_os("PATH").and_then(|path| std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file()))
+    };
+    let found = found.ok_or_else(|| HypervisorError::Missing { what: "The program", path: program.into() })?;
+    std::fs::canonicalize(&found).map_err(|_| HypervisorError::Missing { what: "The program", path: found })
+}

@@ -1,0 +1,133 @@
+//! `hull-vmm jail` as a hostile program inside it would find it: a static busybox runs in the
+//! jail and tries to see and change the host.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+const VMM: &str = env!("CARGO_BIN_EXE_hull-vmm");
+const BUSYBOX: &str = "/bin/busybox";
+const UID: &str = "2000000000:2000000000";
+
+/// Skips (saying why) where the jail cannot be tested: it needs root, and a static busybox to
+/// run inside (scripts/setup installs busybox-static).
+fn missing() -> Option<&'static str> {
+    let why = if !nix::unistd::geteuid().is_root() {
+        Some("hull-vmm jail needs root")
+    } else if !Path::new(BUSYBOX).exists() {
+        Some("no /bin/busybox (busybox-static)")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        assert!(std::env::var_os("HULL_REQUIRE_ALL").is_none(), "prerequisite missing under HULL_REQUIRE_ALL: {why}");
+        eprintln!("SKIP: {why}");
+    }
+    why
+}
+
+/// Runs `sh -c script` in a jail rooted in `root` with `extra` arguments before `--`.
+fn jailed(root: &Path, extra: &[&str], script: &str) -> Output {
+    let mut cmd = Command::new(VMM);
+    cmd.args(["--log-level", "warn", "jail", "--root"]).arg(root).arg("--bind").arg(format!("{BUSYBOX}:/busybox:ro")).args(extra);
+    cmd.args(["--", "/busybox", "sh", "-c", script]).output().expect("hull-vmm runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn an_unprivileged_jail_shows_nothing_of_the_host_and_changes_nothing() {
+    if missing().is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    let run = dir.path().join("run");
+    std::fs::create_dir(&root).expect("root");
+    std::fs::create_dir(&run).expect("run");
+    std::os::unix::fs::chown(&run, Some(2_000_000_000), Some(2_000_000_000)).expect("chown run");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "host").expect("secret");
+    let ro = format!("{}:/secret:ro", secret.display());
+    let rw = format!("{}:/run", run.display());
+    let script = "\
+        /busybox id -u; /busybox id -g; \
+        /busybox ls /etc && echo SAW-ETC; \
+        /busybox ls /proc/1 && echo SAW-PROC; \
+        /busybox touch /planted && echo WROTE-ROOT; \
+        echo tenant > /secret && echo WROTE-SECRET; \
+        echo mine > /run/file && echo wrote-run; \
+        /busybox hostname; echo pid $$; \
+        exit 7";
+    let out = jailed(&root, &["--bind", &ro, "--bind", &rw, "--user", UID], script);
+    let printed = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(7), "the jail exits as its program did: {printed} {}", text(&out.stderr));
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines[..2], ["2000000000", "2000000000"], "runs as the unprivileged ids: {printed}");
+    for bad in ["SAW-ETC", "SAW-PROC", "WROTE-ROOT", "WROTE-SECRET"] {
+        assert!(!printed.contains(bad), "{bad}: {printed}");
+    }
+    assert!(printed.contains("wrote-run") && printed.contains("hull-jail") && printed.contains("pid 1\n"), "{printed}");
+    assert_eq!(std::fs::read_to_string(&secret).expect("secret"), "host");
+    assert_eq!(std::fs::read_to_string(run.join("file")).expect("the jail's write reaches its bind"), "mine\n");
+    assert!(!root.join("planted").exists());
+    assert_eq!(std::fs::metadata(run.join("file")).expect("file").uid(), 2_000_000_000);
+    // Nothing stays mounted on the host: the jail's mounts were its namespace's.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(!mounts.contains(&root.display().to_string()), "a jail mount leaked to the host: {mounts}");
+}
+
+#[test]
+fn a_jail_keeps_only_the_named_capabilities_and_its_own_proc_self() {
+    if missing().is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (root, work) = (dir.path().join("root"), dir.path().join("work"));
+    std::fs::create_dir(&root).expect("root");
+    std::fs::create_dir(&work).expect("work");
+    // Another user's private file, and one to hand over.
+    for name in ["private", "handed"] {
+        std::fs::write(work.join(name), "theirs").expect("file");
+        std::os::unix::fs::chown(work.join(name), Some(5), Some(5)).expect("chown");
+        std::fs::set_permissions(work.join(name), std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    }
+    let script = "\
+        /busybox id -u; /busybox ls /proc; /busybox ls /proc/self; \
+        /busybox ls /proc/self/fd && echo fds; \
+        /busybox chown 7:7 /work/handed && echo chowned; \
+        /busybox cat /work/private && echo READ-PRIVATE; \
+        /busybox hostname tenant && echo SET-HOSTNAME; \
+        echo c > /proc/sysrq-trigger && echo SYSRQ; \
+        /busybox chown 5:5 /busybox && echo CHOWNED-RO; \
+        exit 3";
+    let bind = format!("{}:/work", work.display());
+    let out = jailed(&root, &["--bind", &bind, "--proc-self", "--keep-cap", "chown", "--keep-cap", "CAP_FOWNER"], script);
+    let printed = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{printed} {}", text(&out.stderr));
+    // uid 0, and /proc holds only `self` with only fd and mountinfo.
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines[..4], ["0", "self", "fd", "mountinfo"], "{printed}");
+    // CAP_CHOWN kept; CAP_DAC_OVERRIDE and CAP_SYS_ADMIN gone; read-only binds hold for uid 0.
+    assert!(printed.contains("fds") && printed.contains("chowned"), "{printed}");
+    for bad in ["READ-PRIVATE", "SET-HOSTNAME", "SYSRQ", "CHOWNED-RO"] {
+        assert!(!printed.contains(bad), "{bad}: {printed}");
+    }
+    assert_eq!(std::fs::metadata(work.join("handed")).expect("handed").uid(), 7);
+}
+
+#[test]
+fn a_jail_names_what_it_cannot_bind() {
+    if missing().is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = jailed(dir.path(), &["--bind", "/nonexistent/kernel:/kernel:ro", "--user", UID], "true");
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("/nonexistent/kernel"), "stderr: {err}");
+    let out = jailed(dir.path(), &["--bind", "/usr:/../escape", "--user", UID], "true");
+    assert!(!out.status.success() && text(&out.stderr).contains("/../escape"), "{}", text(&out.stderr));
+}
