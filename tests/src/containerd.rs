@@ -52,7 +52,13 @@ pub struct Containerd {
     /// CRI's pod network namespaces present before this containerd started: the ones it adds
     /// are removed on drop when a failed test left pods behind.
     netns_before: Vec<String>,
+    /// The CRI pods made through this containerd (`track_pod`): every containerd's CRI pods
+    /// share the namespace k8s.io, so checks and clean-up look at these alone.
+    pods: std::sync::Mutex<Vec<String>>,
 }
+
+/// The containerd namespace of CRI, shared by every containerd a test starts.
+const CRI_NAMESPACE: &str = "k8s.io";
 
 const NETNS_DIR: &str = "/var/run/netns";
 
@@ -104,7 +110,7 @@ impl Containerd {
             Some(n) => n.to_string(),
             None => format!("hulltest-{}-{}", std::process::id(), COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
         };
-        let mut c = Containerd { namespace, dir, socket, child, netns_before: cni_netns() };
+        let mut c = Containerd { namespace, dir, socket, child, netns_before: cni_netns(), pods: Default::default() };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !c.socket.exists() || !c.ctr(&["version"]).is_ok_and(|o| o.status.success()) {
             if Instant::now() > deadline {
@@ -156,8 +162,20 @@ impl Containerd {
     /// COMMAND LINE": each `hull-vmm jail` (its command line names the pod's directory) and
     /// after it the process it jails (whose command line sees only the jail).
     pub fn pod_processes(&self) -> Vec<String> {
-        let pattern = format!("/run/hull/shim/{}/", self.namespace);
-        let out = Command::new("pgrep").args(["-a", "-f", &pattern]).output();
+        if self.namespace == CRI_NAMESPACE {
+            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            return pods.iter().flat_map(|pod| self.processes_matching(&format!("/run/hull/shim/{}/{pod}/", self.namespace))).collect();
+        }
+        self.processes_matching(&format!("/run/hull/shim/{}/", self.namespace))
+    }
+
+    /// Records a CRI pod made through this containerd (see `pods`).
+    pub fn track_pod(&self, id: &str) {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner()).push(id.into());
+    }
+
+    fn processes_matching(&self, pattern: &str) -> Vec<String> {
+        let out = Command::new("pgrep").args(["-a", "-f", pattern]).output();
         let found: Vec<String> = out.map(|o| String::from_utf8_lossy(&o.stdout).lines().map(String::from).collect()).unwrap_or_default();
         let mut all = Vec::new();
         for line in found {
@@ -187,14 +205,35 @@ impl Drop for Containerd {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // A test that failed midway may leave a shim and its VM: end them too.
-        let _ = Command::new("pkill").args(["-9", "-f", &format!("containerd-shim-hull-v2 -namespace {} ", self.namespace)]).status();
-        let _ = Command::new("pkill").args(["-9", "-f", &format!("/run/hull/shim/{}/", self.namespace)]).status();
+        // A test that failed midway may leave a shim and its VM: end them too. Tests run side by
+        // side, and CRI pods of every containerd share k8s.io: there, only this one's pods.
+        let state = Path::new(hull_runtime::pod::state::STATE_ROOT).join(&self.namespace);
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (shims, dirs): (Vec<String>, Vec<std::path::PathBuf>) = if self.namespace == CRI_NAMESPACE {
+            pods.iter().map(|pod| (format!("containerd-shim-hull-v2 -namespace {} .*-id {pod}", self.namespace), state.join(pod))).unzip()
+        } else {
+            (vec![format!("containerd-shim-hull-v2 -namespace {} ", self.namespace)], vec![state.clone()])
+        };
+        let mut netns_ours: Vec<String> = Vec::new();
+        for dir in &dirs {
+            if let Ok(path) = std::fs::read_to_string(dir.join("netns")) {
+                netns_ours.extend(Path::new(path.trim()).file_name().map(|n| n.to_string_lossy().into_owned()));
+            }
+        }
+        for pattern in &shims {
+            let _ = Command::new("pkill").args(["-9", "-f", pattern]).status();
+        }
+        for dir in &dirs {
+            let _ = Command::new("pkill").args(["-9", "-f", &format!("{}/", dir.display())]).status();
+        }
         std::thread::sleep(Duration::from_millis(100));
-        hull_runtime::pod::share::umount_tree(&Path::new(hull_runtime::pod::state::STATE_ROOT).join(&self.namespace));
-        let _ = std::fs::remove_dir_all(Path::new("/run/hull/shim").join(&self.namespace));
+        for dir in &dirs {
+            hull_runtime::pod::share::umount_tree(dir);
+            let _ = std::fs::remove_dir_all(dir);
+        }
         hull_runtime::pod::share::umount_tree(self.dir.path());
-        for ns in cni_netns().into_iter().filter(|n| !self.netns_before.contains(n)) {
+        let shared = self.namespace == CRI_NAMESPACE;
+        for ns in cni_netns().into_iter().filter(|n| !self.netns_before.contains(n) && (!shared || netns_ours.contains(n))) {
             let path = Path::new(NETNS_DIR).join(ns);
             let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
             let _ = std::fs::remove_file(&path);

@@ -147,7 +147,19 @@ impl Cri {
             .run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler.into() })
             .await
             .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", self.containerd.log()));
-        Pod { id: r.into_inner().pod_sandbox_id, config }
+        let id = r.into_inner().pod_sandbox_id;
+        self.containerd.track_pod(&id);
+        Pod { id, config }
+    }
+
+    /// How many QEMU processes this client's pods run (each in its jail).
+    pub fn qemu_vms(&self) -> usize {
+        self.pod_processes().iter().filter(|l| l.contains(" jail --root ") && l.contains("qemu-system")).count()
+    }
+
+    /// The host processes of this client's pods (see `Containerd::pod_processes`).
+    pub fn pod_processes(&self) -> Vec<String> {
+        self.containerd.pod_processes()
     }
 
     pub async fn start_container(&mut self, pod: &Pod, config: ContainerConfig) -> String {
@@ -206,12 +218,12 @@ impl Cri {
     /// Waits until no QEMU, backend or shim of the suite is left.
     pub async fn wait_no_pod_processes(&self, limit: Duration) -> Result<(), Vec<String>> {
         let gone = tokio::time::timeout(limit, async {
-            while !self.containerd.pod_processes().is_empty() {
+            while !self.pod_processes().is_empty() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
         .await;
-        gone.map_err(|_| self.containerd.pod_processes())
+        gone.map_err(|_| self.pod_processes())
     }
 
     /// A command run in containerd's network namespace (where the CNI bridge and the pods'

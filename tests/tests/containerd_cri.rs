@@ -38,7 +38,7 @@ async fn cri_pods_are_microvms() {
     })
     .await;
     assert!(ok.is_ok(), "log {log:?}: {:?}", std::fs::read_to_string(&log));
-    assert_eq!(cri.containerd.pod_processes().iter().filter(|l| l.contains("qemu")).count(), 1, "{:?}", cri.containerd.pod_processes());
+    assert_eq!(cri.qemu_vms(), 1, "{:?}", cri.pod_processes());
 
     // The hull CLI sees the pod and runs a command in it, with stdin, through the agent.
     let hull = hull_tests::binary("hull");
@@ -64,7 +64,7 @@ async fn cri_pods_are_microvms() {
     let b1 = cri.start_container(&b, container_config("b1", &["sleep", "1000"], 0)).await;
     let (boot3, _) = cri.exec(&b1, &["cat", "/proc/sys/kernel/random/boot_id"]).await;
     assert_ne!(boot(&boot1), boot(&boot3), "a second pod gets a second VM");
-    assert_eq!(cri.containerd.pod_processes().iter().filter(|l| l.contains("qemu")).count(), 2);
+    assert_eq!(cri.qemu_vms(), 2, "{:?}", cri.pod_processes());
     let hog = cri.start_container(&b, container_config("hog", &["sh", "-c", "x=$(dd if=/dev/zero bs=1M count=64 2>/dev/null | tr '\\0' a); echo survived"], 16 << 20)).await;
     let mut st = cri.status(&hog).await;
     for _ in 0..300 {
@@ -102,7 +102,7 @@ async fn cri_pods_are_microvms() {
         .map(|r| panic!("a host-IPC pod must be refused: {r:?}\n{}", cri.containerd.log()))
         .unwrap_err();
     assert!(err.message().contains("host's IPC namespace"), "{err}");
-    assert_eq!(cri.containerd.pod_processes().iter().filter(|l| l.contains("qemu")).count(), 2, "{:?}", cri.containerd.pod_processes());
+    assert_eq!(cri.qemu_vms(), 2, "{:?}", cri.pod_processes());
 
     for pod in [&a, &b] {
         cri.remove_pod(pod).await;
