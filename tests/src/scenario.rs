@@ -133,8 +133,9 @@ pub fn lifecycle(c: &Containerd) {
     assert!(state("PAUSED"));
     assert!(c.ctr(&["tasks", "resume", id]).unwrap().status.success());
     assert!(state("RUNNING"));
-    step("lifecycle: every VM process is jailed, unprivileged and under seccomp");
+    step("lifecycle: every VM process is jailed, unprivileged and under seccomp; so is the shim");
     every_vm_process_is_jailed(c);
+    every_shim_thread_is_seccompd(c);
 
     let mut exec = c.ctr_cmd(&["tasks", "exec", "--exec-id", "e3", id, "sleep", "1000"]).spawn().expect("exec");
     // Until the exec has started, killing it is refused; then SIGTERM ends it.
@@ -209,6 +210,19 @@ pub fn every_vm_process_is_jailed(c: &Containerd) {
             assert!(line.contains("/share:") || line.contains(":/share"), "only a process serving the share stays uid 0: {line} (Uid {uid})");
             assert_eq!(eff & !FS_SERVER_CAPS, 0, "uid 0 in the jail with capabilities beyond a file server's: {eff:x} ({line})");
             assert_eq!(bnd & !FS_SERVER_CAPS, 0, "bounding set beyond a file server's: {bnd:x} ({line})");
+        }
+    }
+}
+
+/// Every thread of the namespace's shims runs under the shim's seccomp filter.
+pub fn every_shim_thread_is_seccompd(c: &Containerd) {
+    let out = Command::new("pgrep").args(["-f", &format!("containerd-shim-hull-v2 -namespace {} ", c.namespace)]).output().expect("pgrep");
+    let shims: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
+    assert!(!shims.is_empty(), "no shim of namespace {}", c.namespace);
+    for pid in shims {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>()).unwrap_or_default() {
+            let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+            assert!(status.lines().any(|l| l == "Seccomp:\t2"), "shim thread {} runs without a seccomp filter", task.display());
         }
     }
 }

@@ -2,8 +2,9 @@
 //! makes a system call its filter does not allow kills the whole VMM (SIGSYS), which is what
 //! should happen to a VMM whose device or vCPU code a guest has subverted.
 //!
-//! - vCPU threads and the main thread: allowlists of what they do after set-up (KVM ioctls,
-//!   reads and writes on fds they already hold, memory management, futexes, signals, time).
+//! - vCPU threads and the main thread: allowlists of what they do after set-up (reads and
+//!   writes on fds they already hold, memory management, futexes, signals, time; for vCPUs
+//!   only the three KVM ioctls they make).
 //! - Device workers: they serve a guest-controlled FUSE passthrough and vsock connections, so
 //!   they open, stat, read, write, accept and connect freely; their filter denies instead what
 //!   no device needs and an attacker wants: running programs, namespaces and mounts, tracing
@@ -75,12 +76,35 @@ const COMMON: &[i64] = &[
     libc::SYS_getcwd,
 ];
 
-/// vCPU threads: KVM_RUN and the register reads of an error report, the port and MMIO
-/// devices (console writes, eventfd writes for interrupts and worker wake-ups).
+/// `_IOR(KVMIO, nr, T)`: the request number of a KVM ioctl that reads a `T`.
+const fn kvm_ior(nr: u64, size: usize) -> u64 {
+    const KVMIO: u64 = 0xae;
+    (2 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
+}
+
+/// The only ioctls a vCPU thread makes once it runs: KVM_RUN, and the register reads of an
+/// error report. Everything else a device model needs was set up before the filters.
+const VCPU_IOCTLS: [u64; 3] = [
+    0xae80, // KVM_RUN = _IO(KVMIO, 0x80)
+    kvm_ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>()),  // KVM_GET_REGS
+    kvm_ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>()), // KVM_GET_SREGS
+];
+
+/// vCPU threads: KVM_RUN and the register reads of an error report (no other ioctl), the port
+/// and MMIO devices (console writes, eventfd writes for interrupts and worker wake-ups).
 pub fn vcpu() -> Result<Filter, SeccompError> {
-    let mut list = COMMON.to_vec();
-    list.push(libc::SYS_ioctl);
-    compile("vcpu", &list, SeccompAction::KillProcess, SeccompAction::Allow)
+    let which = "vcpu";
+    let err = |source| SeccompError::Build { which, source };
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = COMMON.iter().map(|&nr| (nr, Vec::new())).collect();
+    let mut ioctls = Vec::new();
+    for request in VCPU_IOCTLS {
+        let condition = seccompiler::SeccompCondition::new(1, seccompiler::SeccompCmpArgLen::Dword, seccompiler::SeccompCmpOp::Eq, request).map_err(err)?;
+        ioctls.push(seccompiler::SeccompRule::new(vec![condition]).map_err(err)?);
+    }
+    rules.insert(libc::SYS_ioctl, ioctls);
+    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64).map_err(err)?;
+    let program = BpfProgram::try_from(filter).map_err(err)?;
+    Ok(Filter { which, program })
 }
 
 /// The main thread once the vCPUs run: it waits for the VM's end, kicks the vCPUs out of
@@ -213,6 +237,33 @@ mod tests {
         });
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(st.signal(), Some(libc::SIGSYS), "a vCPU opening a socket dies: {st:?}");
+    }
+
+    #[test]
+    fn vcpu_filter_allows_kvm_run_but_no_other_ioctl() {
+        use std::os::unix::process::ExitStatusExt;
+        let filter = vcpu().expect("filter");
+        let ok = filter.clone();
+        let st = in_child(move || {
+            if ok.apply().is_err() {
+                return 2;
+            }
+            for request in VCPU_IOCTLS {
+                // SAFETY: an ioctl on fd -1 with a vCPU request number: EBADF, after the filter.
+                unsafe { libc::syscall(libc::SYS_ioctl, -1, request, 0) };
+            }
+            0
+        });
+        assert_eq!(st.code(), Some(0), "KVM_RUN and the register reads pass: {st:?}");
+        let st = in_child(move || {
+            if filter.apply().is_err() {
+                return 2;
+            }
+            // SAFETY: TIOCSTI (push input into a terminal) on fd -1; the filter kills first.
+            unsafe { libc::syscall(libc::SYS_ioctl, -1, libc::TIOCSTI, 0) };
+            0
+        });
+        assert_eq!(st.signal(), Some(libc::SIGSYS), "a vCPU making another ioctl dies: {st:?}");
     }
 
     #[test]

@@ -15,8 +15,12 @@
 //! nothing a VMM uses. A hybrid host (v1 controllers plus an empty unified hierarchy, like this
 //! project's CI machine) is treated as v1.
 //!
-//! Paths in the systemd driver's form (`slice:prefix:name`) are not handled yet: the VM then
-//! stays in the shim's cgroup, and the shim says so in its log.
+//! Paths in the systemd driver's form (`slice:prefix:name`, kubelet and containerd with
+//! `SystemdCgroup = true`) name the directory the systemd driver gives the same pod: the slice
+//! expanded into its parents (`kubepods-burstable-pod1.slice` lies in `kubepods.slice/
+//! kubepods-burstable.slice/`) and the scope `prefix-name.scope` in it. hull makes that
+//! directory itself, as for cgroupfs, instead of asking systemd for a transient unit: the limits
+//! kubelet puts on the pod's slice bound it all the same.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -27,7 +31,7 @@ const V1_CONTROLLERS: &[&str] = &["memory", "cpu", "cpuacct", "pids", "blkio"];
 pub enum CgroupError {
     #[error("The sandbox's cgroupsPath {0:?} is not a cgroup path (it must not climb with `..`).")]
     BadPath(String),
-    #[error("The sandbox's cgroupsPath {0:?} is in the systemd driver's form, which hull does not handle yet.")]
+    #[error("The sandbox's cgroupsPath {0:?} is not a systemd driver path (slice:prefix:name, the slice a name ending in .slice).")]
     Systemd(String),
     #[error("This host has no cgroup hierarchy hull can use (none in /proc/self/mountinfo).")]
     NoHierarchy,
@@ -155,7 +159,7 @@ fn read(path: &str) -> Result<String, CgroupError> {
 /// containerd writes it), and it never climbs.
 fn relative_path(cgroups_path: &str) -> Result<PathBuf, CgroupError> {
     if cgroups_path.contains(':') {
-        return Err(CgroupError::Systemd(cgroups_path.into()));
+        return systemd_path(cgroups_path);
     }
     let mut relative = PathBuf::new();
     for c in Path::new(cgroups_path).components() {
@@ -169,6 +173,38 @@ fn relative_path(cgroups_path: &str) -> Result<PathBuf, CgroupError> {
         return Err(CgroupError::BadPath(cgroups_path.into()));
     }
     Ok(relative)
+}
+
+/// The directory of the systemd driver's `slice:prefix:name` (see the module comment).
+fn systemd_path(cgroups_path: &str) -> Result<PathBuf, CgroupError> {
+    let bad = || CgroupError::Systemd(cgroups_path.into());
+    let mut parts = cgroups_path.split(':');
+    let (Some(slice), Some(prefix), Some(name), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else { return Err(bad()) };
+    let clean = |s: &str| !s.contains('/') && s != "." && s != "..";
+    if !clean(slice) || !clean(prefix) || !clean(name) || name.is_empty() {
+        return Err(bad());
+    }
+    let mut path = PathBuf::new();
+    // "" and "-.slice" are the root slice.
+    if !slice.is_empty() && slice != "-.slice" {
+        let stem = slice.strip_suffix(".slice").ok_or_else(bad)?;
+        let words: Vec<&str> = stem.split('-').collect();
+        if words.iter().any(|w| w.is_empty()) {
+            return Err(bad());
+        }
+        for n in 1..=words.len() {
+            path.push(format!("{}.slice", words[..n].join("-")));
+        }
+    }
+    // A name that is a slice is the unit itself (runc's rule); else the scope of prefix-name.
+    if name.ends_with(".slice") {
+        path.push(name);
+    } else if prefix.is_empty() {
+        path.push(format!("{name}.scope"));
+    } else {
+        path.push(format!("{prefix}-{name}.scope"));
+    }
+    Ok(path)
 }
 
 /// The hierarchies to join, from /proc/self/mountinfo: the v1 ones with a controller in
@@ -281,6 +317,15 @@ mod tests {
         for bad in ["/kubepods/../../etc", "..", "/", ""] {
             assert!(matches!(relative_path(bad), Err(CgroupError::BadPath(_))), "{bad}");
         }
-        assert!(matches!(relative_path("kubepods.slice:cri-containerd:abc"), Err(CgroupError::Systemd(_))));
+        // The systemd driver's form, as kubelet and containerd write it for a pod sandbox.
+        assert_eq!(
+            relative_path("kubepods-burstable-pod1a2b.slice:cri-containerd:abc").unwrap(),
+            Path::new("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1a2b.slice/cri-containerd-abc.scope")
+        );
+        assert_eq!(relative_path("kubepods.slice:cri-containerd:abc").unwrap(), Path::new("kubepods.slice/cri-containerd-abc.scope"));
+        assert_eq!(relative_path(":cri-containerd:abc").unwrap(), Path::new("cri-containerd-abc.scope"));
+        for bad in ["kubepods.slice:cri:..", "kubepods--x.slice:p:n", "kubepods:p:n", "a.slice:p:", "a.slice:p:n:x", "../x.slice:p:n", "a.slice:p:x/y"] {
+            assert!(matches!(relative_path(bad), Err(CgroupError::Systemd(_))), "{bad}");
+        }
     }
 }

@@ -5,8 +5,8 @@
 //! 2.x alike). With hull nothing listens there: the pod's servers run in the guest, and the
 //! namespace's loopback is the host's. So the shim listens on one loopback port of that
 //! namespace, an iptables `REDIRECT` in its `nat OUTPUT` chain sends every TCP connection to
-//! 127.0.0.0/8 there (no other process uses that loopback: the VMM runs in the host's namespace
-//! and gets the tap as a descriptor), and for each connection the shim reads the port it was
+//! 127.0.0.0/8 there (no other process uses that loopback: the VMM runs in a network namespace of
+//! its own, its jail's, and gets the tap as a descriptor), and for each connection the shim reads the port it was
 //! meant for (`SO_ORIGINAL_DST`) and relays it over vsock to the agent, which dials that port on
 //! the guest's loopback (`hull_proto::forward`). Every IPv4 dial succeeds at once, so
 //! containerd never falls back to IPv6; the agent tries 127.0.0.1, then ::1.
@@ -17,33 +17,32 @@
 //! The host's own network namespace is refused: its loopback is not the pod's to take.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sched::{setns, CloneFlags};
 use nix::sys::socket::{getsockopt, sockopt};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::network::{self, NetworkError};
 use crate::agent::{AgentConn, ClientError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PortForwardError {
-    #[error("Cannot open the pod network namespace {path:?}: {source}.")]
-    Netns { path: PathBuf, source: std::io::Error },
-    #[error("Cannot enter the pod network namespace {path:?}: {source}.")]
-    Setns { path: PathBuf, source: nix::Error },
+    #[error(transparent)]
+    Netns(#[from] NetworkError),
+    #[error("Cannot tell whether {path:?} is the host's network namespace: {source}.")]
+    Identify { path: PathBuf, source: std::io::Error },
     #[error("Cannot listen on the loopback of the pod network namespace: {0}.")]
     Listen(#[source] std::io::Error),
     #[error("Cannot run iptables to redirect loopback connections in the pod network namespace (port-forward needs it): {0}.")]
     Iptables(#[source] std::io::Error),
     #[error("iptables could not add the loopback redirect in the pod network namespace ({status}): {stderr}")]
     IptablesFailed { status: std::process::ExitStatus, stderr: String },
-    #[error("The thread that enters the pod network namespace could not start or panicked: {0}.")]
-    Thread(String),
+    #[error("The port-forward set-up did not finish: {0}.")]
+    Thread(#[source] tokio::task::JoinError),
     #[error("The pod's network namespace {0:?} is the host's; hull does not redirect the host's loopback.")]
     HostNamespace(PathBuf),
 }
@@ -68,37 +67,26 @@ impl Drop for PortForwarder {
 impl PortForwarder {
     /// Listens in `netns`, installs the redirect and relays connections to the pod's agent.
     pub async fn start(sandbox_id: &str, netns: &Path, conn: Arc<AgentConn>) -> Result<PortForwarder, PortForwardError> {
+        refuse_host_namespace(netns)?;
         let path = netns.to_path_buf();
-        // A thread of its own enters the namespace (a socket belongs to the namespace of the
-        // thread that made it, and a child process inherits its creator thread's) and then
-        // ends, so no thread of the runtime ever leaves the host's namespace.
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("port-forward-netns".into())
-            .spawn(move || {
-                let _ = tx.send(listen_in(&path));
-            })
-            .map_err(|e| PortForwardError::Thread(e.to_string()))?;
-        let listener = rx.await.map_err(|_| PortForwardError::Thread("it panicked".into()))??;
+        let listener = tokio::task::spawn_blocking(move || network::on_thread_in(&path, listen_here)).await.map_err(PortForwardError::Thread)???;
         let listener = TcpListener::from_std(listener).map_err(PortForwardError::Listen)?;
         let task = tokio::spawn(relay(listener, conn, sandbox_id.to_string()));
         Ok(PortForwarder { task })
     }
 }
 
-/// Enters `netns` (this thread only, for good: call it on a thread of its own).
-fn enter(netns: &Path) -> Result<(), PortForwardError> {
-    let ns = std::fs::File::open(netns).map_err(|source| PortForwardError::Netns { path: netns.into(), source })?;
-    let host = std::fs::metadata("/proc/self/ns/net").map_err(|source| PortForwardError::Netns { path: "/proc/self/ns/net".into(), source })?;
-    let pod = ns.metadata().map_err(|source| PortForwardError::Netns { path: netns.into(), source })?;
-    if (pod.dev(), pod.ino()) == (host.dev(), host.ino()) {
+/// The host's own namespace is not the pod's: its loopback is not hull's to redirect.
+fn refuse_host_namespace(netns: &Path) -> Result<(), PortForwardError> {
+    let identify = |path: &Path| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).map_err(|source| PortForwardError::Identify { path: path.into(), source });
+    if identify(netns)? == identify(Path::new("/proc/self/ns/net"))? {
         return Err(PortForwardError::HostNamespace(netns.into()));
     }
-    setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| PortForwardError::Setns { path: netns.into(), source })
+    Ok(())
 }
 
-fn listen_in(netns: &Path) -> Result<std::net::TcpListener, PortForwardError> {
-    enter(netns)?;
+/// Listens on this thread's loopback and redirects it there (on a thread in the pod's namespace).
+fn listen_here() -> Result<std::net::TcpListener, PortForwardError> {
     let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(PortForwardError::Listen)?;
     listener.set_nonblocking(true).map_err(PortForwardError::Listen)?;
     let port = listener.local_addr().map_err(PortForwardError::Listen)?.port().to_string();
@@ -125,9 +113,7 @@ fn iptables(args: &[&str]) -> Result<(), PortForwardError> {
 
 /// Removes the redirect from `netns` (the pod's end; nothing if it was never made).
 pub fn remove_redirect(netns: &Path) {
-    let path = netns.to_path_buf();
-    let removed = std::thread::Builder::new().name("port-forward-netns".into()).spawn(move || -> Result<(), PortForwardError> {
-        enter(&path)?;
+    let removed = network::on_thread_in(netns, || -> Result<(), PortForwardError> {
         if iptables(&["-C", "OUTPUT", "-j", CHAIN]).is_ok() {
             iptables(&["-D", "OUTPUT", "-j", CHAIN])?;
         }
@@ -136,11 +122,11 @@ pub fn remove_redirect(netns: &Path) {
         }
         Ok(())
     });
-    match removed.map(|t| t.join()) {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(PortForwardError::Netns { .. }))) => {} // the namespace is gone, and the rule with it
-        Ok(Ok(Err(e))) => tracing::warn!(netns = ?netns, error = %e, "cannot remove the port-forward redirect"),
-        Ok(Err(_)) | Err(_) => tracing::warn!(netns = ?netns, "cannot remove the port-forward redirect: its thread failed"),
+    match removed {
+        Ok(Ok(())) => {}
+        Err(NetworkError::Netns { .. }) => {} // the namespace is gone, and the rule with it
+        Ok(Err(e)) => tracing::warn!(netns = ?netns, error = %e, "cannot remove the port-forward redirect"),
+        Err(e) => tracing::warn!(netns = ?netns, error = %e, "cannot remove the port-forward redirect"),
     }
 }
 

@@ -88,7 +88,7 @@ impl Pod {
         // Joined first: everything the VM is, it is inside the pod's cgroup from its start.
         let mut cgroup = match spec.cgroups_path.map(cgroup::PodCgroup::join) {
             Some(Ok(c)) => Some(c),
-            Some(Err(e @ (cgroup::CgroupError::Systemd(_) | cgroup::CgroupError::NoHierarchy))) => {
+            Some(Err(e @ cgroup::CgroupError::NoHierarchy)) => {
                 tracing::warn!(sandbox_id = %spec.id, error = %e, "the pod's VM stays in the shim's cgroup");
                 None
             }

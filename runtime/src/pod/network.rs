@@ -43,8 +43,10 @@ pub enum NetworkError {
     Netlink(#[source] rtnetlink::Error),
     #[error("Cannot open a netlink connection in the pod network namespace: {0}.")]
     NetlinkSocket(#[source] std::io::Error),
-    #[error("The netlink thread in the pod network namespace panicked.")]
+    #[error("The thread in the pod network namespace panicked.")]
     Panicked,
+    #[error("Cannot start a thread to enter the pod network namespace: {0}.")]
+    Spawn(#[source] std::io::Error),
     #[error("{TAP_NAME} vanished from the pod network namespace while it was set up.")]
     TapVanished,
     #[error("The pod network set-up did not finish: {0}.")]
@@ -81,17 +83,29 @@ pub fn netns_path(spec: &Value) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-/// Runs `f` with a netlink handle inside the network namespace at `netns`, on a thread of its
-/// own (setns changes only the calling thread, and sockets and taps are created in the
-/// namespace of the thread that opens them).
+/// Runs `f` on a thread of its own inside the network namespace at `netns` and returns what it
+/// returned. setns changes only the calling thread, and sockets, taps and child processes take
+/// the namespace of the thread that makes them; the thread ends with `f`, so no other code of
+/// the runtime ever runs outside the host's namespace.
+pub fn on_thread_in<T: Send + 'static>(netns: &Path, f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetworkError> {
+    let file = File::open(netns).map_err(|source| NetworkError::Netns { path: netns.into(), source })?;
+    let path = netns.to_path_buf();
+    let worker = std::thread::Builder::new()
+        .name("pod-netns".into())
+        .spawn(move || {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|source| NetworkError::Setns { path, source })?;
+            Ok(f())
+        })
+        .map_err(NetworkError::Spawn)?;
+    worker.join().map_err(|_| NetworkError::Panicked)?
+}
+
+/// Runs `f` with a netlink handle inside the network namespace at `netns` (see `on_thread_in`).
 fn in_netns<T: Send + 'static, F>(netns: &Path, f: impl FnOnce(Handle) -> F + Send + 'static) -> Result<T, NetworkError>
 where
     F: std::future::Future<Output = Result<T, NetworkError>>,
 {
-    let file = File::open(netns).map_err(|source| NetworkError::Netns { path: netns.into(), source })?;
-    let path = netns.to_path_buf();
-    let worker = std::thread::spawn(move || {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|source| NetworkError::Setns { path, source })?;
+    on_thread_in(netns, move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(NetworkError::NetlinkSocket)?;
         rt.block_on(async move {
             let (conn, handle, _) = rtnetlink::new_connection().map_err(NetworkError::NetlinkSocket)?;
@@ -100,8 +114,7 @@ where
             conn.abort();
             r
         })
-    });
-    worker.join().map_err(|_| NetworkError::Panicked)?
+    })?
 }
 
 struct Link {

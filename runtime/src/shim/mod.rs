@@ -11,6 +11,7 @@ pub mod container;
 mod delete;
 pub mod events;
 pub mod io;
+pub mod seccomp;
 mod start;
 pub mod task;
 
@@ -48,6 +49,8 @@ pub enum ShimError {
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
     BadId(#[from] crate::pod::state::BadId),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::ShimSeccompError),
 }
 
 /// The shim binary's entry point.
@@ -106,6 +109,8 @@ fn serve(flags: Flags) -> Result<(), ShimError> {
     let config = crate::config::Config::load(None);
     let level = config.as_ref().map(|c| c.log_level.clone()).unwrap_or_else(|_| "info".into());
     init_logging(&level, flags.debug);
+    // Before the runtime's threads: each inherits it.
+    seccomp::install().map_err(ShimError::Seccomp)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
