@@ -161,12 +161,14 @@ impl Containerd {
     /// Processes (QEMU, device backends, hull-vmm) of this containerd's pods, as "PID
     /// COMMAND LINE": each `hull-vmm jail` (its command line names the pod's directory) and
     /// after it the process it jails (whose command line sees only the jail).
+    /// A jailed process whose jail died (it should have died with it) is found by its cgroup,
+    /// the pod's, and listed too.
     pub fn pod_processes(&self) -> Vec<String> {
         if self.namespace == CRI_NAMESPACE {
             let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            return pods.iter().flat_map(|pod| self.processes_matching(&format!("/run/hull/shim/{}/{pod}/", self.namespace))).collect();
+            return pods.iter().flat_map(|pod| self.processes_matching(&format!("/run/hull/shim/{}/{pod}/", self.namespace), &format!("/{pod}"))).collect();
         }
-        self.processes_matching(&format!("/run/hull/shim/{}/", self.namespace))
+        self.processes_matching(&format!("/run/hull/shim/{}/", self.namespace), &format!("/{}/", self.namespace))
     }
 
     /// Records a CRI pod made through this containerd (see `pods`).
@@ -174,7 +176,7 @@ impl Containerd {
         self.pods.lock().unwrap_or_else(|p| p.into_inner()).push(id.into());
     }
 
-    fn processes_matching(&self, pattern: &str) -> Vec<String> {
+    fn processes_matching(&self, pattern: &str, cgroup: &str) -> Vec<String> {
         let out = Command::new("pgrep").args(["-a", "-f", pattern]).output();
         let found: Vec<String> = out.map(|o| String::from_utf8_lossy(&o.stdout).lines().map(String::from).collect()).unwrap_or_default();
         let mut all = Vec::new();
@@ -187,6 +189,19 @@ impl Containerd {
                     let words: Vec<String> = cmdline.split(|b| *b == 0).filter(|w| !w.is_empty()).map(|w| String::from_utf8_lossy(w).into_owned()).collect();
                     all.push(format!("{child} {}", words.join(" ")));
                 }
+            }
+        }
+        let listed: Vec<String> = all.iter().filter_map(|l| l.split_whitespace().next().map(String::from)).collect();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            if !pid.bytes().all(|b| b.is_ascii_digit()) || listed.contains(&pid) {
+                continue;
+            }
+            let in_pod = std::fs::read_to_string(entry.path().join("cgroup")).is_ok_and(|c| c.lines().any(|l| l.contains(cgroup)));
+            let words: Vec<String> = std::fs::read(entry.path().join("cmdline")).unwrap_or_default().split(|b| *b == 0).filter(|w| !w.is_empty()).map(|w| String::from_utf8_lossy(w).into_owned()).collect();
+            // Zombies have no command line; the shim lives in the pod's cgroup too.
+            if in_pod && !words.is_empty() && !words[0].contains("containerd-shim-hull-v2") {
+                all.push(format!("{pid} {} (outside any jail's watch)", words.join(" ")));
             }
         }
         all

@@ -8,8 +8,9 @@
 //! its libraries, the VM's socket directory, the share), makes that root read-only, gives up
 //! root (an unprivileged uid/gid) or every capability but the ones the caller names, sets
 //! `no_new_privs` and no core dumps (a dump would hold guest memory), and execs the program.
-//! The parent stays outside the pid namespace as the process its starter watches: it gives up
-//! every capability, installs a seccomp filter that allows little more than waiting, and exits
+//! The parent stays outside the pid namespace as the process its starter watches: it takes the
+//! child's uid, gives up every capability, installs a seccomp filter that allows little more
+//! than waiting, and exits
 //! as the child did (a signal N as 128+N). Killing the parent kills the child (the parent-death
 //! signal), and with it, as PID 1, everything in the jail.
 //!
@@ -156,7 +157,7 @@ pub fn run(config: &JailConfig) -> Result<u8, JailError> {
         }
         ForkResult::Parent { child } => {
             drop(alive_r);
-            confine_waiter()?;
+            confine_waiter(&config.user)?;
             let code = loop {
                 match waitpid(child, None) {
                     Ok(WaitStatus::Exited(_, code)) => break code as u8,
@@ -175,9 +176,19 @@ pub fn run(config: &JailConfig) -> Result<u8, JailError> {
 }
 
 /// The waiter outside the pid namespace: no capabilities, and a filter that allows waiting,
-/// logging and exiting.
-fn confine_waiter() -> Result<(), JailError> {
+/// logging and exiting. It takes the jailed process's uid: the kernel sends the parent-death
+/// signal with the dying parent's credentials, and a parent of another uid without CAP_KILL
+/// may not signal the child (it would outlive its jail).
+fn confine_waiter(user: &JailUser) -> Result<(), JailError> {
     drop_bounding(&[])?;
+    if let JailUser::Unprivileged { uid, gid } = user {
+        let priv_err = |what| move |source| JailError::Privileges { what, source };
+        nix::unistd::setgroups(&[]).map_err(priv_err("setgroups"))?;
+        let gid = Gid::from_raw(*gid);
+        nix::unistd::setresgid(gid, gid, gid).map_err(priv_err("setresgid"))?;
+        let uid = Uid::from_raw(*uid);
+        nix::unistd::setresuid(uid, uid, uid).map_err(priv_err("setresuid"))?;
+    }
     for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
         caps::clear(None, set).map_err(JailError::Caps)?;
     }
@@ -217,15 +228,50 @@ fn mount_point(source: &Path, target: &Path) -> Result<(), JailError> {
     }
 }
 
-fn child(config: &JailConfig, alive: OwnedFd) -> Result<std::convert::Infallible, JailError> {
+/// Makes this process die with its parent, and dies now if the parent is gone already (the
+/// pipe's write side, held by the parent alone, is closed). The kernel clears the parent-death
+/// signal when the process's credentials change, so it is set again after the uid switch.
+fn die_with_parent(alive: &OwnedFd) -> Result<(), JailError> {
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(|source| JailError::Privileges { what: "parent-death signal", source })?;
     let mut poll = [nix::poll::PollFd::new(alive.as_fd(), nix::poll::PollFlags::POLLIN)];
     if nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO).unwrap_or(0) > 0 {
-        // The write side is closed: the parent died before the signal was set.
         // SAFETY: ends the orphan at once.
         unsafe { libc::_exit(1) }
     }
-    drop(alive);
+    Ok(())
+}
+
+// linux/mount.h: mount_setattr(2) (Linux 5.12), which only adds the flags asked for and can
+// apply them to a whole tree.
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Adds `attr` to the mount at `path` and every mount below it.
+fn restrict(path: &Path, attr: u64) -> Result<(), JailError> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| JailError::Nul(path.into()))?;
+    let attr = MountAttr { attr_set: attr, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    // SAFETY: mount_setattr reads the NUL-terminated path and the struct, both alive across
+    // the call, and its size.
+    let r = unsafe { libc::syscall(libc::SYS_mount_setattr, libc::AT_FDCWD, c.as_ptr(), AT_RECURSIVE, &attr as *const MountAttr, std::mem::size_of::<MountAttr>()) };
+    if r != 0 {
+        return Err(JailError::Mount { what: "restrict", path: path.into(), source: nix::Error::last() });
+    }
+    Ok(())
+}
+
+fn child(config: &JailConfig, alive: OwnedFd) -> Result<std::convert::Infallible, JailError> {
+    die_with_parent(&alive)?;
     let root = &config.root;
     // Host mounts still reach the jail (container rootfs arriving in the share); none of the
     // jail's goes back.
@@ -241,15 +287,16 @@ fn child(config: &JailConfig, alive: OwnedFd) -> Result<std::convert::Infallible
         if device {
             devices.push(meta.gid());
         }
-        if b.read_only {
-            // A remount adds flags to this bind only; a writable bind keeps its source's flags
-            // (the share's top stays read-only as the host made it).
-            let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID;
-            if !device {
-                flags |= MsFlags::MS_NODEV;
-            }
-            mount(None::<&str>, &target, None::<&str>, flags, None::<&str>).map_err(mount_err("make read-only", &b.target))?;
-        }
+        // Flags are only added, to the bind and every mount below it: a writable bind keeps
+        // what its source has (the share's top stays read-only as the host made it) and gains
+        // nosuid, nodev and noexec (a setuid file or device node made through it is inert); a
+        // read-only one is read-only all the way down; a device stays usable.
+        let attr = match (device, b.read_only) {
+            (true, _) => MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID,
+            (false, true) => MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+            (false, false) => MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+        };
+        restrict(&target, attr)?;
     }
     if config.proc_self {
         proc_self(root)?;
@@ -273,6 +320,7 @@ fn child(config: &JailConfig, alive: OwnedFd) -> Result<std::convert::Infallible
     match &config.user {
         JailUser::Unprivileged { uid, gid } => {
             drop_bounding(&[])?;
+            caps::clear(None, CapSet::Inheritable).map_err(JailError::Caps)?;
             // The groups of the devices bound in (/dev/kvm's kvm group): the device is usable,
             // nothing else that group owns is in the jail.
             devices.sort_unstable();
@@ -296,6 +344,8 @@ fn child(config: &JailConfig, alive: OwnedFd) -> Result<std::convert::Infallible
         }
     }
     nix::sys::prctl::set_no_new_privs().map_err(priv_err("no_new_privs"))?;
+    // Last before exec (which closes `alive`): the uid switch cleared the parent-death signal.
+    die_with_parent(&alive)?;
     let program = CString::new(config.program.as_os_str().as_bytes()).map_err(|_| JailError::Nul(config.program.clone()))?;
     let mut argv = vec![program.clone()];
     for a in &config.args {

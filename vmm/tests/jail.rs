@@ -102,9 +102,11 @@ fn a_jail_keeps_only_the_named_capabilities_and_its_own_proc_self() {
         /busybox hostname tenant && echo SET-HOSTNAME; \
         echo c > /proc/sysrq-trigger && echo SYSRQ; \
         /busybox chown 5:5 /busybox && echo CHOWNED-RO; \
+        /busybox mknod /work/null c 1 3 && echo made-node; \
+        echo x > /work/null && echo USED-NODE; \
         exit 3";
     let bind = format!("{}:/work", work.display());
-    let out = jailed(&root, &["--bind", &bind, "--proc-self", "--keep-cap", "chown", "--keep-cap", "CAP_FOWNER"], script);
+    let out = jailed(&root, &["--bind", &bind, "--proc-self", "--keep-cap", "chown", "--keep-cap", "CAP_FOWNER", "--keep-cap", "mknod"], script);
     let printed = text(&out.stdout);
     assert_eq!(out.status.code(), Some(3), "{printed} {}", text(&out.stderr));
     // uid 0, and /proc holds only `self` with only fd and mountinfo.
@@ -112,7 +114,9 @@ fn a_jail_keeps_only_the_named_capabilities_and_its_own_proc_self() {
     assert_eq!(lines[..4], ["0", "self", "fd", "mountinfo"], "{printed}");
     // CAP_CHOWN kept; CAP_DAC_OVERRIDE and CAP_SYS_ADMIN gone; read-only binds hold for uid 0.
     assert!(printed.contains("fds") && printed.contains("chowned"), "{printed}");
-    for bad in ["READ-PRIVATE", "SET-HOSTNAME", "SYSRQ", "CHOWNED-RO"] {
+    // A device node made through a writable bind (CAP_MKNOD) is inert: the bind is nodev.
+    assert!(printed.contains("made-node"), "{printed}");
+    for bad in ["READ-PRIVATE", "SET-HOSTNAME", "SYSRQ", "CHOWNED-RO", "USED-NODE"] {
         assert!(!printed.contains(bad), "{bad}: {printed}");
     }
     assert_eq!(std::fs::metadata(work.join("handed")).expect("handed").uid(), 7);
@@ -130,4 +134,40 @@ fn a_jail_names_what_it_cannot_bind() {
     assert!(err.contains("/nonexistent/kernel"), "stderr: {err}");
     let out = jailed(dir.path(), &["--bind", "/usr:/../escape", "--user", UID], "true");
     assert!(!out.status.success() && text(&out.stderr).contains("/../escape"), "{}", text(&out.stderr));
+}
+
+/// Killing `hull-vmm jail` (what the runtime does to end a pod process) kills the jailed
+/// process too, also after it gave up root (the kernel clears the parent-death signal when the
+/// uid changes): an unprivileged VMM must not outlive its pod.
+#[test]
+fn killing_the_jail_kills_the_jailed_process() {
+    if missing().is_some() {
+        return;
+    }
+    for user in [&["--user", UID][..], &["--keep-cap", "chown"][..]] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cmd = Command::new(VMM);
+        cmd.args(["--log-level", "warn", "jail", "--root"]).arg(dir.path()).arg("--bind").arg(format!("{BUSYBOX}:/busybox:ro")).args(user);
+        let mut jail = cmd.args(["--", "/busybox", "sleep", "1000"]).spawn().expect("hull-vmm runs");
+        let waiter = jail.id();
+        let children = format!("/proc/{waiter}/task/{waiter}/children");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let child = loop {
+            // The jailed sleep, once it has exec'd (before, it is still a hull-vmm).
+            let found = std::fs::read_to_string(&children).unwrap_or_default().split_whitespace().next().map(String::from);
+            if let Some(pid) = found.filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "busybox")) {
+                break pid;
+            }
+            assert!(std::time::Instant::now() < deadline, "no jailed process under {waiter}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        jail.kill().expect("kill the jail");
+        jail.wait().expect("reap the jail");
+        let gone = || !Path::new(&format!("/proc/{child}")).exists() || std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|s| s.contains(") Z "));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !gone() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(gone(), "the jailed process {child} ({user:?}) outlived its jail");
+    }
 }
