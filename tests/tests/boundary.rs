@@ -167,6 +167,72 @@ fn guest_root_cannot_steer_host_paths_or_write_readonly_volumes() {
     assert!(!mountinfo.contains(&format!("/run/hull/shim/{}/", c.namespace)), "pod mounts left:\n{mountinfo}");
 }
 
+/// A VM process taken over by its guest (QEMU or a device backend, as the jail's uid, in its
+/// jail) owns the VM's socket directory, its `/run`, and swaps the hybrid vsock socket the shim
+/// dials for a symbolic link to a host socket of its choosing (here the test's; another pod's
+/// agent would do). The shim's next connection (an exec's stdio) must not follow it: nothing
+/// reaches the host socket, the exec fails, and the pod still ends cleanly.
+#[test]
+fn a_vm_process_cannot_point_the_shim_at_another_socket() {
+    require_containerd!();
+    let c = scenario::containerd();
+    let id = "redirected";
+    let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "1000"]).expect("ctr run");
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+
+    let host = tempfile::tempdir().expect("tempdir");
+    let trap = host.path().join("trap.sock");
+    let listener = UnixListener::bind(&trap).expect("listen on the trap socket");
+    // Accepts and hangs up (a shim that followed the link must not wait for a reply forever);
+    // the test's own connection after the exec ends it.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done_seen = done.clone();
+    let trapped = std::thread::spawn(move || {
+        let mut reached = 0;
+        while let Ok((stream, _)) = listener.accept() {
+            drop(stream);
+            if done_seen.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            reached += 1;
+        }
+        reached
+    });
+
+    // An unprivileged jailed process of the pod, and the jail's uid it runs as.
+    let cfg = hull_runtime::config::Config::default();
+    let uid_of = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default().lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|v| v.split_whitespace().next().map(String::from));
+    let jailed = c
+        .pod_processes()
+        .iter()
+        .filter(|l| l.contains(" jail --root "))
+        .filter_map(|l| scenario::jailed_child(l.split_whitespace().next().unwrap_or_default()))
+        .find(|pid| uid_of(pid) == Some(cfg.jail_uid.to_string()))
+        .unwrap_or_else(|| panic!("no unprivileged jailed process: {:?}", c.pod_processes()));
+    let (uid, gid) = (cfg.jail_uid.to_string(), cfg.jail_gid.to_string());
+    let swap = std::process::Command::new("nsenter")
+        .args(["--target", &jailed, "--mount", "--setuid", &uid, "--setgid", &gid, "--", "/usr/bin/ln", "-sfn"])
+        .arg(&trap)
+        .arg("/run/vsock.sock")
+        .output()
+        .expect("nsenter");
+    assert!(swap.status.success(), "the jail's uid replaces its socket (the attack's first step): {}", text(&swap.stderr));
+    let vsock = PodDir::new(&c.namespace, id).vm().vsock();
+    assert!(std::fs::symlink_metadata(&vsock).expect("the VM's socket").file_type().is_symlink(), "{} is now a link", vsock.display());
+
+    let out = c.ctr(&["tasks", "exec", "--exec-id", "probe", id, "true"]).expect("ctr exec");
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = std::os::unix::net::UnixStream::connect(&trap);
+    let reached = trapped.join().expect("trap thread");
+    assert_eq!(reached, 0, "the shim followed the VM's link to a host socket");
+    assert!(!out.status.success(), "an exec through a redirected socket cannot have run: {}", text(&out.stdout));
+
+    let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+    assert!(wait_until(Duration::from_secs(30), || c.ctr(&["tasks", "delete", id]).is_ok_and(|o| o.status.success())), "{}", c.log());
+    let _ = c.ctr(&["containers", "rm", id]);
+    assert!(wait_until(Duration::from_secs(10), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
+}
+
 /// A pod id comes from an annotation anyone creating a container can set; it names the pod's
 /// state directory. One that climbs out of the state root is refused by name, and nothing is
 /// created where it points.

@@ -118,7 +118,7 @@ pub struct AgentConn {
 /// Opens a stream to guest vsock `port` through a hybrid vsock unix socket (see
 /// `hull_proto::hvsock`).
 pub async fn hybrid_vsock_connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
-    let mut s = UnixStream::connect(uds).await?;
+    let mut s = connect_socket_file(uds).await?;
     s.write_all(hvsock::connect_line(port).as_bytes()).await?;
     let mut line = Vec::new();
     // Byte by byte: the stream's own bytes follow the reply line.
@@ -130,6 +130,24 @@ pub async fn hybrid_vsock_connect(uds: &Path, port: u32) -> std::io::Result<Unix
     }
     hvsock::parse_ok(&line).map_err(std::io::Error::other)?;
     Ok(s)
+}
+
+/// Connects to the unix socket that is the file at `path` itself, never to where a symlink there
+/// points: the VM's socket directory belongs to the jailed VM process's uid, and a compromised
+/// VMM could otherwise swap its socket for a link that sends the shim (root) to any socket on
+/// the host, another pod's agent among them. The final component is opened without following
+/// it (the directories above it are root's), checked to be a socket, and connected to through
+/// its descriptor's /proc path, which names that inode and nothing else.
+async fn connect_socket_file(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_NOFOLLOW).open(path)?;
+    let kind = file.metadata()?.file_type();
+    if !kind.is_socket() {
+        let what = if kind.is_symlink() { "a symbolic link" } else { "not a socket" };
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} is {what}: refusing to connect through it", path.display())));
+    }
+    UnixStream::connect(format!("/proc/self/fd/{}", file.as_raw_fd())).await
 }
 
 impl AgentConn {
