@@ -34,11 +34,15 @@
 //! # Run every host process of a pod VM (hull-vmm, or QEMU and its device backends) in a jail:
 //! # new mount, pid, ipc, uts and network namespaces, a per-pod root holding only what the
 //! # process needs, no_new_privs, no core dumps. A process that serves the pod's share runs as
-//! # uid 0 with only the capabilities of a file server; every other one as jail_uid:jail_gid
-//! # with none. Off: they run as root in the host's namespaces (debugging only).
+//! # uid 0 with only the capabilities of a file server; every other one with none, as the
+//! # pod's own uid (the first of jail_uid .. jail_uid + jail_uids - 1 no running pod holds) and
+//! # jail_gid, its uid allowed at most jail_max_processes processes and threads. Off: they run
+//! # as root in the host's namespaces (debugging only).
 //! jail = true
 //! jail_uid = 2000000000
+//! jail_uids = 65536
 //! jail_gid = 2000000000
+//! jail_max_processes = 1024
 //! # tracing filter for the shim's log.
 //! log_level = "info"
 //! ```
@@ -84,7 +88,9 @@ pub struct Config {
     pub vm_open_files: u64,
     pub jail: bool,
     pub jail_uid: u32,
+    pub jail_uids: u32,
     pub jail_gid: u32,
+    pub jail_max_processes: u64,
     pub log_level: String,
 }
 
@@ -119,7 +125,10 @@ impl Default for Config {
             // Far above the ids of users and of the usual subordinate ranges (100000 up): a
             // pod process owns nothing on the host but its socket directory.
             jail_uid: 2_000_000_000,
+            jail_uids: 65536,
             jail_gid: 2_000_000_000,
+            // QEMU with its vCPU, I/O and RCU threads and the vsock backend use a few dozen.
+            jail_max_processes: 1024,
             log_level: "info".into(),
         }
     }
@@ -151,12 +160,19 @@ impl Config {
         if cfg.jail && (cfg.jail_uid == 0 || cfg.jail_gid == 0) {
             return Err(ConfigError::Parse { path: path.into(), reason: "jail_uid and jail_gid must not be 0 (root)".into() });
         }
+        // The last uid of the range must be a uid (u32::MAX is the kernel's "no uid").
+        if cfg.jail_uids == 0 || cfg.jail_uid.checked_add(cfg.jail_uids).is_none() {
+            return Err(ConfigError::Parse { path: path.into(), reason: "jail_uids must be at least 1 and jail_uid + jail_uids below 4294967296".into() });
+        }
+        if !(16..=1 << 20).contains(&cfg.jail_max_processes) {
+            return Err(ConfigError::Parse { path: path.into(), reason: "jail_max_processes must be between 16 and 1048576".into() });
+        }
         Ok(cfg)
     }
 
     /// The jail of the pod VMs' processes, if they are jailed.
     pub fn jail(&self) -> Option<crate::hypervisor::jail::Jail> {
-        self.jail.then_some(crate::hypervisor::jail::Jail { uid: self.jail_uid, gid: self.jail_gid })
+        self.jail.then_some(crate::hypervisor::jail::Jail { uid: self.jail_uid, gid: self.jail_gid, max_processes: self.jail_max_processes })
     }
 
     /// Loads `explicit` (the runtime option), else `$HULL_CONFIG`, else the default path. Only
@@ -214,8 +230,8 @@ mod tests {
 
     #[test]
     fn every_key_parses_and_missing_keys_keep_their_defaults() {
-        let cfg = Config::parse(Path::new("t.toml"), "hypervisor = \"qemu\"\nvcpus = 2\nmemory_mib = 512\nboot_timeout_secs = 5\ndebug_console = true\nlog_level = \"debug\"\nkernel = \"/k\"\ninitramfs = \"/i\"\nqemu = \"/q\"\nvmm = \"/v\"\nkernel_params = \"noxsave quiet\"\nvm_log_kib = 64\nvm_open_files = 4096\njail = false\njail_uid = 5000\njail_gid = 5001\n").unwrap();
-        assert_eq!((cfg.jail, cfg.jail_uid, cfg.jail_gid), (false, 5000, 5001));
+        let cfg = Config::parse(Path::new("t.toml"), "hypervisor = \"qemu\"\nvcpus = 2\nmemory_mib = 512\nboot_timeout_secs = 5\ndebug_console = true\nlog_level = \"debug\"\nkernel = \"/k\"\ninitramfs = \"/i\"\nqemu = \"/q\"\nvmm = \"/v\"\nkernel_params = \"noxsave quiet\"\nvm_log_kib = 64\nvm_open_files = 4096\njail = false\njail_uid = 5000\njail_uids = 10\njail_gid = 5001\njail_max_processes = 64\n").unwrap();
+        assert_eq!((cfg.jail, cfg.jail_uid, cfg.jail_uids, cfg.jail_gid, cfg.jail_max_processes), (false, 5000, 10, 5001, 64));
         assert_eq!(cfg.hypervisor, Hypervisor::Qemu);
         assert_eq!((cfg.vcpus, cfg.memory_mib, cfg.boot_timeout_secs), (2, 512, 5));
         assert!(cfg.debug_console);
@@ -241,6 +257,10 @@ mod tests {
         assert!(err.contains("kernel_params"), "{err}");
         let err = Config::parse(Path::new("x.toml"), "jail_uid = 0").unwrap_err().to_string();
         assert!(err.contains("jail_uid"), "{err}");
+        let err = Config::parse(Path::new("x.toml"), "jail_uid = 4294967000\njail_uids = 1000").unwrap_err().to_string();
+        assert!(err.contains("jail_uids"), "{err}");
+        let err = Config::parse(Path::new("x.toml"), "jail_max_processes = 1").unwrap_err().to_string();
+        assert!(err.contains("jail_max_processes"), "{err}");
         let err = Config::load(Some(Path::new("/nonexistent/hull.toml"))).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/hull.toml"), "{err}");
     }

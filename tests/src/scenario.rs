@@ -157,9 +157,6 @@ pub fn jailed_child(pid: &str) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?.split_whitespace().next().map(String::from)
 }
 
-/// The capabilities a jailed virtio-fs server keeps (hull-vmm's `jail::FS_SERVER_CAPS`):
-/// chown, dac_override, fowner, fsetid, setgid, setuid, mknod, setfcap.
-const FS_SERVER_CAPS: u64 = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 6) | (1 << 7) | (1 << 27) | (1 << 31);
 
 /// Every host process of the namespace's pods (QEMU and its vhost-user backends, or hull-vmm;
 /// each a `hull-vmm jail` and the process it jails) is confined: every thread under a seccomp
@@ -176,8 +173,20 @@ pub fn every_vm_process_is_jailed(c: &Containerd) {
     let link = |path: String| std::fs::read_link(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     // Each jail's line is followed by its jailed process's, which the checks below reach from it.
     let jails: Vec<&String> = processes.iter().filter(|l| l.contains(" jail --root ")).collect();
+    // What a jailed virtio-fs server keeps.
+    let fs_server_caps = hull_vmm::jail::FS_SERVER_CAPS.iter().fold(0u64, |mask, cap| mask | cap.bitmask());
     assert!(!jails.is_empty(), "no VM process runs in `hull-vmm jail`: {processes:?}");
     assert_eq!(jails.len() * 2, processes.len(), "a pod process outside `hull-vmm jail`: {processes:?}");
+    let defaults = hull_runtime::config::Config::default();
+    // The soft limit of a /proc/PID/limits row.
+    let limit = |pid: &str, row: &str| std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default().lines().find_map(|l| l.strip_prefix(row).and_then(|v| v.split_whitespace().next().map(String::from))).unwrap_or_default();
+    // vm_open_files, or the lower hard limit the shim inherits (as this test does).
+    let mut inherited = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut inherited) }, 0);
+    let open_files = defaults.vm_open_files.min(inherited.rlim_max);
+    // The unprivileged uid each pod's processes run as (a pod is its jail root's directory).
+    let mut uid_of_pod: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     for line in jails {
         let waiter = line.split_whitespace().next().unwrap_or_default().to_string();
         let child = jailed_child(&waiter).unwrap_or_else(|| panic!("no jailed process under {line}"));
@@ -204,12 +213,19 @@ pub fn every_vm_process_is_jailed(c: &Containerd) {
         let uid = field(&st, "Uid:");
         let unprivileged = uid.split_whitespace().all(|u| u != "0");
         let (eff, bnd) = (caps(&st, "CapEff:"), caps(&st, "CapBnd:"));
+        assert_eq!(limit(&child, "Max open files"), open_files.to_string(), "the jailed process's RLIMIT_NOFILE: {line}");
         if unprivileged {
             assert_eq!((eff, caps(&st, "CapPrm:")), (0, 0), "an unprivileged jailed process with capabilities: {line}");
+            assert_eq!(limit(&child, "Max processes"), defaults.jail_max_processes.to_string(), "the pod uid's RLIMIT_NPROC: {line}");
+            let real_uid = uid.split_whitespace().next().unwrap_or_default().to_string();
+            let pod = line.split(" --root ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_default().to_string();
+            assert_eq!(uid_of_pod.entry(pod.clone()).or_insert_with(|| real_uid.clone()), &real_uid, "one pod's unprivileged processes share its uid: {line}");
+            let others: Vec<&String> = uid_of_pod.iter().filter(|(p, u)| **p != pod && **u == real_uid).map(|(p, _)| p).collect();
+            assert!(others.is_empty(), "pods {pod} and {others:?} share jail uid {real_uid}");
         } else {
             assert!(line.contains("/share:") || line.contains(":/share"), "only a process serving the share stays uid 0: {line} (Uid {uid})");
-            assert_eq!(eff & !FS_SERVER_CAPS, 0, "uid 0 in the jail with capabilities beyond a file server's: {eff:x} ({line})");
-            assert_eq!(bnd & !FS_SERVER_CAPS, 0, "bounding set beyond a file server's: {bnd:x} ({line})");
+            assert_eq!(eff & !fs_server_caps, 0, "uid 0 in the jail with capabilities beyond a file server's: {eff:x} ({line})");
+            assert_eq!(bnd & !fs_server_caps, 0, "bounding set beyond a file server's: {bnd:x} ({line})");
         }
     }
 }

@@ -64,10 +64,12 @@ fn a_container_cannot_reach_the_agent_over_vsock() {
     let host_port = 5005;
     let listen_at = format!("{}_{host_port}", PodDir::new(&c.namespace, id).vm().vsock().display());
     let listener = UnixListener::bind(&listen_at).expect("listen on the pod's host vsock port");
-    // A host service serving guests gives the jail's uid its socket (README): the VM process
-    // that connects for the guest is unprivileged on QEMU.
-    let cfg = hull_runtime::config::Config::default();
-    std::os::unix::fs::chown(&listen_at, Some(cfg.jail_uid), Some(cfg.jail_gid)).expect("chown the listener");
+    // A host service serving guests gives its socket to the pod's jail uid, the owner of the
+    // socket directory (README): the VM process that connects for the guest is unprivileged on
+    // QEMU.
+    use std::os::unix::fs::MetadataExt;
+    let run = std::fs::metadata(PodDir::new(&c.namespace, id).vm().run()).expect("the VM's socket directory");
+    std::os::unix::fs::chown(&listen_at, Some(run.uid()), Some(run.gid())).expect("chown the listener");
     let accepted = std::thread::spawn(move || listener.accept().is_ok());
 
     let mut targets: Vec<String> = vec![format!("2:{host_port}")];
@@ -199,17 +201,23 @@ fn a_vm_process_cannot_point_the_shim_at_another_socket() {
         reached
     });
 
-    // An unprivileged jailed process of the pod, and the jail's uid it runs as.
-    let cfg = hull_runtime::config::Config::default();
-    let uid_of = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default().lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|v| v.split_whitespace().next().map(String::from));
-    let jailed = c
+    // An unprivileged jailed process of the pod, and the pod's jail uid it runs as.
+    let ids_of = |pid: &str| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let real = |row: &str| status.lines().find_map(|l| l.strip_prefix(row)).and_then(|v| v.split_whitespace().next().map(String::from)).unwrap_or_default();
+        (real("Uid:"), real("Gid:"))
+    };
+    let (jailed, (uid, gid)) = c
         .pod_processes()
         .iter()
         .filter(|l| l.contains(" jail --root "))
         .filter_map(|l| scenario::jailed_child(l.split_whitespace().next().unwrap_or_default()))
-        .find(|pid| uid_of(pid) == Some(cfg.jail_uid.to_string()))
+        .map(|pid| {
+            let ids = ids_of(&pid);
+            (pid, ids)
+        })
+        .find(|(_, (uid, _))| uid != "0" && !uid.is_empty())
         .unwrap_or_else(|| panic!("no unprivileged jailed process: {:?}", c.pod_processes()));
-    let (uid, gid) = (cfg.jail_uid.to_string(), cfg.jail_gid.to_string());
     let swap = std::process::Command::new("nsenter")
         .args(["--target", &jailed, "--mount", "--setuid", &uid, "--setgid", &gid, "--", "/usr/bin/ln", "-sfn"])
         .arg(&trap)
@@ -230,6 +238,41 @@ fn a_vm_process_cannot_point_the_shim_at_another_socket() {
     let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
     assert!(wait_until(Duration::from_secs(30), || c.ctr(&["tasks", "delete", id]).is_ok_and(|o| o.status.success())), "{}", c.log());
     let _ = c.ctr(&["containers", "rm", id]);
+    assert!(wait_until(Duration::from_secs(10), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
+}
+
+/// Two pods' VM processes run as two uids (each pod leases its own from `jail_uid`'s range),
+/// each with the pod uid's process limit: a guest that takes over its QEMU can neither signal
+/// the other pod's processes nor use up the processes the other's uid may have.
+#[test]
+fn pods_do_not_share_a_jail_uid() {
+    require_containerd!();
+    let c = scenario::containerd();
+    for id in ["uid-a", "uid-b"] {
+        let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "1000"]).expect("ctr run");
+        assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+    }
+    let mut uids = std::collections::BTreeMap::new();
+    for line in c.pod_processes().iter().filter(|l| l.contains(" jail --root ")) {
+        let child = scenario::jailed_child(line.split_whitespace().next().unwrap_or_default()).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{child}/status")).unwrap_or_default();
+        let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|v| v.split_whitespace().next()).unwrap_or_default().to_string();
+        let pod = ["uid-a", "uid-b"].into_iter().find(|p| line.contains(&format!("/{p}/vm/root")));
+        if let (Some(pod), false) = (pod, uid == "0" || uid.is_empty()) {
+            uids.entry(pod).or_insert_with(std::collections::BTreeSet::new).insert(uid);
+        }
+    }
+    assert_eq!(uids.len(), 2, "both pods have unprivileged VM processes: {uids:?}\n{:?}", c.pod_processes());
+    assert!(uids.values().all(|u| u.len() == 1), "one uid per pod: {uids:?}");
+    assert!(uids["uid-a"].is_disjoint(&uids["uid-b"]), "two pods share a jail uid: {uids:?}");
+    // Their limits, namespaces and the rest of the jail.
+    scenario::every_vm_process_is_jailed(&c);
+
+    for id in ["uid-a", "uid-b"] {
+        let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+        assert!(wait_until(Duration::from_secs(30), || c.ctr(&["tasks", "delete", id]).is_ok_and(|o| o.status.success())), "{}", c.log());
+        let _ = c.ctr(&["containers", "rm", id]);
+    }
     assert!(wait_until(Duration::from_secs(10), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
 }
 

@@ -90,6 +90,9 @@ pub struct JailConfig {
     /// passthrough server needs of procfs) and nothing else of /proc.
     pub proc_self: bool,
     pub user: JailUser,
+    /// RLIMIT_NPROC of an unprivileged jail: the most processes and threads its uid may have
+    /// (counted over every process of that uid, so a uid per pod bounds the pod).
+    pub max_processes: Option<u64>,
     /// The program to run, as the jail sees it, and its arguments.
     pub program: PathBuf,
     pub args: Vec<OsString>,
@@ -241,29 +244,13 @@ fn die_with_parent(alive: &OwnedFd) -> Result<(), JailError> {
     Ok(())
 }
 
-// linux/mount.h: mount_setattr(2) (Linux 5.12), which only adds the flags asked for and can
-// apply them to a whole tree.
-const MOUNT_ATTR_RDONLY: u64 = 0x1;
-const MOUNT_ATTR_NOSUID: u64 = 0x2;
-const MOUNT_ATTR_NODEV: u64 = 0x4;
-const MOUNT_ATTR_NOEXEC: u64 = 0x8;
-const AT_RECURSIVE: libc::c_uint = 0x8000;
-
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-
 /// Adds `attr` to the mount at `path` and every mount below it.
 fn restrict(path: &Path, attr: u64) -> Result<(), JailError> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| JailError::Nul(path.into()))?;
-    let attr = MountAttr { attr_set: attr, attr_clr: 0, propagation: 0, userns_fd: 0 };
-    // SAFETY: mount_setattr reads the NUL-terminated path and the struct, both alive across
-    // the call, and its size.
-    let r = unsafe { libc::syscall(libc::SYS_mount_setattr, libc::AT_FDCWD, c.as_ptr(), AT_RECURSIVE, &attr as *const MountAttr, std::mem::size_of::<MountAttr>()) };
+    let attr = libc::mount_attr { attr_set: attr, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    // SAFETY: mount_setattr(2) (Linux 5.12; it only adds the flags asked for, to a whole tree)
+    // reads the NUL-terminated path and the struct, both alive across the call, and its size.
+    let r = unsafe { libc::syscall(libc::SYS_mount_setattr, libc::AT_FDCWD, c.as_ptr(), libc::AT_RECURSIVE as libc::c_uint, &attr as *const libc::mount_attr, std::mem::size_of::<libc::mount_attr>()) };
     if r != 0 {
         return Err(JailError::Mount { what: "restrict", path: path.into(), source: nix::Error::last() });
     }
@@ -292,9 +279,9 @@ fn child(config: &JailConfig, alive: OwnedFd) -> Result<std::convert::Infallible
         // nosuid, nodev and noexec (a setuid file or device node made through it is inert); a
         // read-only one is read-only all the way down; a device stays usable.
         let attr = match (device, b.read_only) {
-            (true, _) => MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID,
-            (false, true) => MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-            (false, false) => MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+            (true, _) => libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID,
+            (false, true) => libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
+            (false, false) => libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOEXEC,
         };
         restrict(&target, attr)?;
     }
@@ -332,6 +319,13 @@ fn child(config: &JailConfig, alive: OwnedFd) -> Result<std::convert::Infallible
             let uid = Uid::from_raw(*uid);
             // Leaving uid 0 clears the permitted and effective capability sets.
             nix::unistd::setresuid(uid, uid, uid).map_err(priv_err("setresuid"))?;
+            if let Some(max) = config.max_processes {
+                let limit = libc::rlimit { rlim_cur: max, rlim_max: max };
+                // SAFETY: setrlimit only reads the struct, which lives across the call.
+                if unsafe { libc::setrlimit(libc::RLIMIT_NPROC, &limit) } != 0 {
+                    return Err(JailError::Rlimit(nix::Error::last()));
+                }
+            }
         }
         JailUser::Root { keep } => {
             nix::unistd::setgroups(&[]).map_err(priv_err("setgroups"))?;

@@ -171,3 +171,26 @@ fn killing_the_jail_kills_the_jailed_process() {
         assert!(gone(), "the jailed process {child} ({user:?}) outlived its jail");
     }
 }
+
+/// `--max-processes` bounds the jail uid's processes and threads (RLIMIT_NPROC): a jailed shell
+/// that forks without end is refused beyond the limit, and one without the limit is not. (A uid
+/// of this test's own: the limit counts every process of the uid.)
+#[test]
+fn a_jail_uid_cannot_fork_past_its_process_limit() {
+    if missing().is_some() {
+        return;
+    }
+    let id = 2_100_000_000 + std::process::id() % 1_000_000;
+    let user = format!("{id}:{id}");
+    // Prints how many sleeps it started; the shell stops at its first failed fork.
+    let script = "i=0; while [ $i -lt 20 ]; do /busybox sleep 30 & i=$((i+1)); echo $i; done; echo forked";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = |out: &Output| text(&out.stdout).lines().filter_map(|l| l.parse::<u32>().ok()).max().unwrap_or(0);
+    // The shell gives a background job /dev/null as its stdin.
+    let null = "/dev/null:/dev/null";
+    let limited = jailed(dir.path(), &["--bind", null, "--user", &user, "--max-processes", "8"], script);
+    // The waiter and the shell count too: at most 6 sleeps fit under 8.
+    assert!(started(&limited) <= 6 && text(&limited.stderr).contains("can't fork"), "RLIMIT_NPROC 8 let {} sleeps start: {}", started(&limited), text(&limited.stderr));
+    let free = jailed(dir.path(), &["--bind", null, "--user", &user], script);
+    assert!(started(&free) == 20 && text(&free.stdout).contains("forked"), "without the limit every fork works: {}", text(&free.stderr));
+}

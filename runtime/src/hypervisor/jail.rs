@@ -17,11 +17,48 @@ use tokio::process::Command;
 use super::{HypervisorError, VmDir, VmSpec};
 
 /// The unprivileged ids a jailed pod process runs as when it needs no capability (see
-/// `Config::jail_uid`).
+/// `Config::jail_uid`), and what that uid may have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Jail {
     pub uid: u32,
     pub gid: u32,
+    /// RLIMIT_NPROC: the most processes and threads the uid may have. It counts every process
+    /// of the uid, which is why each pod leases a uid of its own.
+    pub max_processes: u64,
+}
+
+/// Where a pod's hold on its jail uid is kept: one lock file per uid (root's alone).
+const UID_LOCKS: &str = "/run/hull/uids";
+
+/// A pod's hold on its jail uid, from `Jail::lease` until dropped. The hold is an flock of the
+/// uid's lock file, so it ends with the process that holds it, even one that is killed.
+#[derive(Debug)]
+pub struct UidLease {
+    pub uid: u32,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Jail {
+    /// This jail with a uid of its own: the first of `count` uids from `self.uid` that no live
+    /// pod holds. Two pods never share a uid, so neither one's processes count against the
+    /// other's limit, and neither may signal or ptrace the other's.
+    pub fn lease(self, count: u32) -> Result<(Jail, UidLease), HypervisorError> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        use nix::fcntl::{Flock, FlockArg};
+        let dir = Path::new(UID_LOCKS);
+        let dir_err = |source| HypervisorError::Dir { path: dir.into(), source };
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(dir_err)?;
+        for uid in (0..count).map_while(|i| self.uid.checked_add(i)) {
+            let path = dir.join(uid.to_string());
+            let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path).map_err(|source| HypervisorError::Dir { path: path.clone(), source })?;
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok((Jail { uid, ..self }, UidLease { uid, _lock: lock })),
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => continue,
+                Err((_, errno)) => return Err(HypervisorError::Dir { path, source: errno.into() }),
+            }
+        }
+        Err(HypervisorError::NoJailUid { first: self.uid, count })
+    }
 }
 
 /// What a VM process needs from the host.
@@ -35,9 +72,6 @@ pub struct Needs {
     /// capabilities (`FS_SERVER_CAPS`) instead of the unprivileged uid.
     pub share: bool,
 }
-
-/// The capabilities a process serving the share keeps (hull-vmm's `jail::FS_SERVER_CAPS`).
-const FS_SERVER_CAPS: &[&str] = &["chown", "dac_override", "fowner", "fsetid", "setgid", "setuid", "mknod", "setfcap"];
 
 /// Read-only system directories a dynamically linked program needs (the jail binds the ones
 /// this host has; on a merged-/usr host /lib and /lib64 are links into /usr).
@@ -92,7 +126,12 @@ impl Placement<'_> {
         let system = SYSTEM_DIRS.iter().any(|d| program.starts_with(d));
         let inside = if system { program.clone() } else { Path::new("/").join(program.file_name().unwrap_or("program".as_ref())) };
         let mut cmd = Command::new(self.vmm);
-        cmd.args(["--log-level", "warn", "jail", "--root"]).arg(self.dir.jail_root());
+        cmd.args(["--log-level", "warn"]);
+        if self.spec.open_files > 0 {
+            // Inherited by the jailed process (QEMU has no limit of its own).
+            cmd.args(["--open-files", &self.spec.open_files.to_string()]);
+        }
+        cmd.args(["jail", "--root"]).arg(self.dir.jail_root());
         let mut bind = |source: &Path, target: &Path, ro: bool| {
             let mut arg = OsString::from(source);
             arg.push(":");
@@ -121,12 +160,11 @@ impl Placement<'_> {
         if let Some(share) = share {
             // As the host made it: the share's top read-only, the containers' rootfs writable.
             bind(&share.dir, Path::new("/share"), false);
-            cmd.arg("--proc-self");
-            for cap in FS_SERVER_CAPS {
-                cmd.args(["--keep-cap", cap]);
-            }
+            // uid 0 with only a file server's capabilities (hull-vmm's `jail::FS_SERVER_CAPS`)
+            // and its own /proc/self.
+            cmd.arg("--fs-server");
         } else {
-            cmd.args(["--user", &format!("{}:{}", jail.uid, jail.gid)]);
+            cmd.args(["--user", &format!("{}:{}", jail.uid, jail.gid), "--max-processes", &jail.max_processes.to_string()]);
         }
         cmd.arg("--").arg(&inside).args(args);
         Ok(cmd)
@@ -211,4 +249,27 @@ fn resolve(program: &Path) -> Result<PathBuf, HypervisorError> {
     };
     let found = found.ok_or_else(|| HypervisorError::Missing { what: "The program", path: program.into() })?;
     std::fs::canonicalize(&found).map_err(|_| HypervisorError::Missing { what: "The program", path: found })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Leases exclude each other while held and free their uid when dropped. (A range far from
+    /// the default one, so that pods running beside the test are not in the way.)
+    #[test]
+    fn a_leased_uid_is_nobody_elses_until_released() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (writes {UID_LOCKS})");
+            return;
+        }
+        let base = Jail { uid: 3_000_000_000 + std::process::id() % 1_000_000 * 4, gid: 3_000_000_000, max_processes: 64 };
+        let (a, lease_a) = base.lease(2).unwrap();
+        let (b, _lease_b) = base.lease(2).unwrap();
+        assert_eq!((a.uid, b.uid), (base.uid, base.uid + 1));
+        assert_eq!((a.gid, a.max_processes), (base.gid, 64));
+        assert!(matches!(base.lease(2), Err(HypervisorError::NoJailUid { count: 2, .. })));
+        drop(lease_a);
+        assert_eq!(base.lease(2).unwrap().0.uid, base.uid, "a released uid is leased again");
+    }
 }

@@ -41,6 +41,8 @@ pub enum HypervisorError {
     VmmExited { status: String, console: String },
     #[error("The guest agent did not answer within {secs} s; console: {console}")]
     AgentTimeout { secs: u64, console: String },
+    #[error("Every jail uid from {first} ({count} of them, jail_uids) is held by a running pod.")]
+    NoJailUid { first: u32, count: u32 },
 }
 
 /// What runs a pod VM, as the host offers it (see `crate::host`).

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use crate::agent::{AgentConn, ClientError};
 use crate::config::Config;
 use crate::host::{Host, HostError};
+use crate::hypervisor::jail::UidLease;
 use crate::hypervisor::{Binaries, Engine, HypervisorError, Nic, Share, Vm, VmSpec};
 use network::{NetworkError, PodNetwork};
 use state::{PodDir, StateError};
@@ -79,6 +80,8 @@ pub struct Pod {
     forwarder: std::sync::Mutex<Option<forward::PortForwarder>>,
     /// The pod's cgroup, left when the VM is gone.
     cgroup: std::sync::Mutex<Option<cgroup::PodCgroup>>,
+    /// The jail uid this pod's VM processes run as, held while the pod lives.
+    _jail_uid: Option<UidLease>,
 }
 
 impl Pod {
@@ -137,6 +140,14 @@ impl Pod {
             }
             None => None,
         };
+        let (jail, jail_uid) = match config.jail() {
+            Some(jail) => {
+                let (jail, lease) = jail.lease(config.jail_uids)?;
+                tracing::info!(sandbox_id = %id, jail_uid = lease.uid, "pod VM jail uid leased");
+                (Some(jail), Some(lease))
+            }
+            None => (None, None),
+        };
         let vm_spec = VmSpec {
             kernel: config.kernel.clone(),
             initramfs: config.initramfs.clone(),
@@ -149,7 +160,7 @@ impl Pod {
             nic: net.as_ref().map(|n| Nic { tap_fd: n.tap.as_raw_fd(), mac: n.mac.clone() }),
             log_cap: config.vm_log_kib * 1024,
             open_files: config.vm_open_files,
-            jail: config.jail(),
+            jail,
         };
         let binaries = Binaries { qemu: config.qemu.clone(), vmm: config.vmm.clone() };
         let vm = Vm::start(engine.hypervisor(&binaries).as_ref(), &vm_spec, dir.vm()).await?;
@@ -168,7 +179,7 @@ impl Pod {
                     },
                     None => None,
                 };
-                Ok(Pod { id: id.into(), dir: dir.clone(), conn, vmm_pid: vm.vmm_pid(), engine, engine_why: why, keep_console: config.debug_console, vm, forwarder: std::sync::Mutex::new(forwarder), cgroup: Default::default() })
+                Ok(Pod { id: id.into(), dir: dir.clone(), conn, vmm_pid: vm.vmm_pid(), engine, engine_why: why, keep_console: config.debug_console, vm, forwarder: std::sync::Mutex::new(forwarder), cgroup: Default::default(), _jail_uid: jail_uid })
             }
             Err(e) => {
                 // Killed and reaped before the caller removes the state directory.

@@ -53,21 +53,6 @@ pub struct Bind {
     pub readonly: bool,
 }
 
-// linux/mount.h: the file-descriptor mount API (Linux 5.2, mount_setattr 5.12).
-const OPEN_TREE_CLONE: libc::c_uint = 1;
-const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
-const MOUNT_ATTR_RDONLY: u64 = 0x1;
-const MOUNT_ATTR_NOSUID: u64 = 0x2;
-const MOUNT_ATTR_NODEV: u64 = 0x4;
-
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-
 fn c_path(path: &Path) -> Result<CString, nix::Error> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| nix::Error::EINVAL)
 }
@@ -79,31 +64,31 @@ pub fn bind_into(source: &Path, target: &Path, bind: Bind) -> Result<(), nix::Er
     let (source_c, target_c) = (c_path(source)?, c_path(target)?);
     let recursive = if bind.recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
     // SAFETY: open_tree reads a NUL-terminated path; the descriptor it returns is owned here.
-    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, source_c.as_ptr(), OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | recursive) };
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, source_c.as_ptr(), libc::OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | recursive) };
     if fd < 0 {
         return Err(nix::Error::last());
     }
     // SAFETY: fd was just returned by open_tree and nothing else owns it.
     let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut attr_set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    let mut attr_set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
     if bind.readonly {
-        attr_set |= MOUNT_ATTR_RDONLY;
+        attr_set |= libc::MOUNT_ATTR_RDONLY;
     }
     // A slave of the source: a mount made on the host under it later reaches the guest (CRI's
     // HOST_TO_CONTAINER), and nothing done to the copy (the shim's unmounts when the container
     // goes) ever propagates back to the host, which it would as a peer of a shared source
     // (open_tree's clone joins the source's peer group).
-    let attr = MountAttr { attr_set, attr_clr: 0, propagation: libc::MS_SLAVE as u64, userns_fd: 0 };
+    let attr = libc::mount_attr { attr_set, attr_clr: 0, propagation: libc::MS_SLAVE as u64, userns_fd: 0 };
     let empty = c"";
     // SAFETY: mount_setattr reads `attr` (its size passed) and the empty path; tree is open.
     let r = unsafe {
-        libc::syscall(libc::SYS_mount_setattr, tree.as_raw_fd(), empty.as_ptr(), libc::AT_EMPTY_PATH as libc::c_uint | recursive, &attr as *const MountAttr, std::mem::size_of::<MountAttr>())
+        libc::syscall(libc::SYS_mount_setattr, tree.as_raw_fd(), empty.as_ptr(), libc::AT_EMPTY_PATH as libc::c_uint | recursive, &attr as *const libc::mount_attr, std::mem::size_of::<libc::mount_attr>())
     };
     if r < 0 {
         return Err(nix::Error::last());
     }
     // SAFETY: move_mount reads the two NUL-terminated paths; tree is open.
-    let r = unsafe { libc::syscall(libc::SYS_move_mount, tree.as_raw_fd(), empty.as_ptr(), libc::AT_FDCWD, target_c.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH) };
+    let r = unsafe { libc::syscall(libc::SYS_move_mount, tree.as_raw_fd(), empty.as_ptr(), libc::AT_FDCWD, target_c.as_ptr(), libc::MOVE_MOUNT_F_EMPTY_PATH) };
     if r < 0 {
         return Err(nix::Error::last());
     }
@@ -211,27 +196,68 @@ fn unescape_mountinfo(field: &str) -> String {
 
 /// Removes `dir` and what is below it, never following a symlink and never entering a mount
 /// that is still there (a failed unmount must not turn into deleting a container's rootfs or
-/// a host volume through it).
+/// a host volume through it). The walk holds each directory open and works relative to it
+/// (`openat` with O_NOFOLLOW, `unlinkat`): the pod's tree has parts a jailed VM process may
+/// write (`vm/run/`), and a directory it swaps for a link mid-walk is then only a name removed,
+/// never a path followed.
 pub fn remove_tree(dir: &Path) {
     let mounted = mount_points_under(dir);
-    remove_below(dir, &mounted);
-}
-
-fn remove_below(path: &Path, mounted: &[PathBuf]) {
-    if mounted.iter().any(|m| m == path) {
-        tracing::warn!(path = ?path, "still mounted: left in place");
+    if mounted.iter().any(|m| m == dir) {
+        tracing::warn!(path = ?dir, "still mounted: left in place");
         return;
     }
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return };
-    if meta.is_dir() {
-        if let Ok(entries) = std::fs::read_dir(path) {
-            for e in entries.flatten() {
-                remove_below(&e.path(), mounted);
+    match open_dir_nofollow(None, dir.as_os_str()) {
+        Some(fd) => {
+            remove_entries(fd, dir, &mounted);
+            let _ = std::fs::remove_dir(dir);
+        }
+        // Not a directory (or gone): the name itself.
+        None => {
+            let _ = std::fs::remove_file(dir);
+        }
+    }
+}
+
+/// `name` (relative to `parent`, or a path when `parent` is None) opened as a directory if it
+/// is one and not a symlink.
+fn open_dir_nofollow(parent: Option<&OwnedFd>, name: &std::ffi::OsStr) -> Option<OwnedFd> {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::Mode;
+    let at = parent.map_or(libc::AT_FDCWD, |p| p.as_raw_fd());
+    let fd = openat(Some(at), name, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty()).ok()?;
+    // SAFETY: openat returned a fresh descriptor that nothing else owns.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn remove_entries(dir: OwnedFd, path: &Path, mounted: &[PathBuf]) {
+    use nix::unistd::{unlinkat, UnlinkatFlags};
+    let Ok(dev) = nix::sys::stat::fstat(dir.as_raw_fd()).map(|s| s.st_dev) else { return };
+    let names: Vec<std::ffi::OsString> = match nix::dir::Dir::openat(Some(dir.as_raw_fd()), ".", nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty()) {
+        Ok(mut listing) => listing
+            .iter()
+            .flatten()
+            .map(|e| std::ffi::OsStr::from_bytes(e.file_name().to_bytes()).to_os_string())
+            .filter(|n| n != "." && n != "..")
+            .collect(),
+        Err(_) => return,
+    };
+    for name in names {
+        let child = path.join(&name);
+        match open_dir_nofollow(Some(&dir), &name) {
+            Some(sub) => {
+                // A mount point: by the mount table, or (a mount made since) by its device.
+                let other_fs = nix::sys::stat::fstat(sub.as_raw_fd()).map_or(true, |s| s.st_dev != dev);
+                if other_fs || mounted.contains(&child) {
+                    tracing::warn!(path = ?child, "still mounted: left in place");
+                    continue;
+                }
+                remove_entries(sub, &child, mounted);
+                let _ = unlinkat(Some(dir.as_raw_fd()), name.as_os_str(), UnlinkatFlags::RemoveDir);
+            }
+            None => {
+                let _ = unlinkat(Some(dir.as_raw_fd()), name.as_os_str(), UnlinkatFlags::NoRemoveDir);
             }
         }
-        let _ = std::fs::remove_dir(path);
-    } else {
-        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -256,6 +282,28 @@ mod tests {
         assert_eq!(unescape_mountinfo(r"/run/a\040b"), "/run/a b");
         assert_eq!(unescape_mountinfo(r"/x\134y"), r"/x\y");
         assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+
+    /// Links in the tree (to a directory and to a file outside it) go as names; what they point
+    /// at stays.
+    #[test]
+    fn removing_a_tree_removes_links_not_their_targets() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep"), "host").unwrap();
+        let top = tempfile::tempdir().unwrap();
+        let tree = top.path().join("pod");
+        std::fs::create_dir_all(tree.join("vm/run/deep")).unwrap();
+        std::fs::write(tree.join("vm/run/deep/file"), "x").unwrap();
+        std::os::unix::fs::symlink(outside.path(), tree.join("vm/run/dir-link")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("keep"), tree.join("vm/file-link")).unwrap();
+        remove_tree(&tree);
+        assert!(!tree.exists(), "the tree is gone");
+        assert_eq!(std::fs::read_to_string(outside.path().join("keep")).unwrap(), "host");
+        // A tree that is itself a link: the link goes, not its target's content.
+        std::os::unix::fs::symlink(outside.path(), &tree).unwrap();
+        remove_tree(&tree);
+        assert!(std::fs::symlink_metadata(&tree).is_err());
+        assert!(outside.path().join("keep").exists());
     }
 
     #[test]

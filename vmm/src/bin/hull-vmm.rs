@@ -110,6 +110,13 @@ enum Cmd {
         /// Stay uid 0 with only these capabilities (repeatable; `chown` or `CAP_CHOWN`).
         #[arg(long = "keep-cap", value_parser = hull_vmm::jail::parse_capability)]
         keep_caps: Vec<caps::Capability>,
+        /// Serve a guest's files: uid 0 with only a virtio-fs server's capabilities
+        /// (FS_SERVER_CAPS) and its own /proc/self (implies --proc-self).
+        #[arg(long, conflicts_with_all = ["user", "keep_caps"])]
+        fs_server: bool,
+        /// With --user: the most processes and threads that uid may have (RLIMIT_NPROC).
+        #[arg(long, requires = "user")]
+        max_processes: Option<u64>,
         /// The program (as the jail sees it) and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<std::ffi::OsString>,
@@ -306,14 +313,16 @@ fn main() -> ExitCode {
             let cmdline = kernel_cmdline(cmdline, &append);
             boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp: !no_seccomp, api_socket })
         }
-        Cmd::Jail { root, binds, proc_self, user, keep_caps, command } => {
+        Cmd::Jail { root, binds, proc_self, user, keep_caps, fs_server, max_processes, command } => {
             let user = match user {
                 Some((uid, gid)) => hull_vmm::jail::JailUser::Unprivileged { uid, gid },
+                None if fs_server => hull_vmm::jail::JailUser::Root { keep: hull_vmm::jail::FS_SERVER_CAPS.to_vec() },
                 None => hull_vmm::jail::JailUser::Root { keep: keep_caps },
             };
+            let proc_self = proc_self || fs_server;
             let mut command = command.into_iter();
             let program = command.next().map(PathBuf::from).unwrap_or_default();
-            let config = hull_vmm::jail::JailConfig { root, binds, proc_self, user, program, args: command.collect() };
+            let config = hull_vmm::jail::JailConfig { root, binds, proc_self, user, max_processes, program, args: command.collect() };
             hull_vmm::jail::run(&config).map(|c| code = ExitCode::from(c)).map_err(CliError::from)
         }
         Cmd::Ctl { api_socket, request } => hull_vmm::api::request(&api_socket, &request).map(|reply| println!("{reply}")).map_err(CliError::from),
