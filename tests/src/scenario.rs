@@ -258,6 +258,78 @@ pub fn backend_death(c: &Containerd, device: &str) {
     pod_process_death(c, &format!("{device}dies"), &format!("the vhost-user {device} backend"), |p| p.contains(&needle));
 }
 
+/// A pod process makes a system call its seccomp filters forbid, as a VM process a guest has
+/// subverted would: the test stops the process's main thread with ptrace where it waits in a
+/// system call and points it back at that `syscall` instruction with the number of
+/// `personality` (harmless if it ran: a query that changes nothing, so a process without the
+/// filter carries on). The filter must kill the process with SIGSYS, and the pod must end as
+/// for any death of a pod process. `device`: `vsock` or `fs` for QEMU's backends, None for the
+/// builtin engine's hull-vmm.
+pub fn forbidden_syscall(c: &Containerd, device: Option<&str>) {
+    let what = device.map_or("hull-vmm".to_string(), |d| format!("the vhost-user {d} backend"));
+    step(&format!("forbidden system call in {what}"));
+    let id = format!("{}sigsys", device.unwrap_or("vmm"));
+    let mut run = run_sleeper(c, &id);
+    let needle = device.map(|d| format!(" vhost-user {d} "));
+    let victim = c
+        .pod_processes()
+        .into_iter()
+        .find(|p| p.contains(" jail --root ") && needle.as_ref().map_or(p.contains(" boot "), |n| p.contains(n.as_str())))
+        .unwrap_or_else(|| panic!("no {what} among {:?}", c.pod_processes()));
+    let waiter = victim.split_whitespace().next().expect("a pid");
+    let pid: i32 = jailed_child(waiter).expect("the jailed process").parse().expect("a pid");
+    let signal = inject_personality(pid);
+    assert_eq!(signal, Some(nix::sys::signal::Signal::SIGSYS), "{what} made a forbidden system call and was not killed by its filter ({victim})");
+    let code = exit_code(&mut run, Duration::from_secs(60)).unwrap_or_else(|| panic!("ctr run did not end after {what} was killed by its filter: {}", c.log()));
+    assert!(code.is_some_and(|c| c != 0), "a task whose {what} was killed by its filter reports a non-zero exit, got {code:?}");
+    assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left after {what} was killed: {:?}", c.pod_processes());
+}
+
+/// Makes thread `pid` run `personality(0xffffffff)` from the `syscall` instruction it waits
+/// behind, and returns the signal that ended it (None: it lived on for 10 s).
+fn inject_personality(pid: i32) -> Option<nix::sys::signal::Signal> {
+    use nix::sys::ptrace;
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let thread = nix::unistd::Pid::from_raw(pid);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        ptrace::attach(thread).expect("ptrace attach");
+        waitpid(thread, Some(WaitPidFlag::__WALL)).expect("the attach stop");
+        let mut regs = ptrace::getregs(thread).expect("registers");
+        // Stopped inside a system call, the thread's rip follows its `syscall` (0f 05).
+        let before = ptrace::read(thread, (regs.rip - 2) as ptrace::AddressType).expect("read text") as u64;
+        if before & 0xffff != 0x050f {
+            ptrace::detach(thread, None).expect("detach");
+            assert!(std::time::Instant::now() < deadline, "thread {pid} was never stopped in a system call");
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        regs.rip -= 2;
+        regs.rax = libc::SYS_personality as u64;
+        regs.rdi = 0xffff_ffff;
+        // No restart of the interrupted call: the kernel returns to rip as set.
+        regs.orig_rax = u64::MAX;
+        ptrace::setregs(thread, regs).expect("set registers");
+        ptrace::cont(thread, None).expect("continue");
+        break;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        match waitpid(thread, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Signaled(_, signal, _)) => return Some(signal),
+            Ok(WaitStatus::Exited(..)) => return None,
+            // Another stop (a signal to the thread): pass it on.
+            Ok(WaitStatus::Stopped(_, signal)) => {
+                let _ = ptrace::cont(thread, Some(signal));
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => return None,
+        }
+    }
+    let _ = ptrace::detach(thread, None);
+    None
+}
+
 /// Kills the pod process `is_it` picks (the process its jail runs, which a guest would crash)
 /// under a running task: the task ends with a non-zero status and nothing of the pod is left.
 fn pod_process_death(c: &Containerd, id: &str, what: &str, is_it: impl Fn(&str) -> bool) {

@@ -29,6 +29,16 @@ fn a_dead_vhost_user_backend_ends_its_tasks_with_nothing_left() {
     scenario::backend_death(&c, "fs");
 }
 
+/// A backend a guest subverted makes a system call its filter forbids: the filter kills it and
+/// the pod ends with non-zero exits, nothing left.
+#[test]
+fn a_backend_killed_by_its_seccomp_filter_ends_its_tasks() {
+    require_containerd!();
+    let c = scenario::containerd();
+    scenario::forbidden_syscall(&c, Some("vsock"));
+    scenario::forbidden_syscall(&c, Some("fs"));
+}
+
 #[test]
 fn bad_commands_fail_clearly_and_a_killed_shim_is_cleaned_up() {
     require_containerd!();
