@@ -327,12 +327,12 @@ fn main() -> ExitCode {
         }
         Cmd::Ctl { api_socket, request } => hull_vmm::api::request(&api_socket, &request).map(|reply| println!("{reply}")).map_err(CliError::from),
         Cmd::VhostUser(cmd) => {
-            // Everything a backend does from here on serves a guest: the device workers' filter
-            // on this thread, inherited by every thread the vhost-user daemon starts.
-            hull_vmm::seccomp::device().and_then(|f| f.apply())?;
+            // The device workers' filter, on every thread of the backend once its sockets
+            // listen (before anything reaches it from a guest).
+            let filter = hull_vmm::seccomp::device()?;
             match cmd {
-                VhostUserCmd::Vsock { socket, uds, guest_cid } => hull_vmm::vhost_user::serve_vsock(&socket, &uds, guest_cid).map_err(CliError::from),
-                VhostUserCmd::Fs { socket, shared_dir, tag } => hull_vmm::vhost_user::serve_fs(&socket, &shared_dir, &tag).map_err(CliError::from),
+                VhostUserCmd::Vsock { socket, uds, guest_cid } => hull_vmm::vhost_user::serve_vsock(&socket, &uds, guest_cid, Some(&filter)).map_err(CliError::from),
+                VhostUserCmd::Fs { socket, shared_dir, tag } => hull_vmm::vhost_user::serve_fs(&socket, &shared_dir, &tag, Some(&filter)).map_err(CliError::from),
             }
         }
     });

@@ -46,6 +46,8 @@ impl ExitEvent {
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
     #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error(transparent)]
     Fs(#[from] crate::devices::virtio::fs::FsError),
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
@@ -85,8 +87,14 @@ impl<D: VirtioDevice + Sync + 'static> DeviceDaemon<D> {
     /// Serves one vhost-user connection (one VM) on `socket` until the VM goes away. The socket
     /// is owner-only from the moment it exists (the library's own listener binds with the
     /// umask, which the fs backend clears) and is removed when the VM is gone.
-    pub fn serve(mut self, socket: &Path) -> Result<(), VhostUserError> {
+    pub fn serve(mut self, socket: &Path, filter: Option<&crate::seccomp::Filter>) -> Result<(), VhostUserError> {
         let listener = hull_proto::host_socket::bind_owner_only(socket).map_err(|source| VhostUserError::Listen { socket: socket.into(), source })?;
+        // Everything from here on serves a guest: every thread (the daemon's workers exist
+        // already) under the device filter, which has no calls for making sockets or
+        // directories.
+        if let Some(filter) = filter {
+            filter.apply_all_threads()?;
+        }
         let served = self.daemon.start(&mut Listener::from(listener)).and_then(|()| self.daemon.wait());
         for handler in self.daemon.get_epoll_handlers() {
             handler.send_exit_event();
@@ -101,23 +109,23 @@ impl<D: VirtioDevice + Sync + 'static> DeviceDaemon<D> {
 }
 
 /// Serves the vsock device, its hybrid host side on `uds`, on `socket` until the VM goes away.
-pub fn serve_vsock(socket: &Path, uds: &Path, guest_cid: u64) -> Result<(), VhostUserError> {
+pub fn serve_vsock(socket: &Path, uds: &Path, guest_cid: u64, filter: Option<&crate::seccomp::Filter>) -> Result<(), VhostUserError> {
     let device = VsockDevice::new(guest_cid, uds)?;
     // QEMU's vhost-user-vsock-pci reads the guest CID from the backend.
     let config_space = ConfigSpace::FromBackend { len: device.config().len() };
     let daemon = DeviceDaemon::new("hull-vsock", device, config_space)?;
     tracing::info!(socket = ?socket, uds = ?uds, guest_cid, "vhost-user vsock backend listening");
-    daemon.serve(socket)?;
+    daemon.serve(socket, filter)?;
     tracing::info!(socket = ?socket, "vhost-user vsock backend: the VM disconnected");
     Ok(())
 }
 
 /// Serves a virtio-fs device sharing `shared_dir` on `socket` until the VM goes away. The tag
 /// is for the log: QEMU's `vhost-user-fs-pci,tag=...` tells the guest.
-pub fn serve_fs(socket: &Path, shared_dir: &Path, tag: &str) -> Result<(), VhostUserError> {
+pub fn serve_fs(socket: &Path, shared_dir: &Path, tag: &str, filter: Option<&crate::seccomp::Filter>) -> Result<(), VhostUserError> {
     let daemon = DeviceDaemon::new("hull-fs", FsDevice::new(shared_dir, tag)?, ConfigSpace::FromFrontend)?;
     tracing::info!(socket = ?socket, shared_dir = ?shared_dir, tag, "vhost-user fs backend listening");
-    daemon.serve(socket)?;
+    daemon.serve(socket, filter)?;
     tracing::info!(socket = ?socket, "vhost-user fs backend: the VM disconnected");
     Ok(())
 }
