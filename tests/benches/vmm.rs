@@ -215,14 +215,26 @@ async fn main() {
         println!("SKIP vmm bench: {why}");
         return;
     }
+    // `cargo bench --bench vmm -- jail rss` runs only the rows named (start, jail, vsock, rss).
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let row = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let dir = tempfile::tempdir().expect("tempdir");
-    println!("hull-vmm process start -> first KVM_RUN: {:.1} ms (p50 of 20)", start_to_first_run(dir.path()));
+    if row("start") {
+        println!("hull-vmm process start -> first KVM_RUN: {:.1} ms (p50 of 20)", start_to_first_run(dir.path()));
+    }
 
-    let (jailed, direct) = jailed_vs_unjailed(dir.path()).await;
-    println!("pod VM start -> agent ready (QEMU/{:?}, with a share), p50 of 5: jailed {jailed:.2} s, unjailed {direct:.2} s, jailed/unjailed = {:.2}", Host::probe().qemu_accel().0, jailed / direct);
+    if row("jail") {
+        let (jailed, direct) = jailed_vs_unjailed(dir.path()).await;
+        println!("pod VM start -> agent ready (QEMU/{:?}, with a share), p50 of 5: jailed {jailed:.2} s, unjailed {direct:.2} s, jailed/unjailed = {:.2}", Host::probe().qemu_accel().0, jailed / direct);
+    }
 
-    let (out_rate, in_rate) = vsock_throughput(dir.path()).await;
-    println!("vsock through the vhost-user backend (QEMU/{:?}), {MIB} MiB: guest->host {out_rate:.0} MB/s, host->guest {in_rate:.0} MB/s", Host::probe().qemu_accel().0);
+    if row("vsock") {
+        let (out_rate, in_rate) = vsock_throughput(dir.path()).await;
+        println!("vsock through the vhost-user backend (QEMU/{:?}), {MIB} MiB: guest->host {out_rate:.0} MB/s, host->guest {in_rate:.0} MB/s", Host::probe().qemu_accel().0);
+    }
+    if !row("rss") {
+        return;
+    }
 
     let q = dir.path().join("qemu");
     let b = dir.path().join("builtin");

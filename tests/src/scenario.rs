@@ -161,9 +161,11 @@ pub fn jailed_child(pid: &str) -> Option<String> {
 /// Every host process of the namespace's pods (QEMU and its vhost-user backends, or hull-vmm;
 /// each a `hull-vmm jail` and the process it jails) is confined: every thread under a seccomp
 /// filter (`Seccomp: 2`) with no_new_privs; a root that is the jail (the host's /etc is not
-/// there), its own mount, network and pid namespaces (PID 1 in its own); an unprivileged uid,
-/// or uid 0 with at most a file server's capabilities (only a process serving the share), and
-/// none at all for the jail's waiter; and the cgroup of the pod's VM.
+/// there), its own mount, network and pid namespaces (PID 1 in its own); the pod's own
+/// unprivileged uid (no other pod's) with its process limit, or uid 0 with at most a file
+/// server's capabilities (only a process serving the share, and in hull-vmm only its virtio-fs
+/// worker thread: every other thread has the pod's uid and no capabilities), and none at all
+/// for the jail's waiter; its open-files limit; and the cgroup of the pod's VM.
 pub fn every_vm_process_is_jailed(c: &Containerd) {
     let processes = c.pod_processes();
     assert!(!processes.is_empty(), "no VM process to check");
@@ -211,21 +213,38 @@ pub fn every_vm_process_is_jailed(c: &Containerd) {
         let ns_pid = field(&st, "NSpid:");
         assert!(ns_pid.ends_with("\t1") || ns_pid.ends_with(" 1"), "the jailed process is PID 1 of its own pid namespace, NSpid {ns_pid:?}: {line}");
         let uid = field(&st, "Uid:");
-        let unprivileged = uid.split_whitespace().all(|u| u != "0");
-        let (eff, bnd) = (caps(&st, "CapEff:"), caps(&st, "CapBnd:"));
         assert_eq!(limit(&child, "Max open files"), open_files.to_string(), "the jailed process's RLIMIT_NOFILE: {line}");
-        if unprivileged {
-            assert_eq!((eff, caps(&st, "CapPrm:")), (0, 0), "an unprivileged jailed process with capabilities: {line}");
-            assert_eq!(limit(&child, "Max processes"), defaults.jail_max_processes.to_string(), "the pod uid's RLIMIT_NPROC: {line}");
-            let real_uid = uid.split_whitespace().next().unwrap_or_default().to_string();
-            let pod = line.split(" --root ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_default().to_string();
-            assert_eq!(uid_of_pod.entry(pod.clone()).or_insert_with(|| real_uid.clone()), &real_uid, "one pod's unprivileged processes share its uid: {line}");
+        let pod = line.split(" --root ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_default().to_string();
+        // The pod's uid, the same for all its unprivileged processes and threads, no other pod's.
+        let mut pod_uid = |real_uid: String, what: &str| {
+            assert_eq!(uid_of_pod.entry(pod.clone()).or_insert_with(|| real_uid.clone()), &real_uid, "one pod's unprivileged processes share its uid: {what} of {line}");
             let others: Vec<&String> = uid_of_pod.iter().filter(|(p, u)| **p != pod && **u == real_uid).map(|(p, _)| p).collect();
             assert!(others.is_empty(), "pods {pod} and {others:?} share jail uid {real_uid}");
-        } else {
-            assert!(line.contains("/share:") || line.contains(":/share"), "only a process serving the share stays uid 0: {line} (Uid {uid})");
-            assert_eq!(eff & !fs_server_caps, 0, "uid 0 in the jail with capabilities beyond a file server's: {eff:x} ({line})");
-            assert_eq!(bnd & !fs_server_caps, 0, "bounding set beyond a file server's: {bnd:x} ({line})");
+        };
+        if line.contains(" --user ") {
+            assert!(uid.split_whitespace().all(|u| u != "0"), "a jail with --user runs as root: {line}");
+            assert_eq!((caps(&st, "CapEff:"), caps(&st, "CapPrm:")), (0, 0), "an unprivileged jailed process with capabilities: {line}");
+            assert_eq!(limit(&child, "Max processes"), defaults.jail_max_processes.to_string(), "the pod uid's RLIMIT_NPROC: {line}");
+            pod_uid(uid.split_whitespace().next().unwrap_or_default().to_string(), "the process");
+            continue;
+        }
+        assert!(line.contains(" --fs-server ") && (line.contains("/share:") || line.contains(":/share")), "only a process serving the share stays uid 0: {line} (Uid {uid})");
+        assert_eq!(caps(&st, "CapBnd:") & !fs_server_caps, 0, "bounding set beyond a file server's: {line}");
+        // Threads keep their own credentials: a vhost-user fs backend's every thread serves
+        // files; in hull-vmm only the virtio-fs worker does, and every other thread (vCPUs,
+        // the other devices, main) has given up root for the pod's uid.
+        let builtin = line.contains(" boot ");
+        for task in std::fs::read_dir(format!("/proc/{child}/task")).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>()).unwrap_or_default() {
+            let st = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+            let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default().trim().to_string();
+            let (eff, prm) = (caps(&st, "CapEff:"), caps(&st, "CapPrm:"));
+            if !builtin || comm.starts_with("virtio-fs") {
+                assert_eq!((eff | prm) & !fs_server_caps, 0, "thread {comm} serving files has capabilities beyond a file server's: {eff:x} ({line})");
+            } else {
+                let uid = field(&st, "Uid:");
+                assert!(uid.split_whitespace().all(|u| u != "0") && (eff, prm) == (0, 0), "hull-vmm thread {comm} serves the guest as root (Uid {uid}, CapEff {eff:x}): {line}");
+                pod_uid(uid.split_whitespace().next().unwrap_or_default().to_string(), &comm);
+            }
         }
     }
 }

@@ -112,7 +112,7 @@ pub fn start(config: VmConfig) -> Result<RunningVm, BootError> {
     if config.vcpus == 0 || config.vcpus == 255 {
         return Err(BootError::Vcpus(config.vcpus));
     }
-    let filters = if config.seccomp { Some(crate::seccomp::VmFilters::new()?) } else { None };
+    let filters = if config.seccomp { Some(crate::seccomp::VmFilters::new(config.thread_user)?) } else { None };
     let memory = crate::vstate::memory::create(config.memory_mib)?;
     let vm = Vm::new(memory)?;
 

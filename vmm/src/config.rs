@@ -21,6 +21,9 @@ pub struct VmConfig {
     pub devices: Devices,
     /// Install seccomp filters on the vCPU and device threads (off only for debugging).
     pub seccomp: bool,
+    /// With seccomp: the unprivileged uid and gid every thread but the virtio-fs workers takes
+    /// before its filter (a hull-vmm that runs as root only to serve a share).
+    pub thread_user: Option<(u32, u32)>,
 }
 
 /// The virtio devices of a VM. The guest sees disks first (vda, vdb, ... in this order), then

@@ -134,7 +134,7 @@ pub fn attach_vsock(pending: &mut PendingVirtio, vsock: &VsockConfig) -> Result<
 pub fn attach_fs(pending: &mut PendingVirtio, share: &ShareConfig) -> Result<(), AttachError> {
     let name = format!("fs-{}", share.tag);
     let device = virtio::fs::FsDevice::new(&share.dir, &share.tag).map_err(|source| AttachError::Fs { name: name.clone(), source })?;
-    pending.add(name, device);
+    pending.add_file_server(name, device);
     Ok(())
 }
 
@@ -148,12 +148,19 @@ pub fn attach_rng(pending: &mut PendingVirtio) {
 /// many devices fails before a single device worker has started.
 #[derive(Default)]
 pub struct PendingVirtio {
-    devices: Vec<(String, Arc<Mutex<dyn VirtioDevice>>)>,
+    /// Each device, and whether its worker keeps the process's privileges (see `add_file_server`).
+    devices: Vec<(String, Arc<Mutex<dyn VirtioDevice>>, bool)>,
 }
 
 impl PendingVirtio {
     pub fn add(&mut self, name: String, device: impl VirtioDevice + 'static) {
-        self.devices.push((name, Arc::new(Mutex::new(device))));
+        self.devices.push((name, Arc::new(Mutex::new(device)), false));
+    }
+
+    /// A device whose worker acts as the guest's file owners (virtio-fs): the one thread that
+    /// keeps uid 0 and the file server's capabilities when the others give them up.
+    pub fn add_file_server(&mut self, name: String, device: impl VirtioDevice + 'static) {
+        self.devices.push((name, Arc::new(Mutex::new(device)), true));
     }
 
     /// Puts each device on the MMIO bus (its transport, irqfd and ioeventfds) and returns the
@@ -163,12 +170,13 @@ impl PendingVirtio {
             return Err(AttachError::TooManyDevices { asked: self.devices.len(), max: VIRTIO_IRQS.len() });
         }
         let mut words = Vec::new();
-        for (i, (name, device)) in self.devices.into_iter().enumerate() {
+        for (i, (name, device, file_server)) in self.devices.into_iter().enumerate() {
             let base = layout::MMIO_GAP_START + i as u64 * virtio::mmio::MMIO_LEN;
             let irq = VIRTIO_IRQS[i];
             let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| AttachError::EventFd { name: name.clone(), source })?;
             vm.fd.register_irqfd(&irqfd, irq).map_err(|source| AttachError::Irqfd { name: name.clone(), source })?;
-            let transport = MmioTransport::new(&name, device, vm.memory.clone(), InterruptLine::new(irqfd), seccomp.cloned())
+            let filter = seccomp.map(|f| if file_server { f.keeping_privileges() } else { f.clone() });
+            let transport = MmioTransport::new(&name, device, vm.memory.clone(), InterruptLine::new(irqfd), filter)
                 .map_err(|source| AttachError::Transport { name: name.clone(), source })?;
             for (q, evt) in transport.queue_evts().iter().enumerate() {
                 let addr = kvm_ioctls::IoEventAddress::Mmio(base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));

@@ -22,6 +22,8 @@ pub enum SeccompError {
     Build { which: &'static str, source: seccompiler::BackendError },
     #[error("Cannot install the seccomp filter: {0}.")]
     Apply(#[source] seccompiler::Error),
+    #[error("A thread cannot give up root before its filter ({what}): {source}.")]
+    Privileges { what: &'static str, source: std::io::Error },
 }
 
 /// A compiled filter, ready to install on the calling thread.
@@ -30,10 +32,28 @@ pub struct Filter {
     which: &'static str,
     /// Installed in order; the kernel runs them all and the strictest answer wins.
     programs: Vec<BpfProgram>,
+    /// The unprivileged uid and gid the thread takes before its filter (`run_as`).
+    run_as: Option<(u32, u32)>,
 }
 
 impl Filter {
+    /// This filter, applied by a thread that first gives up root for `uid:gid` and with it
+    /// every capability. Credentials are per thread in Linux: a hull-vmm that must stay uid 0
+    /// for its virtio-fs worker (the guest's file owners) keeps root on that thread alone.
+    pub fn run_as(mut self, ids: Option<(u32, u32)>) -> Filter {
+        self.run_as = ids;
+        self
+    }
+
+    /// This filter for a thread that keeps the process's privileges (the virtio-fs worker).
+    pub fn keeping_privileges(&self) -> Filter {
+        Filter { run_as: None, ..self.clone() }
+    }
+
     pub fn apply(&self) -> Result<(), SeccompError> {
+        if let Some((uid, gid)) = self.run_as {
+            drop_thread_privileges(uid, gid)?;
+        }
         for program in &self.programs {
             seccompiler::apply_filter(program).map_err(SeccompError::Apply)?;
         }
@@ -55,12 +75,26 @@ impl Filter {
     }
 }
 
+/// The calling thread (only it: the raw system calls, not glibc's, which change every thread)
+/// leaves its supplementary groups and becomes `uid:gid`; leaving uid 0 clears its permitted
+/// and effective capabilities, and without CAP_SETUID it cannot come back.
+fn drop_thread_privileges(uid: u32, gid: u32) -> Result<(), SeccompError> {
+    let check = |what, r: libc::c_long| if r == 0 { Ok(()) } else { Err(SeccompError::Privileges { what, source: std::io::Error::last_os_error() }) };
+    // SAFETY: setgroups with an empty list reads no memory.
+    check("setgroups", unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) })?;
+    // SAFETY: setresgid and setresuid take plain integers.
+    check("setresgid", unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) })?;
+    // SAFETY: as above.
+    check("setresuid", unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) })?;
+    Ok(())
+}
+
 fn compile(which: &'static str, syscalls: &[i64], mismatch: SeccompAction, matched: SeccompAction) -> Result<Filter, SeccompError> {
     let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = syscalls.iter().map(|&nr| (nr, Vec::new())).collect();
     let err = |source| SeccompError::Build { which, source };
     let filter = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64).map_err(err)?;
     let program = BpfProgram::try_from(filter).map_err(err)?;
-    Ok(Filter { which, programs: vec![program] })
+    Ok(Filter { which, programs: vec![program], run_as: None })
 }
 
 /// What every hull-vmm thread does after set-up: memory, futexes, signals, time, logging.
@@ -118,7 +152,7 @@ pub fn vcpu() -> Result<Filter, SeccompError> {
     rules.insert(libc::SYS_ioctl, ioctls);
     let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64).map_err(err)?;
     let program = BpfProgram::try_from(filter).map_err(err)?;
-    Ok(Filter { which, programs: vec![program] })
+    Ok(Filter { which, programs: vec![program], run_as: None })
 }
 
 /// The main thread once the vCPUs run: it waits for the VM's end, kicks the vCPUs out of
@@ -272,7 +306,7 @@ pub fn device() -> Result<Filter, SeccompError> {
     let no_clone3 = SeccompFilter::new([(libc::SYS_clone3, Vec::new())].into(), SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), TargetArch::x86_64).map_err(err)?;
     // The ENOSYS filter first: the allowlist, installed under it, needs no seccomp(2) itself.
     let programs = vec![BpfProgram::try_from(no_clone3).map_err(err)?, BpfProgram::try_from(allow).map_err(err)?];
-    Ok(Filter { which, programs })
+    Ok(Filter { which, programs, run_as: None })
 }
 const DEVICE_MISMATCH: SeccompAction = SeccompAction::KillProcess;
 
@@ -285,8 +319,9 @@ pub struct VmFilters {
 }
 
 impl VmFilters {
-    pub fn new() -> Result<VmFilters, SeccompError> {
-        Ok(VmFilters { vcpu: vcpu()?, main: main_thread()?, device: device()? })
+    /// `run_as`: the ids every thread but a file server's takes first (see `Filter::run_as`).
+    pub fn new(run_as: Option<(u32, u32)>) -> Result<VmFilters, SeccompError> {
+        Ok(VmFilters { vcpu: vcpu()?.run_as(run_as), main: main_thread()?.run_as(run_as), device: device()?.run_as(run_as) })
     }
 }
 

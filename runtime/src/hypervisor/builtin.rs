@@ -56,6 +56,13 @@ impl Builtin {
             arg.push(dir);
             args.push("--share".into());
             args.push(arg);
+            if let Some(jail) = spec.jail {
+                // Serving the share keeps the process uid 0 with a file server's capabilities;
+                // every thread but the virtio-fs worker's (the vCPUs, the other devices) gives
+                // them up for the pod's uid before it serves the guest.
+                args.push("--thread-user".into());
+                args.push(format!("{}:{}", jail.uid, jail.gid).into());
+            }
         }
         args.extend(spec.vmm_extra.iter().map(OsString::from));
         let needs = Needs { kernel: true, kvm: true, share: spec.share.is_some() };

@@ -77,6 +77,10 @@ enum Cmd {
         /// Run without seccomp filters (for debugging only).
         #[arg(long)]
         no_seccomp: bool,
+        /// UID:GID every thread but the virtio-fs workers' takes before its filter: a hull-vmm
+        /// run as root only to serve a share keeps root on those threads alone.
+        #[arg(long, value_parser = parse_ids, conflicts_with = "no_seccomp")]
+        thread_user: Option<(u32, u32)>,
         /// Serve the control API (state, pause, resume, stop) on this unix socket.
         #[arg(long)]
         api_socket: Option<PathBuf>,
@@ -257,10 +261,11 @@ struct BootArgs {
     console: PathBuf,
     devices: Devices,
     seccomp: bool,
+    thread_user: Option<(u32, u32)>,
     api_socket: Option<PathBuf>,
 }
 
-fn boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp, api_socket }: BootArgs) -> Result<(), CliError> {
+fn boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp, thread_user, api_socket }: BootArgs) -> Result<(), CliError> {
     let console: Box<dyn std::io::Write + Send> = if console.as_os_str() == "-" {
         // fd 1 itself, unbuffered: std's stdout would hold a partial line (a prompt, the last
         // words before a hang) until a newline that may never come.
@@ -269,12 +274,12 @@ fn boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devic
     } else {
         Box::new(std::fs::File::create(&console).map_err(|source| CliError::Console { path: console.clone(), source })?)
     };
-    let config = VmConfig { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp };
+    let config = VmConfig { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp, thread_user };
     let listener = api_socket.as_deref().map(hull_vmm::api::bind).transpose()?;
     let vm = hull_vmm::builder::start(config)?;
     if let Some(listener) = listener {
         let controller = vm.controller();
-        let filter = if seccomp { Some(hull_vmm::seccomp::api_thread()?) } else { None };
+        let filter = if seccomp { Some(hull_vmm::seccomp::api_thread()?.run_as(thread_user)) } else { None };
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
@@ -288,7 +293,7 @@ fn boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devic
     }
     if seccomp {
         // Everything this thread still does is waiting for the VM's end and tearing it down.
-        hull_vmm::seccomp::main_thread().and_then(|f| f.apply())?;
+        hull_vmm::seccomp::main_thread().and_then(|f| f.run_as(thread_user).apply())?;
     }
     let exit = vm.wait()?;
     tracing::info!(?exit, "the guest ended the VM");
@@ -307,11 +312,11 @@ fn main() -> ExitCode {
     // The limit first: nothing the subcommand opens comes before it.
     let mut code = ExitCode::SUCCESS;
     let result = cli.open_files.map_or(Ok(()), limit_open_files).and_then(|()| match cli.cmd {
-        Cmd::Boot { kernel, initramfs, cmdline, append, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, shares, rng, no_seccomp, api_socket } => {
+        Cmd::Boot { kernel, initramfs, cmdline, append, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, shares, rng, no_seccomp, thread_user, api_socket } => {
             let vsock = vsock_uds.map(|uds| VsockConfig { guest_cid, uds });
             let devices = Devices { disks, nics, vsock, shares, rng };
             let cmdline = kernel_cmdline(cmdline, &append);
-            boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp: !no_seccomp, api_socket })
+            boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp: !no_seccomp, thread_user, api_socket })
         }
         Cmd::Jail { root, binds, proc_self, user, keep_caps, fs_server, max_processes, command } => {
             let user = match user {
