@@ -148,19 +148,25 @@ pub fn attach_rng(pending: &mut PendingVirtio) {
 /// many devices fails before a single device worker has started.
 #[derive(Default)]
 pub struct PendingVirtio {
-    /// Each device, and whether its worker keeps the process's privileges (see `add_file_server`).
-    devices: Vec<(String, Arc<Mutex<dyn VirtioDevice>>, bool)>,
+    devices: Vec<PendingDevice>,
+}
+
+struct PendingDevice {
+    name: String,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    /// Its worker keeps the process's privileges (see `PendingVirtio::add_file_server`).
+    file_server: bool,
 }
 
 impl PendingVirtio {
     pub fn add(&mut self, name: String, device: impl VirtioDevice + 'static) {
-        self.devices.push((name, Arc::new(Mutex::new(device)), false));
+        self.devices.push(PendingDevice { name, device: Arc::new(Mutex::new(device)), file_server: false });
     }
 
     /// A device whose worker acts as the guest's file owners (virtio-fs): the one thread that
     /// keeps uid 0 and the file server's capabilities when the others give them up.
     pub fn add_file_server(&mut self, name: String, device: impl VirtioDevice + 'static) {
-        self.devices.push((name, Arc::new(Mutex::new(device)), true));
+        self.devices.push(PendingDevice { name, device: Arc::new(Mutex::new(device)), file_server: true });
     }
 
     /// Puts each device on the MMIO bus (its transport, irqfd and ioeventfds) and returns the
@@ -170,7 +176,7 @@ impl PendingVirtio {
             return Err(AttachError::TooManyDevices { asked: self.devices.len(), max: VIRTIO_IRQS.len() });
         }
         let mut words = Vec::new();
-        for (i, (name, device, file_server)) in self.devices.into_iter().enumerate() {
+        for (i, PendingDevice { name, device, file_server }) in self.devices.into_iter().enumerate() {
             let base = layout::MMIO_GAP_START + i as u64 * virtio::mmio::MMIO_LEN;
             let irq = VIRTIO_IRQS[i];
             let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| AttachError::EventFd { name: name.clone(), source })?;

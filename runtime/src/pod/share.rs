@@ -78,7 +78,7 @@ pub fn bind_into(source: &Path, target: &Path, bind: Bind) -> Result<(), nix::Er
     // HOST_TO_CONTAINER), and nothing done to the copy (the shim's unmounts when the container
     // goes) ever propagates back to the host, which it would as a peer of a shared source
     // (open_tree's clone joins the source's peer group).
-    let attr = libc::mount_attr { attr_set, attr_clr: 0, propagation: libc::MS_SLAVE as u64, userns_fd: 0 };
+    let attr = libc::mount_attr { attr_set, attr_clr: 0, propagation: libc::MS_SLAVE, userns_fd: 0 };
     let empty = c"";
     // SAFETY: mount_setattr reads `attr` (its size passed) and the empty path; tree is open.
     let r = unsafe {
