@@ -189,6 +189,7 @@ pub fn every_vm_process_is_jailed(c: &Containerd) {
     let open_files = defaults.vm_open_files.min(inherited.rlim_max);
     // The unprivileged uid each pod's processes run as (a pod is its jail root's directory).
     let mut uid_of_pod: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let mut roots = std::collections::HashSet::new();
     for line in jails {
         let waiter = line.split_whitespace().next().unwrap_or_default().to_string();
         let child = jailed_child(&waiter).unwrap_or_else(|| panic!("no jailed process under {line}"));
@@ -214,13 +215,19 @@ pub fn every_vm_process_is_jailed(c: &Containerd) {
         assert!(ns_pid.ends_with("\t1") || ns_pid.ends_with(" 1"), "the jailed process is PID 1 of its own pid namespace, NSpid {ns_pid:?}: {line}");
         let uid = field(&st, "Uid:");
         assert_eq!(limit(&child, "Max open files"), open_files.to_string(), "the jailed process's RLIMIT_NOFILE: {line}");
-        let pod = line.split(" --root ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_default().to_string();
+        // The pod's directory: the jail's root is `<pod>/vm/root/<role>`.
+        let pod = line.split(" --root ").nth(1).and_then(|r| r.split("/vm/root").next()).unwrap_or_default().to_string();
         // The pod's uid, the same for all its unprivileged processes and threads, no other pod's.
         let mut pod_uid = |real_uid: String, what: &str| {
             assert_eq!(uid_of_pod.entry(pod.clone()).or_insert_with(|| real_uid.clone()), &real_uid, "one pod's unprivileged processes share its uid: {what} of {line}");
             let others: Vec<&String> = uid_of_pod.iter().filter(|(p, u)| **p != pod && **u == real_uid).map(|(p, _)| p).collect();
             assert!(others.is_empty(), "pods {pod} and {others:?} share jail uid {real_uid}");
         };
+        // A root of its own: nothing of a sibling's binds, not even a mount point.
+        assert!(roots.insert(line.split(" --root ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_default().to_string()), "two jails share a root: {line}");
+        if !line.contains(" --fs-server ") {
+            assert!(!std::path::Path::new(&format!("/proc/{child}/root/share")).exists(), "a process that serves no share sees /share in its root: {line}");
+        }
         if line.contains(" --user ") {
             assert!(uid.split_whitespace().all(|u| u != "0"), "a jail with --user runs as root: {line}");
             assert_eq!((caps(&st, "CapEff:"), caps(&st, "CapPrm:")), (0, 0), "an unprivileged jailed process with capabilities: {line}");

@@ -66,7 +66,7 @@ impl Builtin {
         }
         args.extend(spec.vmm_extra.iter().map(OsString::from));
         let needs = Needs { kernel: true, kvm: true, share: spec.share.is_some() };
-        let mut cmd = at.command(&self.vmm, args, needs)?;
+        let mut cmd = at.command("vmm", &self.vmm, args, needs)?;
         if let Some(nic) = &spec.nic {
             pass_tap(&mut cmd, nic.tap_fd);
         }

@@ -5,7 +5,8 @@
 //! process is.
 //!
 //! ```text
-//! <vm dir>/root/   the jail's `/` (mount points only, created by the jail in its own namespace)
+//! <vm dir>/root/R/ the `/` of the jail of role R (vmm, qemu, vhost-user-fs, ...): mount points
+//!                  only, created by the jail in its own namespace
 //! <vm dir>/run/    the VM's sockets, the jail's `/run`: owned by the jail's uid
 //! ```
 
@@ -113,8 +114,10 @@ impl Placement<'_> {
     }
 
     /// The command that runs `program` (a host path; a bare name is looked up in PATH) with
-    /// `args`, jailed for `needs` unless the VM runs unjailed.
-    pub fn command(&self, program: &Path, args: Vec<OsString>, needs: Needs) -> Result<Command, HypervisorError> {
+    /// `args`, jailed for `needs` unless the VM runs unjailed. `role` names the process's own
+    /// jail root (`<vm dir>/root/<role>/`): no process sees even the mount points of another's
+    /// binds.
+    pub fn command(&self, role: &str, program: &Path, args: Vec<OsString>, needs: Needs) -> Result<Command, HypervisorError> {
         let Some(jail) = self.spec.jail else {
             let mut cmd = Command::new(program);
             cmd.args(args);
@@ -125,13 +128,18 @@ impl Placement<'_> {
         // to its own); any other is bound in at the root.
         let system = SYSTEM_DIRS.iter().any(|d| program.starts_with(d));
         let inside = if system { program.clone() } else { Path::new("/").join(program.file_name().unwrap_or("program".as_ref())) };
+        let root = self.dir.jail_root().join(role);
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().mode(0o755).create(&root).or_else(|e| if e.kind() == std::io::ErrorKind::AlreadyExists { Ok(()) } else { Err(e) }).map_err(|source| HypervisorError::Dir { path: root.clone(), source })?;
+        }
         let mut cmd = Command::new(self.vmm);
         cmd.args(["--log-level", "warn"]);
         if self.spec.open_files > 0 {
             // Inherited by the jailed process (QEMU has no limit of its own).
             cmd.args(["--open-files", &self.spec.open_files.to_string()]);
         }
-        cmd.args(["jail", "--root"]).arg(self.dir.jail_root());
+        cmd.args(["jail", "--root"]).arg(&root);
         let mut bind = |source: &Path, target: &Path, ro: bool| {
             let mut arg = OsString::from(source);
             arg.push(":");
@@ -227,7 +235,7 @@ pub fn check(vmm: &Path, jail: Jail, scratch: &Path) -> Result<String, Hyperviso
     std::fs::create_dir_all(scratch).map_err(|source| HypervisorError::Dir { path: scratch.into(), source })?;
     let result = prepare_dirs(&spec, &dir).and_then(|()| {
         let at = Placement { spec: &spec, dir: &dir, vmm };
-        let mut cmd = at.command(vmm, vec!["--version".into()], Needs::default())?;
+        let mut cmd = at.command("check", vmm, vec!["--version".into()], Needs::default())?;
         let out = cmd.as_std_mut().output().map_err(|source| HypervisorError::Spawn { what: "hull-vmm jail", source })?;
         let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
         if out.status.success() {

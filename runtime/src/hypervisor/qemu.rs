@@ -27,7 +27,7 @@ impl Qemu {
         let host_socket = dir.run().join(socket);
         let mut all: Vec<OsString> = ["--log-level", "warn", "--open-files", &spec.open_files.to_string(), "vhost-user"].iter().map(OsString::from).collect();
         all.extend(args);
-        let mut cmd = at.command(&self.vmm, all, needs)?;
+        let mut cmd = at.command(log.trim_end_matches(".log"), &self.vmm, all, needs)?;
         let backend = Watched::spawn(&mut cmd, what, &Logs { dir, stdout: None, stderr: log, cap: spec.log_cap })?;
         // The backend creates its socket when it listens (owner-only from the start, see
         // hull_proto::host_socket); nothing announces it otherwise.
@@ -117,7 +117,7 @@ impl Qemu {
         args.extend(spec.vmm_extra.iter().map(OsString::from));
         // QEMU serves no share itself: it runs unprivileged.
         let needs = Needs { kernel: true, kvm: self.accel == Accel::Kvm, share: false };
-        let mut cmd = at.command(&self.qemu, args, needs)?;
+        let mut cmd = at.command("qemu", &self.qemu, args, needs)?;
         if let Some(nic) = &spec.nic {
             pass_tap(&mut cmd, nic.tap_fd);
         }
