@@ -55,7 +55,7 @@ pub fn check(config: Option<&Path>) -> Result<i32, CliError> {
         Some(jail) => {
             let scratch = std::env::temp_dir().join(format!("hull-check-jail.{}", std::process::id()));
             match hull_runtime::hypervisor::jail::check(&cfg.vmm, jail, &scratch) {
-                Ok(_) => line(true, "jail", format!("pod VM processes run in their own namespaces and root, as {}:{} or (serving the share) uid 0 with a file server's capabilities", jail.uid, jail.gid), true),
+                Ok(_) => line(true, "jail", format!("pod VM processes run in their own namespaces and root, each pod as its own uid from {} ({} of them, gid {}, at most {} processes) or (serving the share) uid 0 with a file server's capabilities", jail.uid, cfg.jail_uids, jail.gid, jail.max_processes), true),
                 Err(e) => line(false, "jail", format!("{e} (set jail = false to run pod processes unconfined)"), true),
             }
         }

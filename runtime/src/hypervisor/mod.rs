@@ -141,7 +141,7 @@ impl VmDir {
     pub fn run(&self) -> PathBuf {
         self.0.join("run")
     }
-    /// The jail's root.
+    /// Where the jails' roots are, one directory per VM process (`jail::Placement::command`).
     pub fn jail_root(&self) -> PathBuf {
         self.0.join("root")
     }
