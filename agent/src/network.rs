@@ -112,12 +112,26 @@ pub async fn apply(interfaces: &[Interface], routes: &[Route]) -> Result<(), Net
     r
 }
 
-async fn apply_with(handle: &Handle, interfaces: &[Interface], routes: &[Route]) -> Result<(), NetworkError> {
-    let apply_err = |what: String| move |source: rtnetlink::Error| NetworkError::Apply { what, source };
+/// Sets `lo` up in the caller's network namespace (a sandbox's own on a host, the VM's).
+pub async fn loopback_up() -> Result<(), NetworkError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(NetworkError::Connect)?;
+    let conn = tokio::spawn(conn);
+    let r = lo_up(&handle).await;
+    conn.abort();
+    r
+}
+
+async fn lo_up(handle: &Handle) -> Result<(), NetworkError> {
     let links: Vec<LinkMessage> = handle.link().get().execute().try_collect().await?;
     if let Some(lo) = links.iter().find(|l| name_of(l) == Some("lo")) {
-        handle.link().set(LinkUnspec::new_with_index(lo.header.index).up().build()).execute().await.map_err(apply_err("lo".into()))?;
+        handle.link().set(LinkUnspec::new_with_index(lo.header.index).up().build()).execute().await.map_err(|source| NetworkError::Apply { what: "lo".into(), source })?;
     }
+    Ok(())
+}
+
+async fn apply_with(handle: &Handle, interfaces: &[Interface], routes: &[Route]) -> Result<(), NetworkError> {
+    let apply_err = |what: String| move |source: rtnetlink::Error| NetworkError::Apply { what, source };
+    lo_up(handle).await?;
     let mut index_of = std::collections::HashMap::new();
     for i in interfaces {
         let mac = parse_mac(&i.name, &i.mac)?;

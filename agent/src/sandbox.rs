@@ -200,32 +200,12 @@ fn pod_init() -> ! {
     }
 }
 
-/// Sets IFF_UP on `lo` in the current network namespace.
-fn loopback_up() -> std::io::Result<()> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    // SAFETY: socket() takes plain integers; the result is checked before use.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: raw is a fresh descriptor that nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own for the call.
-    unsafe {
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
+/// Sets `lo` up in the holder's new network namespace, through netlink as the VM's interfaces
+/// are. A current-thread runtime starts no thread: the holder stays single-threaded for its
+/// fork of the pod's init.
+fn loopback_up() -> Result<(), crate::network::NetworkError> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().map_err(crate::network::NetworkError::Connect)?;
+    rt.block_on(crate::network::loopback_up())
 }
 
 #[cfg(test)]

@@ -387,15 +387,16 @@ async fn sandbox_containers_share_uts_ipc_and_net_and_destroy_ends_the_agent() {
     let (code, msg) = rpc_error(&agent.client.create_sandbox(ctx(), &req).await.map_err(|e| ClientError::rpc("CreateSandbox", e)).unwrap_err());
     assert_eq!(code, ttrpc::Code::ALREADY_EXISTS, "{msg}");
 
-    let ns = "for n in uts ipc net pid; do readlink /proc/self/ns/$n; done; hostname";
+    let ns = "for n in uts ipc net pid; do readlink /proc/self/ns/$n; done; hostname; ip link show lo | grep -q 'LOOPBACK,UP' && echo lo-up || echo lo-down";
     let a = agent.run(&unique_id("pod-a"), &agent.spec(&["sh", "-c", ns])).await.expect("a runs");
     let b = agent.run(&unique_id("pod-b"), &agent.spec(&["sh", "-c", ns])).await.expect("b runs");
     let (a, b): (Vec<&str>, Vec<&str>) = (a.stdout.lines().collect(), b.stdout.lines().collect());
-    assert_eq!(a.len(), 5, "{a:?}");
+    assert_eq!(a.len(), 6, "{a:?}");
     assert_eq!(a[..3], b[..3], "uts, ipc and net are the sandbox's");
     let host_pid = std::fs::read_link("/proc/self/ns/pid").expect("host pidns");
     assert!(a[3] != host_pid.to_string_lossy() && b[3] != host_pid.to_string_lossy(), "each container has its own pid namespace");
     assert_eq!((a[4], b[4]), ("pod-host", "pod-host"));
+    assert_eq!(a[5], "lo-up", "the sandbox's own network has its loopback up");
     let host_net = std::fs::read_link("/proc/self/ns/net").expect("host netns");
     assert_ne!(a[2], host_net.to_string_lossy(), "the sandbox network is not the host's");
 
