@@ -245,7 +245,11 @@ pub fn every_vm_process_is_jailed(c: &Containerd) {
             let st = std::fs::read_to_string(task.join("status")).unwrap_or_default();
             let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default().trim().to_string();
             let (eff, prm) = (caps(&st, "CapEff:"), caps(&st, "CapPrm:"));
-            if !builtin || comm.starts_with("virtio-fs") {
+            // hull-vmm's main thread keeps root too: it runs no device code (it waits for the
+            // VM's end), and a uid change would clear the parent-death signal that ties the VMM
+            // to its jail (`jail_death` checks that tie).
+            let main_thread = task.file_name().is_some_and(|t| t.to_string_lossy() == child);
+            if !builtin || comm.starts_with("virtio-fs") || main_thread {
                 assert_eq!((eff | prm) & !fs_server_caps, 0, "thread {comm} serving files has capabilities beyond a file server's: {eff:x} ({line})");
             } else {
                 let uid = field(&st, "Uid:");
@@ -272,47 +276,91 @@ pub fn every_shim_thread_is_seccompd(c: &Containerd) {
 /// The VMM dies under a running task (a crash, or the OOM killer): the task ends with a
 /// non-zero status and nothing of the pod is left.
 pub fn vmm_death(c: &Containerd) {
-    // The VMM: QEMU, or hull-vmm's `boot` (not its vhost-user backends).
-    let is_vmm = |p: &str| p.split_whitespace().nth(1).is_some_and(|exe| exe.contains("qemu-system") || exe.ends_with("hull-vmm")) && !p.contains(" vhost-user ");
-    pod_process_death(c, "vmmdies", "the VMM", is_vmm);
+    pod_process_death(c, "vmmdies", "the VMM", is_vmm, Death::Killed);
+}
+
+/// The VMM's jail (`hull-vmm jail`, the process the shim watches) is killed: the jailed VMM
+/// must die with it, whatever uid its threads took, and the pod ends as for a VMM death.
+pub fn jail_death(c: &Containerd) {
+    pod_process_death(c, "jaildies", "the VMM", is_vmm, Death::JailKilled);
 }
 
 /// One of QEMU's vhost-user backends (`vsock` or `fs`) dies under a running task: the pod ends
 /// as when its VMM dies.
 pub fn backend_death(c: &Containerd, device: &str) {
     let needle = format!(" vhost-user {device} ");
-    pod_process_death(c, &format!("{device}dies"), &format!("the vhost-user {device} backend"), |p| p.contains(&needle));
+    pod_process_death(c, &format!("{device}dies"), &format!("the vhost-user {device} backend"), |p| p.contains(&needle), Death::Killed);
 }
 
 /// A pod process makes a system call its seccomp filters forbid, as a VM process a guest has
-/// subverted would: the test stops the process's main thread with ptrace where it waits in a
-/// system call and points it back at that `syscall` instruction with the number of
-/// `personality` (harmless if it ran: a query that changes nothing, so a process without the
-/// filter carries on). The filter must kill the process with SIGSYS, and the pod must end as
-/// for any death of a pod process. `device`: `vsock` or `fs` for QEMU's backends, None for the
-/// builtin engine's hull-vmm.
+/// subverted would (see `inject_personality`): the filter must kill it with SIGSYS, and the
+/// pod must end as for any death of a pod process. `device`: `vsock` or `fs` for QEMU's
+/// backends, None for the VMM.
 pub fn forbidden_syscall(c: &Containerd, device: Option<&str>) {
-    let what = device.map_or("hull-vmm".to_string(), |d| format!("the vhost-user {d} backend"));
-    step(&format!("forbidden system call in {what}"));
+    let what = device.map_or("the VMM".to_string(), |d| format!("the vhost-user {d} backend"));
     let id = format!("{}sigsys", device.unwrap_or("vmm"));
-    let mut run = run_sleeper(c, &id);
-    let needle = device.map(|d| format!(" vhost-user {d} "));
-    let victim = c
-        .pod_processes()
-        .into_iter()
-        .find(|p| p.contains(" jail --root ") && needle.as_ref().map_or(p.contains(" boot "), |n| p.contains(n.as_str())))
-        .unwrap_or_else(|| panic!("no {what} among {:?}", c.pod_processes()));
+    match device {
+        Some(d) => {
+            let needle = format!(" vhost-user {d} ");
+            pod_process_death(c, &id, &what, |p| p.contains(&needle), Death::ForbiddenSyscall)
+        }
+        None => pod_process_death(c, &id, &what, is_vmm, Death::ForbiddenSyscall),
+    }
+}
+
+/// The VMM: QEMU, or hull-vmm's `boot` (not its vhost-user backends).
+fn is_vmm(p: &str) -> bool {
+    p.split_whitespace().nth(1).is_some_and(|exe| exe.contains("qemu-system") || exe.ends_with("hull-vmm")) && !p.contains(" vhost-user ")
+}
+
+/// How a pod process ends in `pod_process_death`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Death {
+    /// SIGKILL to the jailed process.
+    Killed,
+    /// SIGKILL to its jail, the watched `hull-vmm jail`.
+    JailKilled,
+    /// A system call its filter forbids, made by the jailed process.
+    ForbiddenSyscall,
+}
+
+/// Ends the pod process `is_it` picks (the process its jail runs, which a guest would crash)
+/// under a running task, as `death` says: the task ends with a non-zero status and nothing of
+/// the pod is left.
+fn pod_process_death(c: &Containerd, id: &str, what: &str, is_it: impl Fn(&str) -> bool, death: Death) {
+    let how = match death {
+        Death::Killed => "death of",
+        Death::JailKilled => "killing the jail of",
+        Death::ForbiddenSyscall => "forbidden system call in",
+    };
+    step(&format!("{how} {what}"));
+    let mut run = run_sleeper(c, id);
+    let victim = c.pod_processes().into_iter().find(|p| p.contains(" jail --root ") && is_it(p)).unwrap_or_else(|| panic!("no {what} among {:?}", c.pod_processes()));
     let waiter = victim.split_whitespace().next().expect("a pid");
-    let pid: i32 = jailed_child(waiter).expect("the jailed process").parse().expect("a pid");
-    let signal = inject_personality(pid);
-    assert_eq!(signal, Some(nix::sys::signal::Signal::SIGSYS), "{what} made a forbidden system call and was not killed by its filter ({victim})");
-    let code = exit_code(&mut run, Duration::from_secs(60)).unwrap_or_else(|| panic!("ctr run did not end after {what} was killed by its filter: {}", c.log()));
-    assert!(code.is_some_and(|c| c != 0), "a task whose {what} was killed by its filter reports a non-zero exit, got {code:?}");
-    assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left after {what} was killed: {:?}", c.pod_processes());
+    let pid: i32 = jailed_child(waiter).unwrap_or_else(|| waiter.to_string()).parse().expect("a pid");
+    let kill = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    match death {
+        Death::Killed => kill(pid),
+        Death::JailKilled => {
+            kill(waiter.parse().expect("a pid"));
+            let gone = || std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "));
+            assert!(wait_until(Duration::from_secs(10), gone), "the jailed {what} ({pid}) outlived its jail: {victim}");
+        }
+        Death::ForbiddenSyscall => {
+            let signal = inject_personality(pid);
+            assert_eq!(signal, Some(nix::sys::signal::Signal::SIGSYS), "{what} made a forbidden system call and was not killed by its filter ({victim})");
+        }
+    }
+    let code = exit_code(&mut run, Duration::from_secs(60)).unwrap_or_else(|| panic!("ctr run did not end after {what} died: {}", c.log()));
+    assert!(code.is_some_and(|c| c != 0), "a task whose {what} died reports a non-zero exit, got {code:?}");
+    assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left after {what} died: {:?}", c.pod_processes());
 }
 
 /// Makes thread `pid` run `personality(0xffffffff)` from the `syscall` instruction it waits
-/// behind, and returns the signal that ended it (None: it lived on for 10 s).
+/// behind, as code a guest subverted in that process could: the test stops the thread with
+/// ptrace inside a system call and points it back at that instruction with another number.
+/// `personality` with that argument is a query that changes nothing, so a process whose
+/// filter allowed it carries on. Returns the signal that ended it (None: it lived on for 10 s).
 fn inject_personality(pid: i32) -> Option<nix::sys::signal::Signal> {
     use nix::sys::ptrace;
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -356,16 +404,3 @@ fn inject_personality(pid: i32) -> Option<nix::sys::signal::Signal> {
     None
 }
 
-/// Kills the pod process `is_it` picks (the process its jail runs, which a guest would crash)
-/// under a running task: the task ends with a non-zero status and nothing of the pod is left.
-fn pod_process_death(c: &Containerd, id: &str, what: &str, is_it: impl Fn(&str) -> bool) {
-    step(&format!("death of {what}"));
-    let mut run = run_sleeper(c, id);
-    let victim = c.pod_processes().into_iter().find(|p| p.contains(" jail --root ") && is_it(p)).unwrap_or_else(|| panic!("no {what} among {:?}", c.pod_processes()));
-    let waiter = victim.split_whitespace().next().expect("a pid");
-    let pid: i32 = jailed_child(waiter).unwrap_or_else(|| waiter.to_string()).parse().expect("a pid");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
-    let code = exit_code(&mut run, Duration::from_secs(60)).unwrap_or_else(|| panic!("ctr run did not end after {what} died: {}", c.log()));
-    assert!(code.is_some_and(|c| c != 0), "a task whose {what} died reports a non-zero exit, got {code:?}");
-    assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left after {what} died: {:?}", c.pod_processes());
-}

@@ -17,7 +17,9 @@ fn ctr_run_output_exit_codes_kill_exec_ps_metrics() {
 #[test]
 fn a_dead_vmm_ends_its_tasks_with_nothing_left() {
     require_containerd!();
-    scenario::vmm_death(&scenario::containerd());
+    let c = scenario::containerd();
+    scenario::vmm_death(&c);
+    scenario::jail_death(&c);
 }
 
 /// QEMU's devices live in two more processes; the death of either ends the pod like the VMM's.

@@ -316,16 +316,17 @@ fn child(config: &JailConfig, alive: OwnedFd) -> Result<std::convert::Infallible
             nix::unistd::setgroups(&groups).map_err(priv_err("setgroups"))?;
             let gid = Gid::from_raw(*gid);
             nix::unistd::setresgid(gid, gid, gid).map_err(priv_err("setresgid"))?;
-            let uid = Uid::from_raw(*uid);
-            // Leaving uid 0 clears the permitted and effective capability sets.
-            nix::unistd::setresuid(uid, uid, uid).map_err(priv_err("setresuid"))?;
             if let Some(max) = config.max_processes {
+                // Still root: the limit may be above the inherited hard limit.
                 let limit = libc::rlimit { rlim_cur: max, rlim_max: max };
                 // SAFETY: setrlimit only reads the struct, which lives across the call.
                 if unsafe { libc::setrlimit(libc::RLIMIT_NPROC, &limit) } != 0 {
                     return Err(JailError::Rlimit(nix::Error::last()));
                 }
             }
+            let uid = Uid::from_raw(*uid);
+            // Leaving uid 0 clears the permitted and effective capability sets.
+            nix::unistd::setresuid(uid, uid, uid).map_err(priv_err("setresuid"))?;
         }
         JailUser::Root { keep } => {
             nix::unistd::setgroups(&[]).map_err(priv_err("setgroups"))?;

@@ -62,7 +62,9 @@ impl Filter {
     }
 
     /// Installs the filter on every thread of the process (and so on every later one).
+    /// Credentials are per thread: `run_as` is not applied here (see `apply`).
     pub fn apply_all_threads(&self) -> Result<(), SeccompError> {
+        debug_assert!(self.run_as.is_none(), "run_as applies to one thread: use apply");
         for program in &self.programs {
             seccompiler::apply_filter_all_threads(program).map_err(SeccompError::Apply)?;
         }

@@ -208,7 +208,7 @@ pub fn remove_tree(dir: &Path) {
     }
     match open_dir_nofollow(None, dir.as_os_str()) {
         Some(fd) => {
-            remove_entries(fd, dir, &mounted);
+            remove_entries(fd, dir, &mounted, 0);
             let _ = std::fs::remove_dir(dir);
         }
         // Not a directory (or gone): the name itself.
@@ -229,8 +229,17 @@ fn open_dir_nofollow(parent: Option<&OwnedFd>, name: &std::ffi::OsStr) -> Option
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn remove_entries(dir: OwnedFd, path: &Path, mounted: &[PathBuf]) {
+/// How deep `remove_tree` goes: the walk holds a descriptor and a stack frame per level, and a
+/// jailed process could nest directories without end in its `vm/run/`; deeper ones stay (on
+/// tmpfs, with a warning) rather than exhaust the shim.
+const MAX_DEPTH: usize = 64;
+
+fn remove_entries(dir: OwnedFd, path: &Path, mounted: &[PathBuf], depth: usize) {
     use nix::unistd::{unlinkat, UnlinkatFlags};
+    if depth >= MAX_DEPTH {
+        tracing::warn!(path = ?path, "nested deeper than {MAX_DEPTH} levels: left in place");
+        return;
+    }
     let Ok(dev) = nix::sys::stat::fstat(dir.as_raw_fd()).map(|s| s.st_dev) else { return };
     let names: Vec<std::ffi::OsString> = match nix::dir::Dir::openat(Some(dir.as_raw_fd()), ".", nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty()) {
         Ok(mut listing) => listing
@@ -251,7 +260,7 @@ fn remove_entries(dir: OwnedFd, path: &Path, mounted: &[PathBuf]) {
                     tracing::warn!(path = ?child, "still mounted: left in place");
                     continue;
                 }
-                remove_entries(sub, &child, mounted);
+                remove_entries(sub, &child, mounted, depth + 1);
                 let _ = unlinkat(Some(dir.as_raw_fd()), name.as_os_str(), UnlinkatFlags::RemoveDir);
             }
             None => {
@@ -304,6 +313,24 @@ mod tests {
         remove_tree(&tree);
         assert!(std::fs::symlink_metadata(&tree).is_err());
         assert!(outside.path().join("keep").exists());
+    }
+
+    /// A tree nested without end (as a jailed process may make its socket directory) does not
+    /// exhaust the walk: the chain past the depth limit stays, everything else goes.
+    #[test]
+    fn removing_a_deep_tree_stops_at_the_depth_limit() {
+        let top = tempfile::tempdir().unwrap();
+        let tree = top.path().join("pod");
+        let mut deep = tree.join("run");
+        for _ in 0..MAX_DEPTH + 10 {
+            deep.push("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::create_dir_all(tree.join("shallow")).unwrap();
+        std::fs::write(tree.join("shallow/file"), "x").unwrap();
+        remove_tree(&tree);
+        assert!(!tree.join("shallow").exists(), "what is within the limit goes");
+        assert!(deep.exists(), "the chain past the limit is left in place");
     }
 
     #[test]

@@ -39,5 +39,6 @@ fn ctr_pods_on_the_builtin_engine_chosen_by_auto() {
 
     scenario::lifecycle(&c);
     scenario::vmm_death(&c);
+    scenario::jail_death(&c);
     scenario::forbidden_syscall(&c, None);
 }

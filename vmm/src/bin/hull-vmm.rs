@@ -293,7 +293,10 @@ fn boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devic
     }
     if seccomp {
         // Everything this thread still does is waiting for the VM's end and tearing it down.
-        hull_vmm::seccomp::main_thread().and_then(|f| f.run_as(thread_user).apply())?;
+        // It keeps root under --thread-user: it runs no device code, and the parent-death
+        // signal that ties this VMM to its jail lives on this thread and would be cleared by
+        // a uid change (the jail sets it before exec; a thread cannot re-arm it without a race).
+        hull_vmm::seccomp::main_thread().and_then(|f| f.apply())?;
     }
     let exit = vm.wait()?;
     tracing::info!(?exit, "the guest ended the VM");

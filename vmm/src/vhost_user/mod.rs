@@ -90,10 +90,11 @@ impl<D: VirtioDevice + Sync + 'static> DeviceDaemon<D> {
     pub fn serve(mut self, socket: &Path, filter: Option<&crate::seccomp::Filter>) -> Result<(), VhostUserError> {
         let listener = hull_proto::host_socket::bind_owner_only(socket).map_err(|source| VhostUserError::Listen { socket: socket.into(), source })?;
         // Everything from here on serves a guest: every thread (the daemon's workers exist
-        // already) under the device filter, which has no calls for making sockets or
-        // directories.
-        if let Some(filter) = filter {
-            filter.apply_all_threads()?;
+        // already) under the device filter, which has no bind, listen, mkdir or rename.
+        if let Some(Err(e)) = filter.map(crate::seccomp::Filter::apply_all_threads) {
+            // No socket may announce a backend that will not serve.
+            let _ = std::fs::remove_file(socket);
+            return Err(e.into());
         }
         let served = self.daemon.start(&mut Listener::from(listener)).and_then(|()| self.daemon.wait());
         for handler in self.daemon.get_epoll_handlers() {
