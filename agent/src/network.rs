@@ -105,18 +105,19 @@ fn name_of(m: &LinkMessage) -> Option<&str> {
 /// Applies the pod's network in the agent's network namespace (the VM's).
 pub async fn apply(interfaces: &[Interface], routes: &[Route]) -> Result<(), NetworkError> {
     validate(interfaces, routes)?;
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(NetworkError::Connect)?;
-    let conn = tokio::spawn(conn);
-    let r = apply_with(&handle, interfaces, routes).await;
-    conn.abort();
-    r
+    with_netlink(|handle| async move { apply_with(&handle, interfaces, routes).await }).await
 }
 
 /// Sets `lo` up in the caller's network namespace (a sandbox's own on a host, the VM's).
 pub async fn loopback_up() -> Result<(), NetworkError> {
+    with_netlink(|handle| async move { lo_up(&handle).await }).await
+}
+
+/// Runs `work` over a netlink connection of its own, closed when the work ends.
+async fn with_netlink<F: std::future::Future<Output = Result<(), NetworkError>>>(work: impl FnOnce(Handle) -> F) -> Result<(), NetworkError> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(NetworkError::Connect)?;
     let conn = tokio::spawn(conn);
-    let r = lo_up(&handle).await;
+    let r = work(handle).await;
     conn.abort();
     r
 }

@@ -1,8 +1,12 @@
-//! A writer for the cpio "newc" format the kernel unpacks as its initramfs.
+//! A writer for the cpio "newc" format the kernel unpacks as its initramfs, and a lookup of one
+//! file in such an archive (for tools that take an image apart).
 
 use std::io::{self, Write};
 
 const MAGIC: &str = "070701";
+const TRAILER: &str = "TRAILER!!!";
+/// The header: the magic and 13 fields of 8 hex digits.
+const HEADER_LEN: usize = 6 + 13 * 8;
 
 /// Entries of an initramfs, written in order (parents before children).
 pub struct CpioWriter<W: Write> {
@@ -78,15 +82,52 @@ impl<W: Write> CpioWriter<W> {
 
     /// Writes the trailer and returns the sink.
     pub fn finish(mut self) -> io::Result<W> {
-        self.entry("TRAILER!!!", 0, (0, 0), &[])?;
+        self.entry(TRAILER, 0, (0, 0), &[])?;
         Ok(self.out)
     }
+}
+
+/// The data of the entry `name` (as written, no leading `/`) in the newc archive `archive`:
+/// the first one of that name, None where there is none or the archive ends malformed.
+pub fn find<'a>(archive: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    let pad4 = |n: usize| (n + 3) & !3;
+    let mut at = 0;
+    while archive.get(at..at + MAGIC.len())? == MAGIC.as_bytes() {
+        // Fields 6 (the data's size) and 11 (the name's, with its NUL).
+        let field = |i: usize| usize::from_str_radix(std::str::from_utf8(archive.get(at + 6 + 8 * i..at + 14 + 8 * i)?).ok()?, 16).ok();
+        let (size, name_len) = (field(6)?, field(11)?);
+        let entry = archive.get(at + HEADER_LEN..(at + HEADER_LEN + name_len).checked_sub(1)?)?;
+        let data_at = pad4(at + HEADER_LEN + name_len);
+        if entry == name.as_bytes() {
+            return archive.get(data_at..data_at.checked_add(size)?);
+        }
+        if entry == TRAILER.as_bytes() {
+            return None;
+        }
+        at = pad4(data_at.checked_add(size)?);
+    }
+    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::process::{Command, Stdio};
+
+    #[test]
+    fn find_returns_what_was_written() {
+        let mut w = CpioWriter::new(Vec::new());
+        w.dir("bin", 0o755).unwrap();
+        w.file("bin/a", 0o755, b"first").unwrap();
+        w.file("init", 0o755, b"odd-sized data").unwrap();
+        let archive = w.finish().unwrap();
+        assert_eq!(find(&archive, "bin/a"), Some(&b"first"[..]));
+        assert_eq!(find(&archive, "init"), Some(&b"odd-sized data"[..]));
+        assert_eq!(find(&archive, "bin"), Some(&b""[..]));
+        assert_eq!(find(&archive, "missing"), None);
+        assert_eq!(find(&archive[..archive.len() / 2], "init"), None, "a cut archive");
+        assert_eq!(find(b"not a cpio archive", "init"), None);
+    }
 
     #[test]
     fn gnu_cpio_lists_what_was_written() {

@@ -1,6 +1,7 @@
 //! What both sides of hull's VM boundary agree on: the agent API (the messages and ttrpc
 //! services generated from `protos/`), the header of the per-stream stdio connections, and the
-//! hybrid vsock handshake; plus containerd's runtime options message the shim reads.
+//! hybrid vsock handshake, the kind of tap a NIC uses; plus containerd's runtime options message
+//! the shim reads.
 
 #![allow(clippy::all)]
 
@@ -34,6 +35,7 @@ pub mod host_socket;
 pub mod hvsock;
 pub mod mac;
 pub mod stdio;
+pub mod tap;
 
 /// Bumped on incompatible changes to the API or the stdio header.
 pub const API_VERSION: u32 = 1;

@@ -172,7 +172,7 @@ impl Config {
 
     /// The jail of the pod VMs' processes, if they are jailed.
     pub fn jail(&self) -> Option<crate::hypervisor::jail::Jail> {
-        self.jail.then_some(crate::hypervisor::jail::Jail { uid: self.jail_uid, gid: self.jail_gid, max_processes: self.jail_max_processes })
+        self.jail.then_some(crate::hypervisor::jail::Jail { uid: self.jail_uid, gid: self.jail_gid, max_processes: self.jail_max_processes, leased: false })
     }
 
     /// Loads `explicit` (the runtime option), else `$HULL_CONFIG`, else the default path. Only

@@ -152,6 +152,41 @@ pub fn lifecycle(c: &Containerd) {
     assert!(wait_until(Duration::from_secs(10), || c.pod_processes().is_empty()), "VMs left: {:?}", c.pod_processes());
 }
 
+/// Kills the tasks `ids`, deletes them and their containers, and requires that no pod process
+/// is left.
+pub fn end_tasks(c: &Containerd, ids: &[&str]) {
+    for id in ids {
+        let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+        assert!(wait_until(Duration::from_secs(30), || c.ctr(&["tasks", "delete", id]).is_ok_and(|o| o.status.success())), "{}", c.log());
+        let _ = c.ctr(&["containers", "rm", id]);
+    }
+    assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
+}
+
+/// A jailed pod process that runs as its pod's unprivileged uid (QEMU, the vsock backend):
+/// what a guest that took it over is on the host. Its pid, uid and gid.
+pub fn unprivileged_vm_process(c: &Containerd) -> (String, String, String) {
+    c.pod_processes()
+        .iter()
+        .filter(|l| l.contains(" jail --root "))
+        .filter_map(|l| jailed_child(l.split_whitespace().next().unwrap_or_default()))
+        .map(|pid| (real_id(&pid, "Uid:"), real_id(&pid, "Gid:"), pid))
+        .find(|(uid, _, _)| uid != "0" && uid != "?")
+        .map(|(uid, gid, pid)| (pid, uid, gid))
+        .unwrap_or_else(|| panic!("no unprivileged jailed process: {:?}", c.pod_processes()))
+}
+
+/// The value of the row `name` ("Uid:") of a /proc status file, "?" where there is none.
+fn field(status: &str, name: &str) -> String {
+    status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("?").to_string()
+}
+
+/// The real id of a process's /proc status row `row` ("Uid:", "Gid:"), "?" where unreadable.
+pub fn real_id(pid: &str, row: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    field(&status, row).split_whitespace().next().unwrap_or("?").to_string()
+}
+
 /// The process `hull-vmm jail` (whose pid is `pid`) runs in its jail: its only child.
 pub fn jailed_child(pid: &str) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?.split_whitespace().next().map(String::from)
@@ -170,7 +205,6 @@ pub fn every_vm_process_is_jailed(c: &Containerd) {
     let processes = c.pod_processes();
     assert!(!processes.is_empty(), "no VM process to check");
     let status = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |status: &str, name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("?").to_string();
     let caps = |status: &str, name: &str| u64::from_str_radix(&field(status, name), 16).unwrap_or(u64::MAX);
     let link = |path: String| std::fs::read_link(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     // Each jail's line is followed by its jailed process's, which the checks below reach from it.
@@ -190,6 +224,8 @@ pub fn every_vm_process_is_jailed(c: &Containerd) {
     // The unprivileged uid each pod's processes run as (a pod is its jail root's directory).
     let mut uid_of_pod: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     let mut roots = std::collections::HashSet::new();
+    // Each jail's pod and the uid whose lease it holds.
+    let mut leases = Vec::new();
     for line in jails {
         let waiter = line.split_whitespace().next().unwrap_or_default().to_string();
         let child = jailed_child(&waiter).unwrap_or_else(|| panic!("no jailed process under {line}"));
@@ -208,6 +244,14 @@ pub fn every_vm_process_is_jailed(c: &Containerd) {
             }
             assert_eq!(std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok(), std::fs::read_to_string(format!("/proc/{waiter}/cgroup")).ok(), "{pid} left the pod's cgroup");
         }
+        // The waiter holds the pod's uid lease (a shared flock on `/run/hull/uids/<uid>`) for
+        // its process's life: a new pod cannot take the uid while the process runs as it.
+        let lease = line.split(" --hold-lock ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("a jail that holds no uid lease: {line}"));
+        let inode = std::fs::metadata(lease).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap_or_else(|e| panic!("{lease}: {e}"));
+        let locks = std::fs::read_to_string("/proc/locks").expect("/proc/locks");
+        let held = locks.lines().map(|l| l.split_whitespace().collect::<Vec<_>>()).any(|f| f.len() > 5 && f[1..4] == ["FLOCK", "ADVISORY", "READ"] && f[4] == waiter && f[5].rsplit(':').next() == Some(&inode.to_string()));
+        assert!(held, "the jail's waiter {waiter} does not hold {lease} ({line}):\n{locks}");
+        leases.push((line.split(" --root ").nth(1).and_then(|r| r.split("/vm/root").next()).unwrap_or_default().to_string(), lease.rsplit('/').next().unwrap_or_default().to_string()));
         let waiter_status = status(&waiter);
         assert_eq!((caps(&waiter_status, "CapEff:"), caps(&waiter_status, "CapPrm:"), caps(&waiter_status, "CapBnd:")), (0, 0, 0), "the jail's waiter keeps capabilities: {line}");
         let st = status(&child);
@@ -257,6 +301,9 @@ pub fn every_vm_process_is_jailed(c: &Containerd) {
                 pod_uid(uid.split_whitespace().next().unwrap_or_default().to_string(), &comm);
             }
         }
+    }
+    for (pod, uid) in leases {
+        assert_eq!(uid_of_pod.get(&pod), Some(&uid), "pod {pod}'s jails hold the lease of uid {uid}, not of the uid its processes run as");
     }
 }
 

@@ -90,10 +90,7 @@ fn a_container_cannot_reach_the_agent_over_vsock() {
 
     owner_only(&c, id);
 
-    let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
-    assert!(wait_until(Duration::from_secs(30), || c.ctr(&["tasks", "delete", id]).is_ok_and(|o| o.status.success())), "{}", c.log());
-    let _ = c.ctr(&["containers", "rm", id]);
-    assert!(wait_until(Duration::from_secs(10), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
+    scenario::end_tasks(&c, &[id]);
 }
 
 /// Guest root (a privileged container that mounts the pod's virtio-fs share, as any tenant
@@ -202,22 +199,7 @@ fn a_vm_process_cannot_point_the_shim_at_another_socket() {
     });
 
     // An unprivileged jailed process of the pod, and the pod's jail uid it runs as.
-    let ids_of = |pid: &str| {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let real = |row: &str| status.lines().find_map(|l| l.strip_prefix(row)).and_then(|v| v.split_whitespace().next().map(String::from)).unwrap_or_default();
-        (real("Uid:"), real("Gid:"))
-    };
-    let (jailed, (uid, gid)) = c
-        .pod_processes()
-        .iter()
-        .filter(|l| l.contains(" jail --root "))
-        .filter_map(|l| scenario::jailed_child(l.split_whitespace().next().unwrap_or_default()))
-        .map(|pid| {
-            let ids = ids_of(&pid);
-            (pid, ids)
-        })
-        .find(|(_, (uid, _))| uid != "0" && !uid.is_empty())
-        .unwrap_or_else(|| panic!("no unprivileged jailed process: {:?}", c.pod_processes()));
+    let (jailed, uid, gid) = scenario::unprivileged_vm_process(&c);
     let swap = std::process::Command::new("nsenter")
         .args(["--target", &jailed, "--mount", "--setuid", &uid, "--setgid", &gid, "--", "/usr/bin/ln", "-sfn"])
         .arg(&trap)
@@ -235,10 +217,41 @@ fn a_vm_process_cannot_point_the_shim_at_another_socket() {
     assert_eq!(reached, 0, "the shim followed the VM's link to a host socket");
     assert!(!out.status.success(), "an exec through a redirected socket cannot have run: {}", text(&out.stdout));
 
-    let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
-    assert!(wait_until(Duration::from_secs(30), || c.ctr(&["tasks", "delete", id]).is_ok_and(|o| o.status.success())), "{}", c.log());
-    let _ = c.ctr(&["containers", "rm", id]);
-    assert!(wait_until(Duration::from_secs(10), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
+    scenario::end_tasks(&c, &[id]);
+}
+
+/// A VM process taken over by its guest writes what it can to the one host directory it owns,
+/// its `/run` (the VM's `run/`): a large file, then names without end. Both stop at the pod's
+/// small tmpfs (`RUN_TMPFS`), not at the size of the host's `/run`, and the pod works on.
+#[test]
+fn a_vm_process_cannot_fill_the_hosts_run() {
+    require_containerd!();
+    let c = scenario::containerd();
+    let id = "filler";
+    let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "1000"]).expect("ctr run");
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+    let (jailed, uid, gid) = scenario::unprivileged_vm_process(&c);
+    let as_jailed = |script: &str| {
+        std::process::Command::new("nsenter")
+            .args(["--target", &jailed, "--mount", "--setuid", &uid, "--setgid", &gid, "--", "/usr/bin/sh", "-c", script])
+            .output()
+            .expect("nsenter")
+    };
+    let run = PodDir::new(&c.namespace, id).vm().path().join("run");
+
+    // 64 MiB: far below the host's /run here, far above what a pod's sockets need.
+    let fill = as_jailed("/usr/bin/yes | /usr/bin/head -c 67108864 > /run/fill");
+    let size = std::fs::metadata(run.join("fill")).map(|m| m.len()).unwrap_or(0);
+    assert!(!fill.status.success() && text(&fill.stderr).contains("No space left"), "a VM process wrote {size} bytes to the host: {}", text(&fill.stderr));
+    assert!(size <= 1 << 20, "a VM process stored {size} bytes in the host's {}", run.display());
+
+    let names = as_jailed("i=0; while [ $i -lt 20000 ]; do : > /run/n$i || exit 1; i=$((i+1)); done");
+    let count = std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0);
+    assert!(!names.status.success() && count < 20000, "a VM process made {count} names in the host's {}: {}", run.display(), text(&names.stderr));
+
+    let out = c.ctr(&["tasks", "exec", "--exec-id", "after", id, "echo", "still-here"]).expect("ctr exec");
+    assert_eq!(text(&out.stdout), "still-here\n", "the pod works on: {}", text(&out.stderr));
+    scenario::end_tasks(&c, &[id]);
 }
 
 /// Two pods' VM processes run as two uids (each pod leases its own from `jail_uid`'s range),
@@ -255,10 +268,9 @@ fn pods_do_not_share_a_jail_uid() {
     let mut uids = std::collections::BTreeMap::new();
     for line in c.pod_processes().iter().filter(|l| l.contains(" jail --root ")) {
         let child = scenario::jailed_child(line.split_whitespace().next().unwrap_or_default()).unwrap_or_default();
-        let status = std::fs::read_to_string(format!("/proc/{child}/status")).unwrap_or_default();
-        let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|v| v.split_whitespace().next()).unwrap_or_default().to_string();
+        let uid = scenario::real_id(&child, "Uid:");
         let pod = ["uid-a", "uid-b"].into_iter().find(|p| line.contains(&format!("/{p}/vm/root")));
-        if let (Some(pod), false) = (pod, uid == "0" || uid.is_empty()) {
+        if let (Some(pod), false) = (pod, uid == "0" || uid == "?") {
             uids.entry(pod).or_insert_with(std::collections::BTreeSet::new).insert(uid);
         }
     }
@@ -268,12 +280,7 @@ fn pods_do_not_share_a_jail_uid() {
     // Their limits, namespaces and the rest of the jail.
     scenario::every_vm_process_is_jailed(&c);
 
-    for id in ["uid-a", "uid-b"] {
-        let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
-        assert!(wait_until(Duration::from_secs(30), || c.ctr(&["tasks", "delete", id]).is_ok_and(|o| o.status.success())), "{}", c.log());
-        let _ = c.ctr(&["containers", "rm", id]);
-    }
-    assert!(wait_until(Duration::from_secs(10), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
+    scenario::end_tasks(&c, &["uid-a", "uid-b"]);
 }
 
 /// A pod id comes from an annotation anyone creating a container can set; it names the pod's
@@ -443,7 +450,7 @@ fn a_guest_reporting_oom_kills_of_containers_not_in_its_pod_is_neither_believed_
 /// archive appended to the first, whose entries the kernel unpacks over the first's.
 fn hostile_initramfs(dest: &Path) {
     let image = std::fs::read(hull_tests::guest_image_dir().join("initramfs.cpio")).expect("the guest image's initramfs");
-    let agent = cpio_entry(&image, "init").expect("the guest image's /init");
+    let agent = hull_guest_image::cpio::find(&image, "init").expect("the guest image's /init");
     let hostile = Path::new(env!("CARGO_BIN_EXE_hostile-agent"));
     let mut cpio = hull_guest_image::cpio::CpioWriter::new(Vec::new());
     cpio.dir("hostile", 0o755).expect("cpio");
@@ -466,24 +473,4 @@ fn hostile_initramfs(dest: &Path) {
     let mut bytes = image;
     bytes.extend(cpio.finish().expect("cpio"));
     std::fs::write(dest, bytes).expect("write the hostile initramfs");
-}
-
-/// The data of `name` in a newc cpio archive.
-fn cpio_entry<'a>(archive: &'a [u8], name: &str) -> Option<&'a [u8]> {
-    let pad4 = |n: usize| (n + 3) & !3;
-    let mut at = 0;
-    while archive.get(at..at + 6)? == b"070701" {
-        let field = |i: usize| usize::from_str_radix(std::str::from_utf8(archive.get(at + 6 + 8 * i..at + 14 + 8 * i)?).ok()?, 16).ok();
-        let (size, name_len) = (field(6)?, field(11)?);
-        let entry = archive.get(at + 110..at + 110 + name_len - 1)?;
-        let data_at = pad4(at + 110 + name_len);
-        if entry == name.as_bytes() {
-            return archive.get(data_at..data_at + size);
-        }
-        if entry == b"TRAILER!!!" {
-            return None;
-        }
-        at = pad4(data_at + size);
-    }
-    None
 }

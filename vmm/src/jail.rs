@@ -57,6 +57,8 @@ pub enum JailError {
     Nul(PathBuf),
     #[error("Cannot run {program:?} in the jail: {source}.")]
     Exec { program: PathBuf, source: nix::Error },
+    #[error("Cannot hold a shared lock on {path:?} for the jailed process's life: {source}.")]
+    HoldLock { path: PathBuf, source: std::io::Error },
     #[error("Cannot wait for the jailed process: {0}.")]
     Wait(#[source] nix::Error),
     #[error(transparent)]
@@ -93,6 +95,10 @@ pub struct JailConfig {
     /// RLIMIT_NPROC of an unprivileged jail: the most processes and threads its uid may have
     /// (counted over every process of that uid, so a uid per pod bounds the pod).
     pub max_processes: Option<u64>,
+    /// A host file the waiter holds a shared flock on until the jailed process has ended (the
+    /// runtime's lease on the pod's uid: no new pod takes the uid while a process runs as it,
+    /// even after the shim that leased it died).
+    pub hold_lock: Option<PathBuf>,
     /// The program to run, as the jail sees it, and its arguments.
     pub program: PathBuf,
     pub args: Vec<OsString>,
@@ -140,6 +146,9 @@ pub fn run(config: &JailConfig) -> Result<u8, JailError> {
             return Err(JailError::MissingSource { source_path: b.source.clone() });
         }
     }
+    // Opened close-on-exec: the jailed program never holds it (an unlock through any
+    // descriptor of the lock's open file would end the waiter's hold).
+    let _held = config.hold_lock.as_deref().map(hold_shared_lock).transpose()?;
     let flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWNET;
     nix::sched::unshare(flags).map_err(JailError::Unshare)?;
     // The child learns of the parent's death (if it comes before the parent-death signal is
@@ -176,6 +185,20 @@ pub fn run(config: &JailConfig) -> Result<u8, JailError> {
             Ok(code)
         }
     }
+}
+
+/// Takes a shared flock on `path` (never following a link) without waiting: the holder that
+/// made the file keeps it shared too, and only a new exclusive lock (a new lease) is refused.
+fn hold_shared_lock(path: &Path) -> Result<std::fs::File, JailError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| JailError::HoldLock { path: path.into(), source };
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(err)?;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(file)
 }
 
 /// The waiter outside the pid namespace: no capabilities, and a filter that allows waiting,

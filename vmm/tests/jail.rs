@@ -136,6 +136,66 @@ fn a_jail_names_what_it_cannot_bind() {
     assert!(!out.status.success() && text(&out.stderr).contains("/../escape"), "{}", text(&out.stderr));
 }
 
+/// The jailed busybox under the waiter `waiter`, once it has exec'd (before, it is still a
+/// hull-vmm).
+fn jailed_busybox(waiter: u32) -> String {
+    let children = format!("/proc/{waiter}/task/{waiter}/children");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let found = std::fs::read_to_string(&children).unwrap_or_default().split_whitespace().next().map(String::from);
+        if let Some(pid) = found.filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "busybox")) {
+            return pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "no jailed process under {waiter}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A shared flock on `path` (true), or false where an exclusive one holds it.
+fn try_flock(path: &Path, how: libc::c_int) -> (bool, std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).expect("open the lock file");
+    // SAFETY: flock on a descriptor the test owns.
+    let ok = unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } == 0;
+    (ok, file)
+}
+
+/// `--hold-lock` keeps a pod's uid lease for as long as its jailed process runs: the runtime
+/// that took the lease dies (its lock goes), and still no new lease (an exclusive lock) is
+/// possible until the jailed process has ended; the jailed process itself holds no descriptor
+/// of the lock (it could unlock the lease through one).
+#[test]
+fn a_jail_holds_the_lock_it_is_given_until_its_process_ends() {
+    if missing().is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lock = dir.path().join("lock");
+    std::fs::write(&lock, "").expect("lock file");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("root");
+    let (shared, runtime) = try_flock(&lock, libc::LOCK_SH);
+    assert!(shared, "the runtime's shared lock");
+    let mut jail = Command::new(VMM)
+        .args(["--log-level", "warn", "jail", "--root"])
+        .arg(&root)
+        .arg("--bind")
+        .arg(format!("{BUSYBOX}:/busybox:ro"))
+        .args(["--user", UID, "--hold-lock"])
+        .arg(&lock)
+        .args(["--", "/busybox", "sleep", "1000"])
+        .spawn()
+        .expect("hull-vmm runs");
+    let child = jailed_busybox(jail.id());
+    drop(runtime);
+    assert!(!try_flock(&lock, libc::LOCK_EX).0, "a new lease took the lock while the jailed process runs");
+    let fds: Vec<_> = std::fs::read_dir(format!("/proc/{child}/fd")).expect("the jailed process's fds").flatten().filter_map(|e| std::fs::read_link(e.path()).ok()).collect();
+    assert!(!fds.contains(&lock), "the jailed process holds the lock's descriptor: {fds:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.parse().expect("pid")), nix::sys::signal::Signal::SIGKILL).expect("kill the jailed process");
+    jail.wait().expect("reap the jail");
+    assert!(try_flock(&lock, libc::LOCK_EX).0, "the lock is free once the jail has ended");
+}
+
 /// Killing `hull-vmm jail` (what the runtime does to end a pod process) kills the jailed
 /// process too, also after it gave up root (the kernel clears the parent-death signal when the
 /// uid changes): an unprivileged VMM must not outlive its pod.
@@ -149,18 +209,7 @@ fn killing_the_jail_kills_the_jailed_process() {
         let mut cmd = Command::new(VMM);
         cmd.args(["--log-level", "warn", "jail", "--root"]).arg(dir.path()).arg("--bind").arg(format!("{BUSYBOX}:/busybox:ro")).args(user);
         let mut jail = cmd.args(["--", "/busybox", "sleep", "1000"]).spawn().expect("hull-vmm runs");
-        let waiter = jail.id();
-        let children = format!("/proc/{waiter}/task/{waiter}/children");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let child = loop {
-            // The jailed sleep, once it has exec'd (before, it is still a hull-vmm).
-            let found = std::fs::read_to_string(&children).unwrap_or_default().split_whitespace().next().map(String::from);
-            if let Some(pid) = found.filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "busybox")) {
-                break pid;
-            }
-            assert!(std::time::Instant::now() < deadline, "no jailed process under {waiter}");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        };
+        let child = jailed_busybox(jail.id());
         jail.kill().expect("kill the jail");
         jail.wait().expect("reap the jail");
         let gone = || !Path::new(&format!("/proc/{child}")).exists() || std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|s| s.contains(") Z "));

@@ -7,7 +7,8 @@
 //! ```text
 //! <vm dir>/root/R/ the `/` of the jail of role R (vmm, qemu, vhost-user-fs, ...): mount points
 //!                  only, created by the jail in its own namespace
-//! <vm dir>/run/    the VM's sockets, the jail's `/run`: owned by the jail's uid
+//! <vm dir>/run/    the VM's sockets, the jail's `/run`: a small tmpfs of its own (`RUN_TMPFS`), owned by
+//!                  the jail's uid
 //! ```
 
 use std::ffi::OsString;
@@ -26,17 +27,27 @@ pub struct Jail {
     /// RLIMIT_NPROC: the most processes and threads the uid may have. It counts every process
     /// of the uid, which is why each pod leases a uid of its own.
     pub max_processes: u64,
+    /// Whether `uid` came from `lease`: then every jail of the pod holds the lease too (a
+    /// shared lock on the uid's lock file) until its process has ended.
+    pub leased: bool,
 }
 
 /// Where a pod's hold on its jail uid is kept: one lock file per uid (root's alone).
 const UID_LOCKS: &str = "/run/hull/uids";
 
-/// A pod's hold on its jail uid, from `Jail::lease` until dropped. The hold is an flock of the
-/// uid's lock file, so it ends with the process that holds it, even one that is killed.
+fn uid_lock(uid: u32) -> PathBuf {
+    Path::new(UID_LOCKS).join(uid.to_string())
+}
+
+/// A pod's hold on its jail uid, from `Jail::lease` until dropped and every jail of the pod has
+/// ended. The hold is a shared flock of the uid's lock file, taken by the shim and by each
+/// `hull-vmm jail` (`--hold-lock`), so it ends with the last of them, even one that is killed:
+/// a shim that dies leaves the uid leased while its pod's processes still run as it. A new
+/// lease needs the exclusive lock, which no holder allows.
 #[derive(Debug)]
 pub struct UidLease {
     pub uid: u32,
-    _lock: nix::fcntl::Flock<std::fs::File>,
+    _lock: std::fs::File,
 }
 
 impl Jail {
@@ -44,18 +55,23 @@ impl Jail {
     /// pod holds. Two pods never share a uid, so neither one's processes count against the
     /// other's limit, and neither may signal or ptrace the other's.
     pub fn lease(self, count: u32) -> Result<(Jail, UidLease), HypervisorError> {
+        use std::os::fd::AsRawFd;
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        use nix::fcntl::{Flock, FlockArg};
         let dir = Path::new(UID_LOCKS);
         let dir_err = |source| HypervisorError::Dir { path: dir.into(), source };
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(dir_err)?;
+        // SAFETY (both): flock on a descriptor this function owns; no memory is passed.
+        let flock = |file: &std::fs::File, how: libc::c_int| if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
         for uid in (0..count).map_while(|i| self.uid.checked_add(i)) {
-            let path = dir.join(uid.to_string());
+            let path = uid_lock(uid);
             let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path).map_err(|source| HypervisorError::Dir { path: path.clone(), source })?;
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => return Ok((Jail { uid, ..self }, UidLease { uid, _lock: lock })),
-                Err((_, nix::errno::Errno::EWOULDBLOCK)) => continue,
-                Err((_, errno)) => return Err(HypervisorError::Dir { path, source: errno.into() }),
+            // Exclusive: no one holds the uid. Then shared, so that the pod's jails can hold it
+            // too; a new lease that took the uid between the two (the change is not atomic)
+            // makes this one look further.
+            match flock(&file, libc::LOCK_EX).and_then(|()| flock(&file, libc::LOCK_SH)) {
+                Ok(()) => return Ok((Jail { uid, leased: true, ..self }, UidLease { uid, _lock: file })),
+                Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => continue,
+                Err(source) => return Err(HypervisorError::Dir { path, source }),
             }
         }
         Err(HypervisorError::NoJailUid { first: self.uid, count })
@@ -129,10 +145,7 @@ impl Placement<'_> {
         let system = SYSTEM_DIRS.iter().any(|d| program.starts_with(d));
         let inside = if system { program.clone() } else { Path::new("/").join(program.file_name().unwrap_or("program".as_ref())) };
         let root = self.dir.jail_root().join(role);
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new().mode(0o755).create(&root).or_else(|e| if e.kind() == std::io::ErrorKind::AlreadyExists { Ok(()) } else { Err(e) }).map_err(|source| HypervisorError::Dir { path: root.clone(), source })?;
-        }
+        ensure_dir(&root, 0o755)?;
         let mut cmd = Command::new(self.vmm);
         cmd.args(["--log-level", "warn"]);
         if self.spec.open_files > 0 {
@@ -174,6 +187,9 @@ impl Placement<'_> {
         } else {
             cmd.args(["--user", &format!("{}:{}", jail.uid, jail.gid), "--max-processes", &jail.max_processes.to_string()]);
         }
+        if jail.leased {
+            cmd.arg("--hold-lock").arg(uid_lock(jail.uid));
+        }
         cmd.arg("--").arg(&inside).args(args);
         Ok(cmd)
     }
@@ -198,19 +214,46 @@ pub(crate) fn prepare_dirs(spec: &VmSpec, dir: &VmDir) -> Result<(), HypervisorE
         move |source| HypervisorError::Dir { path, source }
     };
     let run = dir.run();
-    match std::fs::DirBuilder::new().mode(0o700).create(&run) {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(err(&run)(e)),
-        _ => {}
-    }
+    ensure_dir(&run, 0o700)?;
     for stale in ["vsock.sock", "vhost-vsock.sock", "vhost-fs.sock"] {
         let _ = std::fs::remove_file(run.join(stale));
     }
     if let Some(jail) = spec.jail {
         let root = dir.jail_root();
         std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&root).map_err(err(&root))?;
+        own_tmpfs(&run, jail)?;
         std::os::unix::fs::chown(&run, Some(jail.uid), Some(jail.gid)).map_err(err(&run))?;
     }
     Ok(())
+}
+
+/// Creates the directory `path` with `mode`, or keeps the one already there.
+fn ensure_dir(path: &Path, mode: u32) -> Result<(), HypervisorError> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(mode).create(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(HypervisorError::Dir { path: path.into(), source: e }),
+        _ => Ok(()),
+    }
+}
+
+/// What a pod's jailed processes may store in `run/`, the one host directory they can write:
+/// sockets need inodes, not pages, so a little space and a few thousand names serve every pod;
+/// on the host's `/run` a VM process taken over by its guest could fill the host's tmpfs.
+const RUN_TMPFS: &str = "size=1m,nr_inodes=4096";
+
+/// Mounts a tmpfs of its own (`RUN_TMPFS`) on the VM's `run/`, once: a VM directory reused
+/// for a new VM keeps the mount it has. `teardown`'s unmount of the pod's tree removes it.
+fn own_tmpfs(run: &Path, jail: Jail) -> Result<(), HypervisorError> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).map_err(|source| HypervisorError::Dir { path: p.into(), source });
+    let parent = run.parent().unwrap_or(Path::new("/"));
+    if dev(run)? != dev(parent)? {
+        return Ok(());
+    }
+    let data = format!("{RUN_TMPFS},mode=0700,uid={},gid={}", jail.uid, jail.gid);
+    use nix::mount::MsFlags;
+    nix::mount::mount(Some("tmpfs"), run, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, Some(data.as_str()))
+        .map_err(|e| HypervisorError::Dir { path: run.into(), source: e.into() })
 }
 
 /// Whether this host can jail pod processes: runs `hull-vmm --version` in a jail as a VM
@@ -244,6 +287,7 @@ pub fn check(vmm: &Path, jail: Jail, scratch: &Path) -> Result<String, Hyperviso
             Err(HypervisorError::BackendExited { what: "hull-vmm jail", status: out.status.to_string(), log: String::from_utf8_lossy(&out.stderr).trim().into() })
         }
     });
+    let _ = nix::mount::umount2(&dir.run(), nix::mount::MntFlags::MNT_DETACH);
     let _ = std::fs::remove_dir_all(scratch);
     result
 }
@@ -271,7 +315,7 @@ mod tests {
             eprintln!("skipped: needs root (writes {UID_LOCKS})");
             return;
         }
-        let base = Jail { uid: 3_000_000_000 + std::process::id() % 1_000_000 * 4, gid: 3_000_000_000, max_processes: 64 };
+        let base = Jail { uid: 3_000_000_000 + std::process::id() % 1_000_000 * 4, gid: 3_000_000_000, max_processes: 64, leased: false };
         let (a, lease_a) = base.lease(2).unwrap();
         let (b, _lease_b) = base.lease(2).unwrap();
         assert_eq!((a.uid, b.uid), (base.uid, base.uid + 1));

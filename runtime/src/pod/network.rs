@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use futures_util::TryStreamExt;
@@ -244,7 +244,7 @@ pub fn setup(netns: &Path) -> Result<Option<PodNetwork>, NetworkError> {
             let msgs: Vec<RouteMessage> = handle.route().get(msg).execute().try_collect().await.map_err(NetworkError::Netlink)?;
             routes.extend(msgs.iter().filter_map(|m| route_of(m, &link, v6)));
         }
-        let tap = open_tap(TAP_NAME).map_err(NetworkError::Tap)?;
+        let tap = hull_proto::tap::open(TAP_NAME).map_err(NetworkError::Tap)?;
         if let Err(e) = redirect(&handle, &link).await {
             let _ = remove(&handle).await;
             return Err(e);
@@ -301,29 +301,6 @@ pub fn teardown(netns: &Path) -> Result<(), NetworkError> {
         return Ok(());
     }
     in_netns(netns, |handle| async move { remove(&handle).await })
-}
-
-/// struct ifreq as TUNSETIFF reads it: the name and the flags, padded to the union's size.
-#[repr(C)]
-struct IfReq {
-    name: [libc::c_char; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-nix::ioctl_write_ptr_bad!(tunsetiff, 0x4004_54ca, IfReq);
-
-/// Creates the tap `name` in the calling thread's network namespace.
-fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
-    let file = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
-    let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short, _pad: [0; 22] };
-    for (d, s) in req.name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
-        *d = s as libc::c_char;
-    }
-    // SAFETY: the fd is an open /dev/net/tun and `req` is a properly sized, initialised ifreq
-    // that outlives the call.
-    unsafe { tunsetiff(file.as_raw_fd(), &req) }.map_err(std::io::Error::from)?;
-    Ok(OwnedFd::from(file))
 }
 
 #[cfg(test)]

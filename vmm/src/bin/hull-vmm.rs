@@ -121,6 +121,9 @@ enum Cmd {
         /// With --user: the most processes and threads that uid may have (RLIMIT_NPROC).
         #[arg(long, requires = "user")]
         max_processes: Option<u64>,
+        /// A host file to hold a shared flock on until PROGRAM has ended (a pod's uid lease).
+        #[arg(long)]
+        hold_lock: Option<PathBuf>,
         /// The program (as the jail sees it) and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<std::ffi::OsString>,
@@ -321,7 +324,7 @@ fn main() -> ExitCode {
             let cmdline = kernel_cmdline(cmdline, &append);
             boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp: !no_seccomp, thread_user, api_socket })
         }
-        Cmd::Jail { root, binds, proc_self, user, keep_caps, fs_server, max_processes, command } => {
+        Cmd::Jail { root, binds, proc_self, user, keep_caps, fs_server, max_processes, hold_lock, command } => {
             let user = match user {
                 Some((uid, gid)) => hull_vmm::jail::JailUser::Unprivileged { uid, gid },
                 None if fs_server => hull_vmm::jail::JailUser::Root { keep: hull_vmm::jail::FS_SERVER_CAPS.to_vec() },
@@ -330,7 +333,7 @@ fn main() -> ExitCode {
             let proc_self = proc_self || fs_server;
             let mut command = command.into_iter();
             let program = command.next().map(PathBuf::from).unwrap_or_default();
-            let config = hull_vmm::jail::JailConfig { root, binds, proc_self, user, max_processes, program, args: command.collect() };
+            let config = hull_vmm::jail::JailConfig { root, binds, proc_self, user, max_processes, hold_lock, program, args: command.collect() };
             hull_vmm::jail::run(&config).map(|c| code = ExitCode::from(c)).map_err(CliError::from)
         }
         Cmd::Ctl { api_socket, request } => hull_vmm::api::request(&api_socket, &request).map(|reply| println!("{reply}")).map_err(CliError::from),

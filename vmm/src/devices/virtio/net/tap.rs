@@ -1,5 +1,5 @@
-//! A tap device opened by name (or adopted from an fd), non-blocking, carrying 12-byte
-//! virtio-net headers. The ioctls, their flags and `struct ifreq` are libc's (linux/if_tun.h).
+//! A tap device opened by name (`hull_proto::tap`) or adopted from an fd, non-blocking,
+//! carrying 12-byte virtio-net headers. The ioctls and their flags are libc's (linux/if_tun.h).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -15,22 +15,8 @@ impl Tap {
     /// Opens (creating if needed) the tap `name`.
     pub fn open(name: &str) -> Result<Tap, NetError> {
         let open_err = |source| NetError::Open { name: name.into(), source };
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-            return Err(open_err(std::io::Error::from(std::io::ErrorKind::InvalidInput)));
-        }
-        let file = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").map_err(open_err)?;
-        // SAFETY: ifreq is plain data (a name array and a union of integers, socket addresses
-        // and a pointer), valid as all zero bytes.
-        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
-            *dst = *src as libc::c_char;
-        }
-        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-        // SAFETY: TUNSETIFF reads an ifreq, which `req` is, laid out as the kernel expects.
-        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
-            return Err(open_err(std::io::Error::last_os_error()));
-        }
-        Tap::configure(file)
+        let fd = hull_proto::tap::open(name).map_err(open_err)?;
+        Tap::configure(File::from(fd))
     }
 
     /// Adopts a tap fd someone else opened with IFF_VNET_HDR (the shim opens it in the pod's
