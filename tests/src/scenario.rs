@@ -193,14 +193,14 @@ pub fn jailed_child(pid: &str) -> Option<String> {
 }
 
 
-/// Every host process of the namespace's pods (QEMU and its vhost-user backends, or hull-vmm;
-/// each a `hull-vmm jail` and the process it jails) is confined: every thread under a seccomp
-/// filter (`Seccomp: 2`) with no_new_privs; a root that is the jail (the host's /etc is not
-/// there), its own mount, network and pid namespaces (PID 1 in its own); the pod's own
-/// unprivileged uid (no other pod's) with its process limit, or uid 0 with at most a file
-/// server's capabilities (only a process serving the share, and in hull-vmm only its virtio-fs
-/// worker thread: every other thread has the pod's uid and no capabilities), and none at all
-/// for the jail's waiter; its open-files limit; and the cgroup of the pod's VM.
+/// Every host process of the namespace's pods (QEMU and its vhost-user backends, or hull-vmm
+/// and its fs backend; each a `hull-vmm jail` and the process it jails) is confined: every
+/// thread under a seccomp filter (`Seccomp: 2`) with no_new_privs; a root that is the jail (the
+/// host's /etc is not there), its own mount, network and pid namespaces (PID 1 in its own); the
+/// pod's own unprivileged uid (no other pod's) with its process limit, or uid 0 with at most a
+/// file server's capabilities (only the vhost-user fs backend, which serves the share), and none
+/// at all for the jail's waiter, which holds the pod's uid lease; its open-files limit; and the
+/// cgroup of the pod's VM.
 pub fn every_vm_process_is_jailed(c: &Containerd) {
     let processes = c.pod_processes();
     assert!(!processes.is_empty(), "no VM process to check");
@@ -281,25 +281,13 @@ pub fn every_vm_process_is_jailed(c: &Containerd) {
         }
         assert!(line.contains(" --fs-server ") && (line.contains("/share:") || line.contains(":/share")), "only a process serving the share stays uid 0: {line} (Uid {uid})");
         assert_eq!(caps(&st, "CapBnd:") & !fs_server_caps, 0, "bounding set beyond a file server's: {line}");
-        // Threads keep their own credentials: a vhost-user fs backend's every thread serves
-        // files; in hull-vmm only the virtio-fs worker does, and every other thread (vCPUs,
-        // the other devices, main) has given up root for the pod's uid.
-        let builtin = line.contains(" boot ");
+        // Only a vhost-user fs backend serves files: hull-vmm, on the builtin engine too,
+        // drives the share's backend and runs unprivileged.
+        assert!(line.contains(" vhost-user fs "), "a process other than the fs backend keeps root: {line}");
         for task in std::fs::read_dir(format!("/proc/{child}/task")).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>()).unwrap_or_default() {
             let st = std::fs::read_to_string(task.join("status")).unwrap_or_default();
-            let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default().trim().to_string();
             let (eff, prm) = (caps(&st, "CapEff:"), caps(&st, "CapPrm:"));
-            // hull-vmm's main thread keeps root too: it runs no device code (it waits for the
-            // VM's end), and a uid change would clear the parent-death signal that ties the VMM
-            // to its jail (`jail_death` checks that tie).
-            let main_thread = task.file_name().is_some_and(|t| t.to_string_lossy() == child);
-            if !builtin || comm.starts_with("virtio-fs") || main_thread {
-                assert_eq!((eff | prm) & !fs_server_caps, 0, "thread {comm} serving files has capabilities beyond a file server's: {eff:x} ({line})");
-            } else {
-                let uid = field(&st, "Uid:");
-                assert!(uid.split_whitespace().all(|u| u != "0") && (eff, prm) == (0, 0), "hull-vmm thread {comm} serves the guest as root (Uid {uid}, CapEff {eff:x}): {line}");
-                pod_uid(uid.split_whitespace().next().unwrap_or_default().to_string(), &comm);
-            }
+            assert_eq!((eff | prm) & !fs_server_caps, 0, "fs backend thread {} has capabilities beyond a file server's: {eff:x} ({line})", task.display());
         }
     }
     for (pod, uid) in leases {

@@ -70,5 +70,15 @@ pub struct VsockConfig {
 #[derive(Debug, Clone)]
 pub struct ShareConfig {
     pub tag: String,
-    pub dir: PathBuf,
+    pub server: ShareServer,
+}
+
+/// Who serves a share's files.
+#[derive(Debug, Clone)]
+pub enum ShareServer {
+    /// This process, the directory: its virtio-fs worker keeps the process's privileges.
+    InProcess(PathBuf),
+    /// A vhost-user fs backend (`hull-vmm vhost-user fs`) listening on this socket, in a
+    /// process (and jail) of its own.
+    VhostUser(PathBuf),
 }

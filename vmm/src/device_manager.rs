@@ -10,17 +10,20 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout;
-use crate::config::{Devices, DiskConfig, NicConfig, ShareConfig, TapSource, VsockConfig};
+use crate::config::{Devices, DiskConfig, NicConfig, ShareConfig, ShareServer, TapSource, VsockConfig};
 use crate::devices::bus::BusError;
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::legacy::serial::{SerialConsole, COM1_BASE, COM1_IRQ};
 use crate::devices::legacy::PioBus;
 use crate::devices::virtio::{self, InterruptLine, MmioTransport, VirtioDevice};
 use crate::devices::MmioBus;
+use crate::vhost_user::{DeviceFace, FrontendDevice, FrontendError};
 use crate::vstate::vm::Vm;
 
 /// The legacy IRQs virtio-mmio devices get: the PIC's lines no device of this machine uses
@@ -44,6 +47,8 @@ pub enum AttachError {
     Vsock { name: String, source: virtio::vsock::VsockError },
     #[error("Cannot set up the virtio device {name}: {source}.")]
     Fs { name: String, source: virtio::fs::FsError },
+    #[error("Cannot set up the virtio device {name}: {source}")]
+    VhostUser { name: String, source: FrontendError },
     #[error("Cannot set up the virtio device {name}: {source}.")]
     EventFd { name: String, source: std::io::Error },
     #[error("Cannot set up the virtio device {name}: irqfd: {source}.")]
@@ -93,7 +98,7 @@ pub fn attach_virtio_devices(vm: &Vm, devices: &Devices, mmio: &mut MmioBus, sec
         attach_vsock(&mut pending, vsock)?;
     }
     for share in &devices.shares {
-        attach_fs(&mut pending, share)?;
+        attach_fs(&mut pending, share, &vm.memory)?;
     }
     if devices.rng {
         attach_rng(&mut pending);
@@ -130,11 +135,22 @@ pub fn attach_vsock(pending: &mut PendingVirtio, vsock: &VsockConfig) -> Result<
     Ok(())
 }
 
-/// virtio-fs `fs-<tag>` sharing the directory.
-pub fn attach_fs(pending: &mut PendingVirtio, share: &ShareConfig) -> Result<(), AttachError> {
+/// virtio-fs `fs-<tag>`: the directory served in process, or a vhost-user fs backend that
+/// serves it, given guest memory `mem`.
+pub fn attach_fs(pending: &mut PendingVirtio, share: &ShareConfig, mem: &GuestMemoryMmap) -> Result<(), AttachError> {
     let name = format!("fs-{}", share.tag);
-    let device = virtio::fs::FsDevice::new(&share.dir, &share.tag).map_err(|source| AttachError::Fs { name: name.clone(), source })?;
-    pending.add_file_server(name, device);
+    let fs_err = |source| AttachError::Fs { name: name.clone(), source };
+    match &share.server {
+        ShareServer::InProcess(dir) => {
+            let device = virtio::fs::FsDevice::new(dir, &share.tag).map_err(fs_err)?;
+            pending.add_file_server(name, device);
+        }
+        ShareServer::VhostUser(socket) => {
+            let face = DeviceFace { device_type: VIRTIO_ID_FS, queue_max_sizes: vec![virtio::fs::QUEUE_SIZE; virtio::fs::NUM_QUEUES], config: virtio::fs::config_space(&share.tag).map_err(fs_err)?.to_vec() };
+            let device = FrontendDevice::connect(socket, face, mem).map_err(|source| AttachError::VhostUser { name: name.clone(), source })?;
+            pending.add(name, device);
+        }
+    }
     Ok(())
 }
 

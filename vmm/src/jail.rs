@@ -280,6 +280,32 @@ fn restrict(path: &Path, attr: u64) -> Result<(), JailError> {
     Ok(())
 }
 
+/// A device "bound" into the jail is a node of its own (the host node's type and number) in a
+/// small tmpfs private to the jail at the target's directory, owned by the jailed user, as
+/// Firecracker's jailer makes /dev/kvm: usable whatever group and mode the host gives its node
+/// (a host without udev leaves /dev/kvm root's alone), and nothing done to it reaches the
+/// host's node. `private` holds the directories made so far; the caller makes them read-only
+/// once every node is there.
+fn device_node(root: &Path, bind: &JailBind, host: &std::fs::Metadata, user: &JailUser, private: &mut Vec<PathBuf>) -> Result<(), JailError> {
+    let target = inside(root, &bind.target)?;
+    let dir = target.parent().unwrap_or(root).to_path_buf();
+    if !private.contains(&dir) {
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&dir).map_err(|source| JailError::MountPoint { path: bind.target.clone(), source })?;
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+        mount(Some("tmpfs"), &dir, Some("tmpfs"), flags, Some("size=16k,nr_inodes=16,mode=0755")).map_err(mount_err("mount a device directory", &dir))?;
+        private.push(dir);
+    }
+    let kind = if host.file_type().is_char_device() { nix::sys::stat::SFlag::S_IFCHR } else { nix::sys::stat::SFlag::S_IFBLK };
+    // Owner-only; `:ro` means nothing for a node of the jail's own (it kept a bound host node
+    // from changes).
+    nix::sys::stat::mknod(&target, kind, nix::sys::stat::Mode::from_bits_truncate(0o600), host.rdev()).map_err(mount_err("make the device node", &bind.target))?;
+    let (uid, gid) = match user {
+        JailUser::Unprivileged { uid, gid } => (*uid, *gid),
+        JailUser::Root { .. } => (0, 0),
+    };
+    std::os::unix::fs::chown(&target, Some(uid), Some(gid)).map_err(|source| JailError::MountPoint { path: bind.target.clone(), source })
+}
+
 fn child(config: &JailConfig, alive: OwnedFd) -> Result<std::convert::Infallible, JailError> {
     die_with_parent(&alive)?;
     let root = &config.root;
@@ -287,24 +313,31 @@ fn child(config: &JailConfig, alive: OwnedFd) -> Result<std::convert::Infallible
     // jail's goes back.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>).map_err(mount_err("make private", Path::new("/")))?;
     mount(Some(root), root, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(mount_err("bind the root", root))?;
-    let mut devices = Vec::new();
+    let mut files = Vec::new();
+    let mut device_dirs = Vec::new();
     for b in &config.binds {
+        let meta = std::fs::metadata(&b.source).map_err(|source| JailError::MountPoint { path: b.source.clone(), source })?;
+        if meta.file_type().is_char_device() || meta.file_type().is_block_device() {
+            device_node(root, b, &meta, &config.user, &mut device_dirs)?;
+        } else {
+            files.push(b);
+        }
+    }
+    for dir in &device_dirs {
+        restrict(dir, libc::MOUNT_ATTR_RDONLY)?;
+    }
+    for b in files {
         let target = inside(root, &b.target)?;
         mount_point(&b.source, &target)?;
         mount(Some(&b.source), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(mount_err("bind", &b.target))?;
-        let meta = std::fs::metadata(&b.source).map_err(|source| JailError::MountPoint { path: b.source.clone(), source })?;
-        let device = meta.file_type().is_char_device() || meta.file_type().is_block_device();
-        if device {
-            devices.push(meta.gid());
-        }
         // Flags are only added, to the bind and every mount below it: a writable bind keeps
         // what its source has (the share's top stays read-only as the host made it) and gains
         // nosuid, nodev and noexec (a setuid file or device node made through it is inert); a
-        // read-only one is read-only all the way down; a device stays usable.
-        let attr = match (device, b.read_only) {
-            (true, _) => libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID,
-            (false, true) => libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
-            (false, false) => libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOEXEC,
+        // read-only one is read-only all the way down.
+        let attr = if b.read_only {
+            libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV
+        } else {
+            libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOEXEC
         };
         restrict(&target, attr)?;
     }
@@ -331,12 +364,7 @@ fn child(config: &JailConfig, alive: OwnedFd) -> Result<std::convert::Infallible
         JailUser::Unprivileged { uid, gid } => {
             drop_bounding(&[])?;
             caps::clear(None, CapSet::Inheritable).map_err(JailError::Caps)?;
-            // The groups of the devices bound in (/dev/kvm's kvm group): the device is usable,
-            // nothing else that group owns is in the jail.
-            devices.sort_unstable();
-            devices.dedup();
-            let groups: Vec<Gid> = devices.into_iter().filter(|g| *g != 0).map(Gid::from_raw).collect();
-            nix::unistd::setgroups(&groups).map_err(priv_err("setgroups"))?;
+            nix::unistd::setgroups(&[]).map_err(priv_err("setgroups"))?;
             let gid = Gid::from_raw(*gid);
             nix::unistd::setresgid(gid, gid, gid).map_err(priv_err("setresgid"))?;
             if let Some(max) = config.max_processes {

@@ -221,6 +221,26 @@ fn killing_the_jail_kills_the_jailed_process() {
     }
 }
 
+/// A device bound into an unprivileged jail is usable even where the host's node is root's
+/// alone (a host without udev has /dev/kvm 0600 root:root), and what the jailed process does to
+/// its node leaves the host's node as it was.
+#[test]
+fn an_unprivileged_jail_uses_a_root_only_device_without_changing_the_hosts_node() {
+    if missing().is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let host_node = dir.path().join("null");
+    nix::sys::stat::mknod(&host_node, nix::sys::stat::SFlag::S_IFCHR, nix::sys::stat::Mode::from_bits_truncate(0o600), nix::sys::stat::makedev(1, 3)).expect("mknod");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("root");
+    let bind = format!("{}:/dev/null", host_node.display());
+    let out = jailed(&root, &["--bind", &bind, "--user", UID], "echo hidden > /dev/null && echo written; /busybox chmod 666 /dev/null; /busybox mknod /dev/other c 1 3 || echo no-new-node");
+    assert_eq!(text(&out.stdout), "written\nno-new-node\n", "{}", text(&out.stderr));
+    let meta = std::fs::metadata(&host_node).expect("host node");
+    assert_eq!((meta.uid(), std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777), (0, 0o600), "the host's node changed");
+}
+
 /// `--max-processes` bounds the jail uid's processes and threads (RLIMIT_NPROC): a jailed shell
 /// that forks without end is refused beyond the limit, and one without the limit is not. (A uid
 /// of this test's own: the limit counts every process of the uid.)

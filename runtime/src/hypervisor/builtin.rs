@@ -1,12 +1,14 @@
-//! hull's own VMM: one `hull-vmm boot` process with the vsock, virtio-fs, net and rng devices
-//! in process (no QEMU, no backend processes). hull-vmm knows its machine's kernel command
-//! line; the words here are appended to it.
+//! hull's own VMM: one `hull-vmm boot` process with the vsock, net and rng devices in process
+//! (no QEMU), unprivileged; the share's virtio-fs is served by a jailed `hull-vmm vhost-user fs`
+//! backend that hull-vmm drives as a vhost-user frontend. hull-vmm knows its machine's kernel
+//! command line; the words here are appended to it.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 use tokio::process::Command;
 
+use super::backend::{self, VHOST_FS};
 use super::jail::{Needs, Placement};
 use super::{exists, pass_tap, HypervisorError, Launched, VmDir, VmSpec, TAP_FD};
 use crate::host;
@@ -27,7 +29,8 @@ impl Builtin {
         words.join(" ")
     }
 
-    fn command(&self, spec: &VmSpec, dir: &VmDir) -> Result<Command, HypervisorError> {
+    fn command(&self, at: &Placement<'_>) -> Result<Command, HypervisorError> {
+        let spec = at.spec;
         let mut vcpus = spec.vcpus;
         if vcpus > 1 && host::kvm_is_pvm() {
             // Measured: a second vCPU never comes up under kvm_pvm (the boot stalls before the
@@ -35,7 +38,6 @@ impl Builtin {
             tracing::warn!(vcpus, "kvm_pvm host: the builtin VM gets one vCPU");
             vcpus = 1;
         }
-        let at = Placement { spec, dir, vmm: &self.vmm };
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |words: &[&str]| args.extend(words.iter().map(OsString::from));
         push(&["--log-level", "info", "--open-files", &spec.open_files.to_string(), "boot"]);
@@ -50,22 +52,16 @@ impl Builtin {
             args.push(flag.into());
             args.push(path.into());
         }
-        if let Some(dir) = at.share() {
-            let tag = spec.share.as_ref().map(|s| s.tag.as_str()).unwrap_or_default();
-            let mut arg = OsString::from(format!("{tag}="));
-            arg.push(dir);
-            args.push("--share".into());
+        if let Some(share) = &spec.share {
+            // Served by its own jailed backend (`backend::start_fs`), not in this process.
+            let mut arg = OsString::from(format!("{}=", share.tag));
+            arg.push(at.socket(VHOST_FS));
+            args.push("--vhost-user-fs".into());
             args.push(arg);
-            if let Some(jail) = spec.jail {
-                // Serving the share keeps the process uid 0 with a file server's capabilities;
-                // every thread but the virtio-fs worker's (the vCPUs, the other devices) gives
-                // them up for the pod's uid before it serves the guest.
-                args.push("--thread-user".into());
-                args.push(format!("{}:{}", jail.uid, jail.gid).into());
-            }
         }
         args.extend(spec.vmm_extra.iter().map(OsString::from));
-        let needs = Needs { kernel: true, kvm: true, share: spec.share.is_some() };
+        // hull-vmm serves no share itself: it runs unprivileged.
+        let needs = Needs { kernel: true, kvm: true, share: false };
         let mut cmd = at.command("vmm", &self.vmm, args, needs)?;
         if let Some(nic) = &spec.nic {
             pass_tap(&mut cmd, nic.tap_fd);
@@ -82,6 +78,16 @@ impl super::Hypervisor for Builtin {
 
     async fn prepare(&self, spec: &VmSpec, dir: &VmDir) -> Result<Launched, HypervisorError> {
         exists("hull-vmm", &self.vmm)?;
-        Ok(Launched { vmm: self.command(spec, dir)?, vmm_log: "hull-vmm.log", backends: Vec::new() })
+        let at = Placement { spec, dir, vmm: &self.vmm };
+        let backends: Vec<_> = backend::start_fs(&at).await?.into_iter().collect();
+        match self.command(&at) {
+            Ok(vmm) => Ok(Launched { vmm, vmm_log: "hull-vmm.log", backends }),
+            Err(e) => {
+                for b in &backends {
+                    b.kill().await;
+                }
+                Err(e)
+            }
+        }
     }
 }

@@ -174,8 +174,8 @@ impl Placement<'_> {
             bind(&self.spec.initramfs, Path::new("/initramfs"), true);
         }
         if needs.kvm {
-            // Read-only mount, usable device: the process cannot chmod the host's node.
-            bind(Path::new("/dev/kvm"), Path::new("/dev/kvm"), true);
+            // A node of the process's own in a /dev private to the jail (hull-vmm's `jail`).
+            bind(Path::new("/dev/kvm"), Path::new("/dev/kvm"), false);
         }
         let share = needs.share.then_some(self.spec.share.as_ref()).flatten();
         if let Some(share) = share {

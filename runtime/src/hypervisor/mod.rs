@@ -6,6 +6,7 @@
 //! Adding a hypervisor: a file with a `Hypervisor` impl, a value of `config::Hypervisor`, and
 //! its arm in `Engine::hypervisor`.
 
+pub mod backend;
 pub mod builtin;
 pub mod jail;
 pub mod log;

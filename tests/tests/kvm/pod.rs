@@ -1,6 +1,7 @@
 //! Pods on the builtin hypervisor on a real KVM (here on a VT-x/AMD-V host, else in the L1 KVM
 //! host), end to end: containerd → containerd-shim-hull-v2 → `hull-vmm boot` (hull's own
-//! VMM, devices in process) → hull-agent → container. The shim runs with its default
+//! VMM, devices in process but the share's, whose jailed `hull-vmm vhost-user fs` it drives) →
+//! hull-agent → container. The shim runs with its default
 //! configuration, `hypervisor = "auto"`, which must pick the builtin engine on such a host.
 
 use hull_tests::containerd::IMAGE;
@@ -41,4 +42,7 @@ fn ctr_pods_on_the_builtin_engine_chosen_by_auto() {
     scenario::vmm_death(&c);
     scenario::jail_death(&c);
     scenario::forbidden_syscall(&c, None);
+    // The share's jailed file server, which hull-vmm drives over vhost-user.
+    scenario::backend_death(&c, "fs");
+    scenario::forbidden_syscall(&c, Some("fs"));
 }

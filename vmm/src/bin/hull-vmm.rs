@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
-use hull_vmm::config::{Devices, DiskConfig, NicConfig, ShareConfig, TapSource, VmConfig, VsockConfig, DEFAULT_CMDLINE};
+use hull_vmm::config::{Devices, DiskConfig, NicConfig, ShareConfig, ShareServer, TapSource, VmConfig, VsockConfig, DEFAULT_CMDLINE};
 
 #[derive(Debug, Parser)]
 #[command(name = "hull-vmm", version, about = "hull's KVM microVM monitor and device backends")]
@@ -71,6 +71,10 @@ enum Cmd {
         /// A virtio-fs share: TAG=DIR (repeatable; the guest mounts `-t virtiofs TAG`).
         #[arg(long = "share", value_parser = parse_share)]
         shares: Vec<ShareConfig>,
+        /// A virtio-fs share another process serves: TAG=SOCKET, the socket of a vhost-user fs
+        /// backend (`hull-vmm vhost-user fs`) that serves it (repeatable; after the --share ones).
+        #[arg(long = "vhost-user-fs", value_parser = parse_vhost_user_fs)]
+        vhost_user_shares: Vec<ShareConfig>,
         /// A virtio-rng device.
         #[arg(long)]
         rng: bool,
@@ -101,8 +105,8 @@ enum Cmd {
         /// The host directory that becomes the jail's root.
         #[arg(long)]
         root: PathBuf,
-        /// SOURCE:TARGET[:ro]: a host path the jail sees at TARGET (repeatable). A device bound
-        /// in is usable through its group.
+        /// SOURCE:TARGET[:ro]: a host path the jail sees at TARGET (repeatable). A device is not
+        /// bound but made anew: a node of the jailed user's own in a tmpfs private to the jail.
         #[arg(long = "bind", value_parser = hull_vmm::jail::parse_bind)]
         binds: Vec<hull_vmm::jail::JailBind>,
         /// Give the jail its own /proc/self/fd and /proc/self/mountinfo (a virtio-fs server).
@@ -221,7 +225,12 @@ fn parse_nic(s: &str) -> Result<NicConfig, Box<dyn std::error::Error + Send + Sy
 
 fn parse_share(s: &str) -> Result<ShareConfig, String> {
     let (tag, dir) = s.split_once('=').ok_or("a share is TAG=DIR")?;
-    Ok(ShareConfig { tag: tag.into(), dir: dir.into() })
+    Ok(ShareConfig { tag: tag.into(), server: ShareServer::InProcess(dir.into()) })
+}
+
+fn parse_vhost_user_fs(s: &str) -> Result<ShareConfig, String> {
+    let (tag, socket) = s.split_once('=').ok_or("a vhost-user share is TAG=SOCKET")?;
+    Ok(ShareConfig { tag: tag.into(), server: ShareServer::VhostUser(socket.into()) })
 }
 
 /// Sets RLIMIT_NOFILE, soft and hard, to `limit` or to the hard limit this process inherited if
@@ -318,7 +327,8 @@ fn main() -> ExitCode {
     // The limit first: nothing the subcommand opens comes before it.
     let mut code = ExitCode::SUCCESS;
     let result = cli.open_files.map_or(Ok(()), limit_open_files).and_then(|()| match cli.cmd {
-        Cmd::Boot { kernel, initramfs, cmdline, append, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, shares, rng, no_seccomp, thread_user, api_socket } => {
+        Cmd::Boot { kernel, initramfs, cmdline, append, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, mut shares, vhost_user_shares, rng, no_seccomp, thread_user, api_socket } => {
+            shares.extend(vhost_user_shares);
             let vsock = vsock_uds.map(|uds| VsockConfig { guest_cid, uds });
             let devices = Devices { disks, nics, vsock, shares, rng };
             let cmdline = kernel_cmdline(cmdline, &append);

@@ -1,11 +1,13 @@
-//! hull's devices as vhost-user backends, for QEMU (`vhost-user-vsock-pci`, `vhost-user-fs-pci`):
-//! the same `VirtioDevice`s the in-process VMM drives, behind one generic backend
-//! (`DeviceBackend`) that speaks the vhost-user protocol. Serving another device is one more
-//! `serve_*` here.
+//! hull's devices as vhost-user backends, for QEMU (`vhost-user-vsock-pci`, `vhost-user-fs-pci`)
+//! and for hull-vmm itself (`frontend`: the builtin engine's virtio-fs): the same
+//! `VirtioDevice`s the in-process VMM drives, behind one generic backend (`DeviceBackend`) that
+//! speaks the vhost-user protocol. Serving another device is one more `serve_*` here.
 
 mod backend;
+pub mod frontend;
 
 pub use backend::{ConfigSpace, DeviceBackend};
+pub use frontend::{DeviceFace, FrontendDevice, FrontendError};
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};

@@ -51,6 +51,17 @@ pub trait VirtioDevice: Send {
     fn process(&mut self, event: DeviceEvent, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
     /// The driver reset the device: forget per-driver state.
     fn reset(&mut self) {}
+    /// Whether another process serves the queues (a vhost-user backend): the worker then
+    /// leaves the queues' notifications to it, and the device gets them in `activate`.
+    fn queues_served_elsewhere(&self) -> bool {
+        false
+    }
+    /// The driver set DRIVER_OK having accepted `features`, with `queues` as it set them up;
+    /// `kicks` are their notification eventfds. A device whose queues another process serves
+    /// hands them over here; an error leaves the device needing a reset.
+    fn activate(&mut self, _features: u64, _queues: &[Queue], _kicks: &[EventFd], _mem: &GuestMemoryMmap) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The device's interrupt: the virtio-mmio interrupt status bits (virtio_bindings'

@@ -262,7 +262,7 @@ impl MmioTransport {
         }
         // The worker gets its own copies of the queues; the transport's stay frozen until reset.
         let queues = self.queues.iter().map(|q| Queue::try_from(q.state())).collect::<Result<Vec<_>, _>>().map_err(|_| ActivateError::InvalidQueue(usize::MAX))?;
-        self.worker.activate(queues)?;
+        self.worker.activate(queues, self.driver_features)?;
         self.active = true;
         tracing::info!(device = %self.name, features = self.driver_features, "virtio device activated");
         Ok(())

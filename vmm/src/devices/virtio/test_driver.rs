@@ -28,7 +28,11 @@ pub struct TestDriver {
 
 impl TestDriver {
     pub fn new() -> TestDriver {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).expect("guest memory");
+        TestDriver::with_memory(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).expect("guest memory"))
+    }
+
+    /// A driver on `mem`, which must map at least 64 MiB from address 0.
+    pub fn with_memory(mem: GuestMemoryMmap) -> TestDriver {
         TestDriver { mem, next_buf: 1 << 20 }
     }
 

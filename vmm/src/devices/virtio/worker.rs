@@ -32,10 +32,12 @@ pub enum WorkerError {
     Thread(#[source] std::io::Error),
     #[error("the device's worker thread is gone")]
     Gone,
+    #[error("the device cannot start: {0}")]
+    Activate(#[source] std::io::Error),
 }
 
 enum Command {
-    Activate(Vec<Queue>),
+    Activate { queues: Vec<Queue>, features: u64 },
     Reset,
     Stop,
 }
@@ -43,7 +45,7 @@ enum Command {
 /// The transport's end of a worker.
 pub struct Worker {
     commands: mpsc::Sender<Command>,
-    acks: mpsc::Receiver<()>,
+    acks: mpsc::Receiver<std::io::Result<()>>,
     wake: EventFd,
     thread: Option<JoinHandle<()>>,
 }
@@ -64,13 +66,17 @@ impl Worker {
         let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
         let add = |fd: i32, data: u64| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, data)).map_err(WorkerError::Epoll);
         add(wake.as_raw_fd(), WAKE)?;
-        for (i, evt) in setup.queue_evts.iter().enumerate() {
-            add(evt.as_raw_fd(), QUEUE_BASE + i as u64)?;
-        }
-        let (host_fds, edge) = {
+        let (host_fds, edge, elsewhere) = {
             let d = lock(&setup.device);
-            (d.host_fds(), d.host_fds_edge_triggered())
+            (d.host_fds(), d.host_fds_edge_triggered(), d.queues_served_elsewhere())
         };
+        // A backend that serves the queues reads their notifications; a read here would take
+        // them from it.
+        if !elsewhere {
+            for (i, evt) in setup.queue_evts.iter().enumerate() {
+                add(evt.as_raw_fd(), QUEUE_BASE + i as u64)?;
+            }
+        }
         let host_set = if edge { EventSet::IN | EventSet::EDGE_TRIGGERED } else { EventSet::IN };
         for (i, fd) in host_fds.into_iter().enumerate() {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(host_set, HOST_BASE + i as u64)).map_err(WorkerError::Epoll)?;
@@ -90,17 +96,18 @@ impl Worker {
         self.wake.write(1).map_err(|_| WorkerError::Gone)
     }
 
-    /// Hands the worker the queues; it serves them from now on.
-    pub fn activate(&self, queues: Vec<Queue>) -> Result<(), WorkerError> {
-        self.send(Command::Activate(queues))?;
-        self.acks.recv().map_err(|_| WorkerError::Gone)
+    /// Hands the worker the queues and the features the driver accepted; it serves them (or
+    /// the device hands them to its backend) from now on.
+    pub fn activate(&self, queues: Vec<Queue>, features: u64) -> Result<(), WorkerError> {
+        self.send(Command::Activate { queues, features })?;
+        self.acks.recv().map_err(|_| WorkerError::Gone)?.map_err(WorkerError::Activate)
     }
 
     /// Takes the queues back and resets the device; when this returns the worker no longer
     /// touches guest memory.
     pub fn reset(&self) -> Result<(), WorkerError> {
         self.send(Command::Reset)?;
-        self.acks.recv().map_err(|_| WorkerError::Gone)
+        self.acks.recv().map_err(|_| WorkerError::Gone)?.map_err(WorkerError::Activate)
     }
 }
 
@@ -113,7 +120,7 @@ impl Drop for Worker {
     }
 }
 
-fn run(setup: WorkerSetup, epoll: Epoll, wake: EventFd, commands: mpsc::Receiver<Command>, acks: mpsc::Sender<()>) {
+fn run(setup: WorkerSetup, epoll: Epoll, wake: EventFd, commands: mpsc::Receiver<Command>, acks: mpsc::Sender<std::io::Result<()>>) {
     let WorkerSetup { name, device, queue_evts, mem, interrupt, seccomp } = setup;
     if let Some(filter) = seccomp {
         if let Err(e) = filter.apply() {
@@ -138,18 +145,21 @@ fn run(setup: WorkerSetup, epoll: Epoll, wake: EventFd, commands: mpsc::Receiver
                     let _ = wake.read();
                     while let Ok(c) = commands.try_recv() {
                         match c {
-                            Command::Activate(q) => {
-                                queues = q;
-                                // Buffers queued before DRIVER_OK (vsock RX, say) are served now.
-                                for i in 0..queues.len() {
-                                    serve(&name, &device, DeviceEvent::Queue(i), &mut queues, &mem, &interrupt);
+                            Command::Activate { queues: q, features } => {
+                                let started = lock(&device).activate(features, &q, &queue_evts, &mem);
+                                if started.is_ok() {
+                                    queues = q;
+                                    // Buffers queued before DRIVER_OK (vsock RX, say) are served now.
+                                    for i in 0..queues.len() {
+                                        serve(&name, &device, DeviceEvent::Queue(i), &mut queues, &mem, &interrupt);
+                                    }
                                 }
-                                let _ = acks.send(());
+                                let _ = acks.send(started);
                             }
                             Command::Reset => {
                                 queues.clear();
                                 lock(&device).reset();
-                                let _ = acks.send(());
+                                let _ = acks.send(Ok(()));
                             }
                             Command::Stop => return,
                         }

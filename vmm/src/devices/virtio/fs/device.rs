@@ -21,9 +21,7 @@ pub struct FsDevice {
 impl FsDevice {
     /// Shares `dir` under `tag`.
     pub fn new(dir: &Path, tag: &str) -> Result<FsDevice, FsError> {
-        if tag.is_empty() || tag.len() > TAG_LEN {
-            return Err(FsError::Tag(tag.into()));
-        }
+        super::config_space(tag)?;
         if !dir.is_dir() {
             return Err(FsError::SharedDir(dir.into()));
         }
@@ -47,12 +45,9 @@ impl FsDevice {
         &self.tag
     }
 
-    /// The config space: the tag (NUL-padded to 36 bytes), then num_request_queues (LE u32).
+    /// The config space of its tag (`config_space`).
     pub fn config(&self) -> [u8; TAG_LEN + 4] {
-        let mut c = [0u8; TAG_LEN + 4];
-        c[..self.tag.len()].copy_from_slice(self.tag.as_bytes());
-        c[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
-        c
+        super::config_space(&self.tag).unwrap_or([0; TAG_LEN + 4])
     }
 
     /// Serves every request the guest queued on `queue` (either queue: FORGETs on the

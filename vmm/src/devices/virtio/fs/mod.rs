@@ -16,6 +16,18 @@ pub const QUEUE_SIZE: u16 = 1024;
 /// The tag field of the config space is 36 bytes, not necessarily NUL-terminated.
 pub const TAG_LEN: usize = 36;
 
+/// The config space of a device sharing under `tag`: the tag (NUL-padded to 36 bytes), then
+/// num_request_queues (LE u32). Whoever serves the queues, the guest reads this.
+pub fn config_space(tag: &str) -> Result<[u8; TAG_LEN + 4], FsError> {
+    if tag.is_empty() || tag.len() > TAG_LEN {
+        return Err(FsError::Tag(tag.into()));
+    }
+    let mut c = [0u8; TAG_LEN + 4];
+    c[..tag.len()].copy_from_slice(tag.as_bytes());
+    c[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
+    Ok(c)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
     #[error("The shared directory {0:?} does not exist or is not a directory.")]
