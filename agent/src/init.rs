@@ -7,7 +7,7 @@ use nix::mount::{mount, MsFlags};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("Cannot move the initramfs to a tmpfs root ({step}): {source}.")]
+    #[error("Cannot make the initramfs a root containers can pivot from ({step}): {source}.")]
     SwitchRoot { step: &'static str, source: std::io::Error },
     #[error("Cannot mount {fstype} on {target}: {source}.")]
     Mount { fstype: &'static str, target: &'static str, source: nix::Error },
@@ -35,71 +35,38 @@ const FILESYSTEMS: &[Fs] = &[
     Fs { fstype: "tmpfs", target: "/tmp", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), data: Some("mode=1777") },
 ];
 
+/// Where the initramfs is bound on its way to `/` (an empty directory afterwards, removed).
 const NEW_ROOT: &str = "/.hull-root";
-const MOVED_MARKER: &str = "HULL_ROOT_MOVED";
 /// statfs f_type of the initramfs root ("rootfs": ramfs, or tmpfs with CONFIG_TMPFS).
 const RAMFS_MAGIC: i64 = 0x858458f6;
 const TMPFS_MAGIC: i64 = 0x01021994;
 
-/// pivot_root(2) cannot move away from the initramfs root, and every container needs it. So,
-/// as switch_root does, copy the initramfs into a tmpfs, delete the originals (freeing their
-/// memory), and make the tmpfs the root.
+/// pivot_root(2) refuses a root that is the initramfs's own mount (it has no parent), and every
+/// container needs it. So the initramfs is bound onto a directory of itself, the bind moved
+/// onto `/` and made the root: a mount with a parent, holding the same files. Nothing is
+/// copied: a copy into a tmpfs (what switch_root does) would write the whole image into guest
+/// memory a second time, and the host keeps every page the guest has touched.
 fn move_off_initramfs() -> Result<(), InitError> {
-    let sw = |step: &'static str| move |e: std::io::Error| InitError::SwitchRoot { step, source: e };
+    let err = |step: &'static str| move |e: nix::Error| InitError::SwitchRoot { step, source: e.into() };
     let is_rootfs = nix::sys::statfs::statfs("/")
         .map(|s| {
             let t = s.filesystem_type().0 as i64;
             t == RAMFS_MAGIC || t == TMPFS_MAGIC
         })
         .unwrap_or(false);
-    // After the switch PID 1 re-executes itself with this marker set.
-    if !is_rootfs || std::env::var_os(MOVED_MARKER).is_some() {
+    if !is_rootfs {
         return Ok(());
     }
-    std::fs::create_dir(NEW_ROOT).map_err(sw("mkdir"))?;
-    mount(Some("tmpfs"), NEW_ROOT, Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=0755"))
-        .map_err(|e| InitError::SwitchRoot { step: "mount tmpfs", source: e.into() })?;
-    for entry in std::fs::read_dir("/").map_err(sw("read /"))?.flatten() {
-        let name = entry.file_name();
-        if name == NEW_ROOT.trim_start_matches('/') {
-            continue;
-        }
-        let from = Path::new("/").join(&name);
-        copy_tree(&from, &Path::new(NEW_ROOT).join(&name)).map_err(sw("copy"))?;
-        let _ = if from.is_dir() && !from.is_symlink() { std::fs::remove_dir_all(&from) } else { std::fs::remove_file(&from) };
-    }
-    std::env::set_current_dir(NEW_ROOT).map_err(sw("chdir"))?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-        .map_err(|e| InitError::SwitchRoot { step: "move", source: e.into() })?;
-    nix::unistd::chroot(".").map_err(|e| InitError::SwitchRoot { step: "chroot", source: e.into() })?;
-    std::env::set_current_dir("/").map_err(sw("chdir /"))?;
-    // Run the copy: the running image is the deleted original, and the agent re-executes its
-    // own binary for every container.
-    let err = std::os::unix::process::CommandExt::exec(
-        std::process::Command::new("/init").args(std::env::args_os().skip(1)).env(MOVED_MARKER, "1"),
-    );
-    Err(InitError::SwitchRoot { step: "re-exec /init", source: err })
-}
-
-/// Copies a file, symlink, device node or directory tree, keeping modes.
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-    let meta = std::fs::symlink_metadata(from)?;
-    let ft = meta.file_type();
-    if ft.is_symlink() {
-        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)?;
-    } else if ft.is_dir() {
-        std::fs::create_dir(to)?;
-        std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-        for e in std::fs::read_dir(from)?.flatten() {
-            copy_tree(&e.path(), &to.join(e.file_name()))?;
-        }
-    } else if ft.is_char_device() || ft.is_block_device() {
-        let kind = if ft.is_char_device() { nix::sys::stat::SFlag::S_IFCHR } else { nix::sys::stat::SFlag::S_IFBLK };
-        nix::sys::stat::mknod(to, kind, nix::sys::stat::Mode::from_bits_truncate(meta.mode() & 0o7777), meta.rdev())?;
-    } else {
-        std::fs::copy(from, to)?;
-    }
+    std::fs::create_dir(NEW_ROOT).map_err(|source| InitError::SwitchRoot { step: "mkdir", source })?;
+    mount(Some("/"), NEW_ROOT, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(err("bind"))?;
+    nix::unistd::chdir(NEW_ROOT).map_err(err("chdir"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(err("move"))?;
+    nix::unistd::chroot(".").map_err(err("chroot"))?;
+    nix::unistd::chdir("/").map_err(err("chdir /"))?;
+    // As the tmpfs root was: no set-id program of the image gains anything.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID, None::<&str>).map_err(err("remount nosuid"))?;
+    // The bind's old mount point, an empty directory of the same files.
+    let _ = std::fs::remove_dir(NEW_ROOT);
     Ok(())
 }
 

@@ -13,7 +13,7 @@ use nix::errno::Errno;
 use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{mkdirat, Mode};
 
-use serde_json::Value;
+use oci_spec::image::{Arch, ImageConfiguration, ImageIndex, ImageManifest, MediaType, Os};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -52,7 +52,7 @@ fn malformed(what: impl Into<String>, reason: impl std::fmt::Display) -> ImageEr
     ImageError::Malformed { what: what.into(), reason: reason.to_string() }
 }
 
-fn read_json(path: &Path, what: &str) -> Result<Value, ImageError> {
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T, ImageError> {
     let text = std::fs::read(path).map_err(|_| ImageError::MissingBlob(what.into()))?;
     serde_json::from_slice(&text).map_err(|e| malformed(what, e))
 }
@@ -67,42 +67,50 @@ fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf, ImageError> {
     Ok(layout.join("blobs").join(algo).join(hex))
 }
 
-fn digest_of(v: &Value, what: &str) -> Result<String, ImageError> {
-    v.get("digest").and_then(Value::as_str).map(str::to_string).ok_or_else(|| malformed(what, "no digest"))
-}
-
 /// The manifest of an OCI layout: the index's first linux/amd64 (or only) entry, through a
 /// nested index if there is one.
-fn oci_manifest(layout: &Path) -> Result<Value, ImageError> {
-    let mut index = read_json(&layout.join("index.json"), "index.json")?;
+fn oci_manifest(layout: &Path) -> Result<ImageManifest, ImageError> {
+    let mut index: ImageIndex = read_json(&layout.join("index.json"), "index.json")?;
     for _ in 0..2 {
-        let manifests = index.get("manifests").and_then(Value::as_array).ok_or_else(|| malformed("index", "no manifests"))?;
-        let pick = manifests
+        let pick = index
+            .manifests()
             .iter()
-            .find(|m| m.pointer("/platform/os").and_then(Value::as_str).is_none_or(|os| os == "linux") && m.pointer("/platform/architecture").and_then(Value::as_str).is_none_or(|a| a == "amd64"))
+            .find(|m| m.platform().as_ref().is_none_or(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64))
             .ok_or_else(|| malformed("index", "no linux/amd64 manifest"))?;
-        let digest = digest_of(pick, "index entry")?;
-        let doc = read_json(&blob_path(layout, &digest)?, &digest)?;
-        if doc.get("manifests").is_some() {
-            index = doc;
+        let digest = pick.digest().to_string();
+        let path = blob_path(layout, &digest)?;
+        // An OCI index, or Docker's manifest list (the same document under its own type).
+        let nested = match pick.media_type() {
+            MediaType::ImageIndex => true,
+            MediaType::Other(t) => t == "application/vnd.docker.distribution.manifest.list.v2+json",
+            _ => false,
+        };
+        if nested {
+            index = read_json(&path, &digest)?;
             continue;
         }
-        return Ok(doc);
+        return read_json(&path, &digest);
     }
     Err(malformed("index", "indexes nested too deep"))
 }
 
-fn strings(v: Option<&Value>) -> Vec<String> {
-    v.and_then(Value::as_array).map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()).unwrap_or_default()
+/// One image of `docker save`'s manifest.json.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DockerImage {
+    config: String,
+    #[serde(default)]
+    layers: Vec<String>,
 }
 
-fn image_config(config: &Value) -> ImageConfig {
-    let c = config.get("config");
+fn image_config(config: &ImageConfiguration) -> ImageConfig {
+    let c = config.config().as_ref();
+    let strings = |f: fn(&oci_spec::image::Config) -> &Option<Vec<String>>| c.and_then(|c| f(c).clone()).unwrap_or_default();
     ImageConfig {
-        entrypoint: strings(c.and_then(|c| c.get("Entrypoint"))),
-        cmd: strings(c.and_then(|c| c.get("Cmd"))),
-        env: strings(c.and_then(|c| c.get("Env"))),
-        working_dir: c.and_then(|c| c.get("WorkingDir")).and_then(Value::as_str).unwrap_or("").to_string(),
+        entrypoint: strings(oci_spec::image::Config::entrypoint),
+        cmd: strings(oci_spec::image::Config::cmd),
+        env: strings(oci_spec::image::Config::env),
+        working_dir: c.and_then(|c| c.working_dir().clone()).unwrap_or_default(),
     }
 }
 
@@ -126,19 +134,19 @@ pub fn unpack(tar: &Path, work: &Path) -> Result<(PathBuf, ImageConfig), ImageEr
         }
         entry.unpack_in(&layout).map_err(read_err)?;
     }
-    let (config, layers): (Value, Vec<(String, PathBuf)>) = if layout.join("index.json").exists() {
+    let (config, layers): (ImageConfiguration, Vec<(String, PathBuf)>) = if layout.join("index.json").exists() {
         let manifest = oci_manifest(&layout)?;
-        let config_digest = manifest.get("config").map(|c| digest_of(c, "manifest config")).transpose()?.ok_or_else(|| malformed("manifest", "no config"))?;
+        let config_digest = manifest.config().digest().to_string();
         let config = read_json(&blob_path(&layout, &config_digest)?, &config_digest)?;
         let mut layers = Vec::new();
-        for l in manifest.get("layers").and_then(Value::as_array).ok_or_else(|| malformed("manifest", "no layers"))? {
-            let digest = digest_of(l, "layer")?;
+        for l in manifest.layers() {
+            let digest = l.digest().to_string();
             layers.push((digest.clone(), blob_path(&layout, &digest)?));
         }
         (config, layers)
     } else if layout.join("manifest.json").exists() {
-        let manifest = read_json(&layout.join("manifest.json"), "manifest.json")?;
-        let first = manifest.get(0).ok_or_else(|| malformed("manifest.json", "no image"))?;
+        let images: Vec<DockerImage> = read_json(&layout.join("manifest.json"), "manifest.json")?;
+        let first = images.first().ok_or_else(|| malformed("manifest.json", "no image"))?;
         let inside = |p: &str| -> Result<PathBuf, ImageError> {
             let rel = Path::new(p);
             if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
@@ -146,9 +154,8 @@ pub fn unpack(tar: &Path, work: &Path) -> Result<(PathBuf, ImageConfig), ImageEr
             }
             Ok(layout.join(rel))
         };
-        let config_path = first.get("Config").and_then(Value::as_str).ok_or_else(|| malformed("manifest.json", "no Config"))?;
-        let config = read_json(&inside(config_path)?, config_path)?;
-        let layers = strings(first.get("Layers")).iter().map(|l| Ok((l.clone(), inside(l)?))).collect::<Result<_, ImageError>>()?;
+        let config = read_json(&inside(&first.config)?, &first.config)?;
+        let layers = first.layers.iter().map(|l| Ok((l.clone(), inside(l)?))).collect::<Result<_, ImageError>>()?;
         (config, layers)
     } else {
         return Err(ImageError::NotAnImage(tar.into()));

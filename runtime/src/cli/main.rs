@@ -99,6 +99,8 @@ pub enum CliError {
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
     Pod(#[from] hull_runtime::pod::PodError),
+    #[error(transparent)]
+    Config(#[from] hull_runtime::config::ConfigError),
     #[error("The VM did not power off after DestroySandbox.")]
     NoPowerOff,
     #[error(transparent)]

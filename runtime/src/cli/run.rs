@@ -159,6 +159,9 @@ pub async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], image:
     let guest = guest
         .or_else(|| std::env::var_os("HULL_GUEST_DIR").map(PathBuf::from))
         .unwrap_or_else(|| beside_exe("../guest"));
+    // The VM is confined as the configured shim's are (`/etc/hull/config.toml` or
+    // $HULL_CONFIG: the jail, its uids and limits, the log cap); what to boot comes from here.
+    let host = Config::load(None)?;
     let config = Config {
         hypervisor,
         kernel: guest.join("bzImage"),
@@ -168,6 +171,13 @@ pub async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], image:
         vcpus: 1,
         memory_mib: memory,
         boot_timeout_secs: boot_timeout,
+        vm_log_kib: host.vm_log_kib,
+        vm_open_files: host.vm_open_files,
+        jail: host.jail,
+        jail_uid: host.jail_uid,
+        jail_uids: host.jail_uids,
+        jail_gid: host.jail_gid,
+        jail_max_processes: host.jail_max_processes,
         ..Config::default()
     };
     let work = tempfile::Builder::new()
