@@ -30,6 +30,8 @@ pub enum BuildError {
     Config(Vec<String>),
     #[error(transparent)]
     Elf(#[from] elf::ElfError),
+    #[error(transparent)]
+    Vmlinux(#[from] crate::vmlinux::VmlinuxError),
     #[error("{what} {path:?}: {source}.")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
 }
@@ -51,8 +53,12 @@ pub struct Manifest {
     pub config_hash: String,
     pub pvm_patches: bool,
     pub agent_version: String,
+    /// The bzImage.
     pub kernel: PathBuf,
     pub kernel_bytes: u64,
+    /// The ELF vmlinux out of it, which pods boot (`vmlinux`).
+    pub vmlinux: PathBuf,
+    pub vmlinux_bytes: u64,
     pub initramfs: PathBuf,
     pub initramfs_bytes: u64,
     pub kernel_build_seconds: Option<f64>,
@@ -200,6 +206,9 @@ pub fn build(opts: &Options) -> Result<Manifest, BuildError> {
     let link = opts.out.join("bzImage");
     let _ = std::fs::remove_file(&link);
     std::fs::copy(&bzimage, &link).map_err(io_err("Cannot copy the kernel to", &link))?;
+    let vmlinux = opts.out.join("vmlinux");
+    let elf = crate::vmlinux::from_bzimage(&std::fs::read(&bzimage).map_err(io_err("Cannot read", &bzimage))?)?;
+    std::fs::write(&vmlinux, elf).map_err(io_err("Cannot write", &vmlinux))?;
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     let manifest = Manifest {
         kernel_release,
@@ -209,6 +218,8 @@ pub fn build(opts: &Options) -> Result<Manifest, BuildError> {
         agent_version: env!("CARGO_PKG_VERSION").into(),
         kernel_bytes: size(&link),
         kernel: link,
+        vmlinux_bytes: size(&vmlinux),
+        vmlinux,
         initramfs_bytes: size(&initramfs),
         initramfs,
         kernel_build_seconds,

@@ -5,3 +5,4 @@ pub mod build;
 pub mod cpio;
 pub mod elf;
 pub mod kconfig;
+pub mod vmlinux;

@@ -8,7 +8,7 @@
 //! # TCG. qemu: QEMU with KVM where it can, else TCG.
 //! hypervisor = "auto"
 //! # The guest kernel and initramfs (hull-guest-image build output).
-//! kernel = "/usr/share/hull/bzImage"
+//! kernel = "/usr/share/hull/vmlinux"
 //! initramfs = "/usr/share/hull/initramfs.cpio"
 //! # QEMU binary and hull-vmm binary (the builtin VMM; the device backends under QEMU).
 //! qemu = "qemu-system-x86_64"
@@ -31,7 +31,7 @@
 //! # guest that caches more sees "Too many open files" until it forgets some. A lower limit
 //! # the shim inherits stays.
 //! vm_open_files = 262144
-//! # Run every host process of a pod VM (hull-vmm, or QEMU and its device backends) in a jail:
+//! # Run every host process of a pod VM (hull-vmm, or QEMU, and the device backends) in a jail:
 //! # new mount, pid, ipc, uts and network namespaces, a per-pod root holding only what the
 //! # process needs, no_new_privs, no core dumps. A process that serves the pod's share runs as
 //! # uid 0 with only the capabilities of a file server; every other one with none, as the
@@ -102,15 +102,20 @@ pub fn exe_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// The kernel pods boot, in a guest image directory (`hull-guest-image build`): the ELF vmlinux,
+/// uncompressed, which hull-vmm enters at its 64-bit entry and QEMU through its PVH note (a
+/// bzImage works too, and decompresses itself first).
+pub const GUEST_KERNEL: &str = "vmlinux";
+
 impl Default for Config {
     fn default() -> Config {
         // Next to the binaries in a cargo target dir (target/<profile>/ -> target/guest), else
         // the installed location.
         let guest = exe_dir().join("../guest");
-        let guest = if guest.join("bzImage").exists() { guest } else { PathBuf::from("/usr/share/hull") };
+        let guest = if guest.join(GUEST_KERNEL).exists() { guest } else { PathBuf::from("/usr/share/hull") };
         Config {
             hypervisor: Hypervisor::Auto,
-            kernel: guest.join("bzImage"),
+            kernel: guest.join(GUEST_KERNEL),
             initramfs: guest.join("initramfs.cpio"),
             qemu: "qemu-system-x86_64".into(),
             vmm: exe_dir().join("hull-vmm"),

@@ -36,7 +36,7 @@ fn ms(d: Duration) -> f64 {
 fn spec() -> VmSpec {
     let guest = guest_image_dir();
     VmSpec {
-        kernel: guest.join("bzImage"),
+        kernel: guest.join(hull_runtime::config::GUEST_KERNEL),
         initramfs: guest.join("initramfs.cpio"),
         vcpus: 2,
         memory_mib: MEMORY_MIB,
@@ -52,8 +52,8 @@ fn spec() -> VmSpec {
 }
 
 /// A VM's host memory in KiB by PSS: (outside guest RAM, guest RAM the guest touched). Guest
-/// RAM is the mapping exactly the guest's size (anonymous in hull-vmm, QEMU's memfd shared
-/// with the backends).
+/// RAM is the mapping exactly the guest's size (a memfd in both VMMs, shared with the
+/// backends). The VMs here serve no share, so the builtin one has no fs backend.
 #[derive(Default, Clone, Copy)]
 struct Memory {
     own_kib: u64,

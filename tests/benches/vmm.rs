@@ -6,6 +6,8 @@
 //!   and initramfs), as a ratio. Where /dev/kvm is kvm_pvm the builtin boot takes minutes;
 //! - pod VM start → agent ready under QEMU (with a share: QEMU and both backends), every process
 //!   jailed (`hull-vmm jail`, the default) vs unjailed, alternating, p50 of 5 each, as a ratio;
+//! - pod VM start → agent ready under QEMU booting the ELF vmlinux vs the bzImage, alternating,
+//!   p50 of 5 each, as a ratio, and the guest RAM each had touched at agent ready;
 //! - vsock throughput through the vhost-user backend under QEMU: 256 MiB each way between a
 //!   host process and a container's stdio in the guest, MB/s.
 //!
@@ -78,19 +80,24 @@ fn start_to_first_run(dir: &std::path::Path) -> f64 {
     times[times.len() / 2].as_secs_f64() * 1000.0
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// A KiB row of /proc/PID/status ("VmRSS:"), 0 where there is none.
+fn status_kib(pid: u32, row: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(row))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
 }
 
 fn config() -> VmSpec {
     let guest = guest_image_dir();
     VmSpec {
-        kernel: guest.join("bzImage"),
+        kernel: guest.join(hull_runtime::config::GUEST_KERNEL),
         initramfs: guest.join("initramfs.cpio"),
         vcpus: 1,
         memory_mib: 128,
@@ -209,13 +216,47 @@ async fn jailed_vs_unjailed(dir: &std::path::Path) -> (f64, f64) {
     (p50(&mut jailed), p50(&mut direct))
 }
 
+/// The guest RAM a VM's VMM has touched, in KiB: QEMU's guest memory is a shared memfd, and
+/// under TCG every page the guest touches is in QEMU's own mappings.
+fn guest_ram_touched_kib(pid: u32) -> u64 {
+    status_kib(pid, "RssShmem:")
+}
+
+/// Pod VM start → agent ready under QEMU (unjailed, 256 MiB) booting the ELF vmlinux vs the
+/// bzImage it comes from, alternating, p50 of 5 each, and the guest RAM touched at agent ready
+/// (the last boot of each).
+async fn vmlinux_vs_bzimage(dir: &std::path::Path) -> ([f64; 2], [u64; 2]) {
+    let kernels = [guest_image_dir().join(hull_runtime::config::GUEST_KERNEL), guest_image_dir().join("bzImage")];
+    let (mut times, mut touched) = ([Vec::new(), Vec::new()], [0u64; 2]);
+    for round in 0..10 {
+        let k = round % 2;
+        let mut cfg = config();
+        cfg.memory_mib = 256;
+        cfg.kernel = kernels[k].clone();
+        let vm_dir = dir.join(format!("kernel-{round}"));
+        std::fs::create_dir_all(&vm_dir).expect("dir");
+        let t = Instant::now();
+        let vm = start(&cfg, &vm_dir, qemu_engine()).await;
+        vm.wait_for_agent(Duration::from_secs(600)).await.expect("agent answers");
+        times[k].push(t.elapsed().as_secs_f64());
+        touched[k] = guest_ram_touched_kib(vm.vmm_pid());
+        vm.kill().await;
+    }
+    let p50 = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    ([p50(&mut times[0]), p50(&mut times[1])], touched)
+}
+
 #[tokio::main]
 async fn main() {
     if let Some(why) = missing_prerequisite().or_else(missing_guest_image) {
         println!("SKIP vmm bench: {why}");
         return;
     }
-    // `cargo bench --bench vmm -- jail rss` runs only the rows named (start, jail, vsock, rss).
+    // `cargo bench --bench vmm -- jail rss` runs only the rows named (start, jail, kernel,
+    // vsock, rss).
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let row = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -226,6 +267,18 @@ async fn main() {
     if row("jail") {
         let (jailed, direct) = jailed_vs_unjailed(dir.path()).await;
         println!("pod VM start -> agent ready (QEMU/{:?}, with a share), p50 of 5: jailed {jailed:.2} s, unjailed {direct:.2} s, jailed/unjailed = {:.2}", Host::probe().qemu_accel().0, jailed / direct);
+    }
+
+    if row("kernel") {
+        let ([elf, bz], [elf_kib, bz_kib]) = vmlinux_vs_bzimage(dir.path()).await;
+        println!(
+            "pod VM start -> agent ready (QEMU/{:?}, 256 MiB), p50 of 5: vmlinux {elf:.2} s, bzImage {bz:.2} s, vmlinux/bzImage = {:.2}; guest RAM touched at agent ready: vmlinux {:.1} MiB, bzImage {:.1} MiB, vmlinux/bzImage = {:.2}",
+            Host::probe().qemu_accel().0,
+            elf / bz,
+            elf_kib as f64 / 1024.0,
+            bz_kib as f64 / 1024.0,
+            elf_kib as f64 / bz_kib as f64
+        );
     }
 
     if row("vsock") {

@@ -329,8 +329,8 @@ pub fn backend_death(c: &Containerd, device: &str) {
 
 /// A pod process makes a system call its seccomp filters forbid, as a VM process a guest has
 /// subverted would (see `inject_personality`): the filter must kill it with SIGSYS, and the
-/// pod must end as for any death of a pod process. `device`: `vsock` or `fs` for QEMU's
-/// backends, None for the VMM.
+/// pod must end as for any death of a pod process. `device`: `vsock` or `fs` for a vhost-user
+/// backend (QEMU has both, the builtin engine fs), None for the VMM.
 pub fn forbidden_syscall(c: &Containerd, device: Option<&str>) {
     let what = device.map_or("the VMM".to_string(), |d| format!("the vhost-user {d} backend"));
     let id = format!("{}sigsys", device.unwrap_or("vmm"));

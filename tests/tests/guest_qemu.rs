@@ -32,7 +32,7 @@ macro_rules! require_qemu {
 fn config() -> VmSpec {
     let guest = guest_image_dir();
     VmSpec {
-        kernel: guest.join("bzImage"),
+        kernel: guest.join(hull_runtime::config::GUEST_KERNEL),
         initramfs: guest.join("initramfs.cpio"),
         vcpus: 1,
         memory_mib: 256,

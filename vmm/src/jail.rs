@@ -35,6 +35,8 @@ pub enum JailError {
     Root(PathBuf),
     #[error("The path {0:?} inside the jail must be absolute and without '..'.")]
     Target(PathBuf),
+    #[error("A device goes into the jail's /dev, not at {0:?}.")]
+    DeviceTarget(PathBuf),
     #[error("Cannot bind {source_path:?} into the jail: it does not exist.")]
     MissingSource { source_path: PathBuf },
     #[error("Cannot make new namespaces for the jail (hull-vmm jail needs root): {0}.")]
@@ -142,8 +144,12 @@ pub fn run(config: &JailConfig) -> Result<u8, JailError> {
     }
     for b in &config.binds {
         inside(&config.root, &b.target)?;
-        if std::fs::metadata(&b.source).is_err() {
+        let Ok(meta) = std::fs::metadata(&b.source) else {
             return Err(JailError::MissingSource { source_path: b.source.clone() });
+        };
+        let device = meta.file_type().is_char_device() || meta.file_type().is_block_device();
+        if device && b.target.parent() != Some(Path::new(DEV)) {
+            return Err(JailError::DeviceTarget(b.target.clone()));
         }
     }
     // Opened close-on-exec: the jailed program never holds it (an unlock through any
@@ -280,20 +286,26 @@ fn restrict(path: &Path, attr: u64) -> Result<(), JailError> {
     Ok(())
 }
 
+/// Where device nodes go in a jail: a small tmpfs private to it.
+const DEV: &str = "/dev";
+
 /// A device "bound" into the jail is a node of its own (the host node's type and number) in a
-/// small tmpfs private to the jail at the target's directory, owned by the jailed user, as
-/// Firecracker's jailer makes /dev/kvm: usable whatever group and mode the host gives its node
-/// (a host without udev leaves /dev/kvm root's alone), and nothing done to it reaches the
-/// host's node. `private` holds the directories made so far; the caller makes them read-only
-/// once every node is there.
-fn device_node(root: &Path, bind: &JailBind, host: &std::fs::Metadata, user: &JailUser, private: &mut Vec<PathBuf>) -> Result<(), JailError> {
+/// small tmpfs private to the jail at `/dev`, owned by the jailed user, as Firecracker's jailer
+/// makes /dev/kvm: usable whatever group and mode the host gives its node (a host without udev
+/// leaves /dev/kvm root's alone), and nothing done to it reaches the host's node. Making it
+/// needs CAP_MKNOD and the device cgroup's `m` right for the device. The tmpfs is mounted with
+/// the first device (`dev_mounted`) and made read-only by the caller once every bind is in.
+fn device_node(root: &Path, bind: &JailBind, host: &std::fs::Metadata, user: &JailUser, dev_mounted: &mut bool) -> Result<(), JailError> {
+    if bind.target.parent() != Some(Path::new(DEV)) {
+        return Err(JailError::DeviceTarget(bind.target.clone()));
+    }
     let target = inside(root, &bind.target)?;
-    let dir = target.parent().unwrap_or(root).to_path_buf();
-    if !private.contains(&dir) {
-        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&dir).map_err(|source| JailError::MountPoint { path: bind.target.clone(), source })?;
+    let dir = inside(root, Path::new(DEV))?;
+    if !*dev_mounted {
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&dir).map_err(|source| JailError::MountPoint { path: DEV.into(), source })?;
         let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
-        mount(Some("tmpfs"), &dir, Some("tmpfs"), flags, Some("size=16k,nr_inodes=16,mode=0755")).map_err(mount_err("mount a device directory", &dir))?;
-        private.push(dir);
+        mount(Some("tmpfs"), &dir, Some("tmpfs"), flags, Some("size=16k,nr_inodes=16,mode=0755")).map_err(mount_err("mount", Path::new(DEV)))?;
+        *dev_mounted = true;
     }
     let kind = if host.file_type().is_char_device() { nix::sys::stat::SFlag::S_IFCHR } else { nix::sys::stat::SFlag::S_IFBLK };
     // Owner-only; `:ro` means nothing for a node of the jail's own (it kept a bound host node
@@ -314,17 +326,14 @@ fn child(config: &JailConfig, alive: OwnedFd) -> Result<std::convert::Infallible
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>).map_err(mount_err("make private", Path::new("/")))?;
     mount(Some(root), root, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(mount_err("bind the root", root))?;
     let mut files = Vec::new();
-    let mut device_dirs = Vec::new();
+    let mut dev_mounted = false;
     for b in &config.binds {
         let meta = std::fs::metadata(&b.source).map_err(|source| JailError::MountPoint { path: b.source.clone(), source })?;
         if meta.file_type().is_char_device() || meta.file_type().is_block_device() {
-            device_node(root, b, &meta, &config.user, &mut device_dirs)?;
+            device_node(root, b, &meta, &config.user, &mut dev_mounted)?;
         } else {
             files.push(b);
         }
-    }
-    for dir in &device_dirs {
-        restrict(dir, libc::MOUNT_ATTR_RDONLY)?;
     }
     for b in files {
         let target = inside(root, &b.target)?;
@@ -340,6 +349,10 @@ fn child(config: &JailConfig, alive: OwnedFd) -> Result<std::convert::Infallible
             libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOEXEC
         };
         restrict(&target, attr)?;
+    }
+    if dev_mounted {
+        // Every node and mount point in it is there: nothing new appears.
+        restrict(&inside(root, Path::new(DEV))?, libc::MOUNT_ATTR_RDONLY)?;
     }
     if config.proc_self {
         proc_self(root)?;

@@ -134,6 +134,9 @@ fn a_jail_names_what_it_cannot_bind() {
     assert!(err.contains("/nonexistent/kernel"), "stderr: {err}");
     let out = jailed(dir.path(), &["--bind", "/usr:/../escape", "--user", UID], "true");
     assert!(!out.status.success() && text(&out.stderr).contains("/../escape"), "{}", text(&out.stderr));
+    // A device node is made in the jail's own /dev only (a tmpfs there would hide anything else).
+    let out = jailed(dir.path(), &["--bind", "/dev/null:/null", "--user", UID], "true");
+    assert!(!out.status.success() && text(&out.stderr).contains("A device goes into the jail's /dev"), "{}", text(&out.stderr));
 }
 
 /// The jailed busybox under the waiter `waiter`, once it has exec'd (before, it is still a
@@ -222,8 +225,9 @@ fn killing_the_jail_kills_the_jailed_process() {
 }
 
 /// A device bound into an unprivileged jail is usable even where the host's node is root's
-/// alone (a host without udev has /dev/kvm 0600 root:root), and what the jailed process does to
-/// its node leaves the host's node as it was.
+/// alone (a host without udev has /dev/kvm 0600 root:root): the jail's node is the jailed
+/// uid's, owner-only, in a read-only /dev (no chmod, no new node), and the host's node is as
+/// it was.
 #[test]
 fn an_unprivileged_jail_uses_a_root_only_device_without_changing_the_hosts_node() {
     if missing().is_some() {
@@ -235,8 +239,10 @@ fn an_unprivileged_jail_uses_a_root_only_device_without_changing_the_hosts_node(
     let root = dir.path().join("root");
     std::fs::create_dir(&root).expect("root");
     let bind = format!("{}:/dev/null", host_node.display());
-    let out = jailed(&root, &["--bind", &bind, "--user", UID], "echo hidden > /dev/null && echo written; /busybox chmod 666 /dev/null; /busybox mknod /dev/other c 1 3 || echo no-new-node");
-    assert_eq!(text(&out.stdout), "written\nno-new-node\n", "{}", text(&out.stderr));
+    let script = "echo hidden > /dev/null && echo written; /busybox stat -c '%u %a' /dev/null; /busybox chmod 666 /dev/null || echo no-chmod; /busybox mknod /dev/other c 1 3 || echo no-new-node";
+    let out = jailed(&root, &["--bind", &bind, "--user", UID], script);
+    let uid = UID.split(':').next().unwrap_or_default();
+    assert_eq!(text(&out.stdout), format!("written\n{uid} 600\nno-chmod\nno-new-node\n"), "{}", text(&out.stderr));
     let meta = std::fs::metadata(&host_node).expect("host node");
     assert_eq!((meta.uid(), std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777), (0, 0o600), "the host's node changed");
 }

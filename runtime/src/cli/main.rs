@@ -37,7 +37,7 @@ enum Cmd {
         /// Run through a hull-agent on this host instead of a microVM.
         #[arg(long)]
         host: bool,
-        /// The guest image directory (bzImage, initramfs.cpio); default: target/guest beside
+        /// The guest image directory (vmlinux, initramfs.cpio); default: target/guest beside
         /// this binary's directory, or HULL_GUEST_DIR.
         #[arg(long)]
         guest: Option<PathBuf>,

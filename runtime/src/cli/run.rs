@@ -164,7 +164,7 @@ pub async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], image:
     let host = Config::load(None)?;
     let config = Config {
         hypervisor,
-        kernel: guest.join("bzImage"),
+        kernel: guest.join(hull_runtime::config::GUEST_KERNEL),
         initramfs: guest.join("initramfs.cpio"),
         qemu: std::env::var_os("HULL_QEMU").map(PathBuf::from).unwrap_or_else(|| "qemu-system-x86_64".into()),
         vmm: beside_exe("hull-vmm"),

@@ -66,8 +66,9 @@ impl Jail {
             let path = uid_lock(uid);
             let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path).map_err(|source| HypervisorError::Dir { path: path.clone(), source })?;
             // Exclusive: no one holds the uid. Then shared, so that the pod's jails can hold it
-            // too; a new lease that took the uid between the two (the change is not atomic)
-            // makes this one look further.
+            // too. Linux converts a lock under the file's lock list's spinlock, so nobody gets
+            // in between; flock(2) does not promise that, and should another lease take the
+            // uid there, this downgrade fails and this lease looks further.
             match flock(&file, libc::LOCK_EX).and_then(|()| flock(&file, libc::LOCK_SH)) {
                 Ok(()) => return Ok((Jail { uid, leased: true, ..self }, UidLease { uid, _lock: file })),
                 Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => continue,
@@ -76,6 +77,18 @@ impl Jail {
         }
         Err(HypervisorError::NoJailUid { first: self.uid, count })
     }
+}
+
+/// Kills what the `hull-vmm jail` of pid `waiter` runs, and not the waiter: the waiter reaps
+/// it and exits, and its hold on the pod's uid lease ends only then, with the last process that
+/// ran as the uid. Whether there was such a process (a VM process started unjailed has none).
+pub fn kill_jailed(waiter: u32) -> bool {
+    let children = std::fs::read_to_string(format!("/proc/{waiter}/task/{waiter}/children")).unwrap_or_default();
+    let mut killed = false;
+    for pid in children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        killed |= nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).is_ok();
+    }
+    killed
 }
 
 /// What a VM process needs from the host.
@@ -278,7 +291,10 @@ pub fn check(vmm: &Path, jail: Jail, scratch: &Path) -> Result<String, Hyperviso
     std::fs::create_dir_all(scratch).map_err(|source| HypervisorError::Dir { path: scratch.into(), source })?;
     let result = prepare_dirs(&spec, &dir).and_then(|()| {
         let at = Placement { spec: &spec, dir: &dir, vmm };
-        let mut cmd = at.command("check", vmm, vec!["--version".into()], Needs::default())?;
+        // With /dev/kvm where there is one: the jail makes its own node, which needs CAP_MKNOD
+        // and the device cgroup's leave.
+        let needs = Needs { kvm: Path::new("/dev/kvm").exists(), ..Needs::default() };
+        let mut cmd = at.command("check", vmm, vec!["--version".into()], needs)?;
         let out = cmd.as_std_mut().output().map_err(|source| HypervisorError::Spawn { what: "hull-vmm jail", source })?;
         let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
         if out.status.success() {

@@ -51,7 +51,8 @@ pub enum HypervisorError {
 pub enum Engine {
     /// QEMU (KVM or TCG) driving hull's devices as vhost-user backends.
     Qemu(Accel),
-    /// `hull-vmm boot`: hull's own KVM VMM with its devices in process.
+    /// `hull-vmm boot`: hull's own KVM VMM with its devices in process, but the share's (a
+    /// jailed vhost-user fs backend it drives).
     Builtin,
 }
 
@@ -255,6 +256,16 @@ impl Watched {
             };
             let status = match exited {
                 Some(s) => s,
+                // A jail's process first: its waiter exits once it has reaped it, so the pod's
+                // uid lease it holds outlives every process of the uid. The waiter itself only
+                // if it does not.
+                None if jail::kill_jailed(pid) => match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = child.start_kill();
+                        child.wait().await
+                    }
+                },
                 None => {
                     let _ = child.start_kill();
                     child.wait().await
@@ -324,7 +335,7 @@ pub struct Vm {
     vmm: Watched,
     /// The VMM's own log in `dir`.
     vmm_log: &'static str,
-    /// The vhost-user backends: vsock first, then fs if a directory is shared.
+    /// The vhost-user backends (QEMU: vsock, then fs if a directory is shared; builtin: fs).
     backends: Vec<Watched>,
 }
 
@@ -444,5 +455,32 @@ impl Vm {
     /// Every process of the VM, the VMM first.
     pub fn pids(&self) -> Vec<u32> {
         std::iter::once(&self.vmm).chain(&self.backends).map(Watched::pid).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ending a VM process that runs another under it (as `hull-vmm jail` does) kills the one
+    /// under it first and lets the waiter reap it and exit on its own: a waiter that held the
+    /// pod's uid lease holds it until the last process of the uid is gone. Here a shell stands
+    /// for the waiter; it exits 0 once its child is reaped, where a kill would end it with
+    /// SIGKILL.
+    #[tokio::test]
+    async fn a_waiter_outlives_the_process_it_waits_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm_dir = VmDir::new(dir.path());
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sleep 1000 & wait; exit 0"]);
+        let waiter = Watched::spawn(&mut cmd, "test waiter", &Logs { dir: &vm_dir, stdout: None, stderr: "waiter.log", cap: 4096 }).unwrap();
+        let children = format!("/proc/{0}/task/{0}/children", waiter.pid());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&children).unwrap_or_default().trim().is_empty() {
+            assert!(Instant::now() < deadline, "the shell never started its child");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let status = waiter.kill().await.expect("the waiter's status");
+        assert_eq!(status.code(), Some(0), "the waiter was killed, not left to exit: {status}");
     }
 }

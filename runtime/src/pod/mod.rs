@@ -259,10 +259,21 @@ impl Pod {
 /// What `containerd-shim-hull-v2 delete` does after a shim died: ends the pod's processes
 /// (from its pid file; nothing reaps them any more) and removes its state.
 pub fn cleanup_pod(dir: &PodDir) {
-    for pid in dir.pids() {
-        if pid > 1 && is_ours(pid) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+    let ours = || dir.pids().into_iter().filter(|&pid| pid > 1 && is_ours(pid)).collect::<Vec<_>>();
+    // Jailed processes first: their waiters (the pids recorded) exit once they have reaped
+    // them, holding the pod's uid lease until then (see `jail::kill_jailed`).
+    let mut waited = false;
+    for pid in ours() {
+        waited |= crate::hypervisor::jail::kill_jailed(pid);
+    }
+    for _ in 0..if waited { 100 } else { 0 } {
+        if ours().is_empty() {
+            break;
         }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for pid in ours() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
     }
     if let Some(path) = dir.cgroup() {
         // The killed processes leave the cgroup as they are reaped; give them a moment.
@@ -293,5 +304,8 @@ fn remove_state(dir: &PodDir) {
 /// A pid from the file is only killed if it still is QEMU or hull-vmm (pids get reused).
 fn is_ours(pid: u32) -> bool {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    comm.starts_with("qemu") || comm.starts_with("hull-vmm")
+    // A zombie (state Z, after the comm in parentheses) is gone already, only not yet reaped.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    (comm.starts_with("qemu") || comm.starts_with("hull-vmm")) && !zombie
 }

@@ -78,6 +78,7 @@ fn linux_guest_uses_every_virtio_mmio_device_and_reboots() {
     let started = Instant::now();
     let child = Command::new(binary("hull-vmm"))
         .args(["boot", "--vcpus", "2", "--memory-mib", "256", "--cmdline", &cmdline, "--guest-cid", "3", "--rng"])
+        // The bzImage (pods boot the vmlinux out of it): hull-vmm's other kernel loader.
         .arg("--kernel")
         .arg(guest_image_dir().join("bzImage"))
         .arg("--initramfs")

@@ -27,7 +27,12 @@ pub enum FrontendError {
     NoProtocolFeatures(PathBuf),
     #[error("Cannot create a call eventfd: {0}.")]
     EventFd(#[source] std::io::Error),
+    #[error("Cannot set the vhost-user socket's timeouts: {0}.")]
+    Socket(#[source] std::io::Error),
 }
+
+/// How long a message to the backend, or its reply, may take.
+const REPLY_TIMEOUT_SECS: libc::time_t = 5;
 
 /// What the guest sees of the device; the backend serves only its queues.
 pub struct DeviceFace {
@@ -54,6 +59,17 @@ impl FrontendDevice {
     pub fn connect(socket: &Path, face: DeviceFace, mem: &GuestMemoryMmap) -> Result<FrontendDevice, FrontendError> {
         let step_err = |step| move |source| FrontendError::Handshake { socket: socket.into(), step, source };
         let mut frontend = Frontend::connect(socket, face.queue_max_sizes.len() as u64).map_err(|source| FrontendError::Connect { socket: socket.into(), source })?;
+        // A backend that stops answering fails the request that waits on it (the device then
+        // needs a reset) instead of holding the vCPU that wrote DRIVER_OK, or a reset, forever.
+        let timeout = libc::timeval { tv_sec: REPLY_TIMEOUT_SECS, tv_usec: 0 };
+        for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+            // SAFETY: setsockopt on the frontend's own socket, reading a timeval that lives
+            // across the call, with its size.
+            let r = unsafe { libc::setsockopt(frontend.as_raw_fd(), libc::SOL_SOCKET, option, (&timeout as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as libc::socklen_t) };
+            if r != 0 {
+                return Err(FrontendError::Socket(std::io::Error::last_os_error()));
+            }
+        }
         frontend.set_owner().map_err(step_err("SET_OWNER"))?;
         let offered = frontend.get_features().map_err(step_err("GET_FEATURES"))?;
         let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -86,7 +102,7 @@ impl FrontendDevice {
         };
         self.frontend.set_vring_num(index, queue.size())?;
         self.frontend.set_vring_addr(index, &rings)?;
-        self.frontend.set_vring_base(index, 0)?;
+        self.frontend.set_vring_base(index, queue.next_avail())?;
         self.frontend.set_vring_call(index, &self.calls[index])?;
         self.frontend.set_vring_kick(index, kick)?;
         self.frontend.set_vring_enable(index, true)
@@ -135,8 +151,9 @@ impl VirtioDevice for FrontendDevice {
         };
         self.frontend.set_features(features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()).map_err(fail("SET_FEATURES"))?;
         for (index, (queue, kick)) in queues.iter().zip(kicks).enumerate().filter(|(_, (q, _))| q.ready()) {
-            self.start_queue(index, queue, kick, mem).map_err(fail("to start a queue"))?;
+            // Recorded first: a queue the backend got part of is stopped on reset too.
             self.started.push(index);
+            self.start_queue(index, queue, kick, mem).map_err(fail("to start a queue"))?;
         }
         Ok(())
     }

@@ -17,9 +17,17 @@ pub enum MemoryError {
 
 pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let file_err = |source| MemoryError::File { mib, source };
-    // SAFETY: memfd_create takes a NUL-terminated name and flags and returns a new descriptor
-    // (or -1), which the File below owns.
-    let fd = unsafe { libc::memfd_create(c"hull-guest-memory".as_ptr(), libc::MFD_CLOEXEC) };
+    // Never executable (a host with vm.memfd_noexec=2 refuses memfds that could be); kernels
+    // before 6.3 do not know the flag (EINVAL) and make none executable by exec anyway.
+    let mut fd = -1;
+    for flags in [libc::MFD_CLOEXEC | libc::MFD_NOEXEC_SEAL, libc::MFD_CLOEXEC] {
+        // SAFETY: memfd_create takes a NUL-terminated name and flags and returns a new
+        // descriptor (or -1), which the File below owns.
+        fd = unsafe { libc::memfd_create(c"hull-guest-memory".as_ptr(), flags) };
+        if fd >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            break;
+        }
+    }
     if fd < 0 {
         return Err(file_err(std::io::Error::last_os_error()));
     }

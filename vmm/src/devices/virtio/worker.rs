@@ -34,6 +34,8 @@ pub enum WorkerError {
     Gone,
     #[error("the device cannot start: {0}")]
     Activate(#[source] std::io::Error),
+    #[error("the device cannot reset: {0}")]
+    Reset(#[source] std::io::Error),
 }
 
 enum Command {
@@ -107,7 +109,7 @@ impl Worker {
     /// touches guest memory.
     pub fn reset(&self) -> Result<(), WorkerError> {
         self.send(Command::Reset)?;
-        self.acks.recv().map_err(|_| WorkerError::Gone)?.map_err(WorkerError::Activate)
+        self.acks.recv().map_err(|_| WorkerError::Gone)?.map_err(WorkerError::Reset)
     }
 }
 
