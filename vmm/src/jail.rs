@@ -147,8 +147,7 @@ pub fn run(config: &JailConfig) -> Result<u8, JailError> {
         let Ok(meta) = std::fs::metadata(&b.source) else {
             return Err(JailError::MissingSource { source_path: b.source.clone() });
         };
-        let device = meta.file_type().is_char_device() || meta.file_type().is_block_device();
-        if device && b.target.parent() != Some(Path::new(DEV)) {
+        if is_device(&meta) && b.target.parent() != Some(Path::new(DEV)) {
             return Err(JailError::DeviceTarget(b.target.clone()));
         }
     }
@@ -286,6 +285,11 @@ fn restrict(path: &Path, attr: u64) -> Result<(), JailError> {
     Ok(())
 }
 
+/// Whether a bind's source is a device node (made anew in the jail, see `device_node`).
+fn is_device(meta: &std::fs::Metadata) -> bool {
+    meta.file_type().is_char_device() || meta.file_type().is_block_device()
+}
+
 /// Where device nodes go in a jail: a small tmpfs private to it.
 const DEV: &str = "/dev";
 
@@ -329,7 +333,7 @@ fn child(config: &JailConfig, alive: OwnedFd) -> Result<std::convert::Infallible
     let mut dev_mounted = false;
     for b in &config.binds {
         let meta = std::fs::metadata(&b.source).map_err(|source| JailError::MountPoint { path: b.source.clone(), source })?;
-        if meta.file_type().is_char_device() || meta.file_type().is_block_device() {
+        if is_device(&meta) {
             device_node(root, b, &meta, &config.user, &mut dev_mounted)?;
         } else {
             files.push(b);

@@ -217,7 +217,7 @@ mod tests {
         assert_eq!(d.take_used(&mut q), vec![(head, 32)], "the backend filled the buffer through the memfd");
         assert_ne!(d.read(buf, 32), vec![0; 32]);
 
-        // Stops the queue with a round trip (GET_VRING_BASE answers), logging nothing.
+        // Stops the queue: GET_VRING_BASE needs the backend's answer.
         device.reset();
         assert!(device.started.is_empty());
         drop(device);
