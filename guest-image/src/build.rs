@@ -13,7 +13,6 @@ use crate::{elf, kconfig};
 /// Debian's kernel source package the guest kernel is built from.
 pub const KERNEL_SOURCE: &str = "/usr/src/linux-source-6.1.tar.xz";
 pub const KERNEL_PACKAGE: &str = "linux-source-6.1";
-const BUSYBOX: &str = "/bin/busybox";
 const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 #[derive(Debug, thiserror::Error)]
@@ -194,14 +193,8 @@ pub fn build(opts: &Options) -> Result<Manifest, BuildError> {
     let agent = build_agent(opts)?;
     let agent_bytes = std::fs::read(&agent).map_err(io_err("Cannot read the agent", &agent))?;
     elf::check_static(&agent.to_string_lossy(), &agent_bytes)?;
-    let busybox = std::fs::read(BUSYBOX).map_err(|_| BuildError::Missing {
-        what: "busybox",
-        path: BUSYBOX.into(),
-        hint: " (apt-get install busybox-static)",
-    })?;
-    elf::check_static(BUSYBOX, &busybox)?;
     let initramfs = opts.out.join("initramfs.cpio");
-    write_initramfs(&initramfs, &agent_bytes, &busybox)?;
+    write_initramfs(&initramfs, &agent_bytes)?;
 
     let link = opts.out.join("bzImage");
     let _ = std::fs::remove_file(&link);
@@ -282,17 +275,18 @@ fn build_agent(opts: &Options) -> Result<PathBuf, BuildError> {
     Ok(target_dir.join(AGENT_TARGET).join("guest/hull-agent"))
 }
 
-fn write_initramfs(path: &Path, agent: &[u8], busybox: &[u8]) -> Result<(), BuildError> {
-    let mut w = CpioWriter::new(Vec::with_capacity(agent.len() + busybox.len() + 4096));
+/// The guest's root: the agent as /init and the directories it mounts on. No shell or other
+/// program: nothing but the agent runs outside a container, and every byte here is in guest
+/// memory twice while the kernel unpacks it.
+fn write_initramfs(path: &Path, agent: &[u8]) -> Result<(), BuildError> {
+    let mut w = CpioWriter::new(Vec::with_capacity(agent.len() + 4096));
     let e = |r: std::io::Result<()>| r.map_err(io_err("Cannot write", path));
-    for d in ["bin", "dev", "etc", "proc", "sys", "run", "tmp", "root"] {
+    for d in ["dev", "etc", "proc", "sys", "run", "tmp", "root"] {
         e(w.dir(d, 0o755))?;
     }
     e(w.char_dev("dev/console", 0o600, 5, 1))?;
     e(w.char_dev("dev/null", 0o666, 1, 3))?;
     e(w.file("init", 0o755, agent))?;
-    e(w.file("bin/busybox", 0o755, busybox))?;
-    e(w.symlink("bin/sh", "busybox"))?;
     e(w.file("etc/resolv.conf", 0o644, b""))?;
     let bytes = w.finish().map_err(io_err("Cannot write", path))?;
     if std::fs::read(path).ok().as_deref() != Some(&bytes[..]) {

@@ -1,7 +1,9 @@
 //! Kubernetes' view, hull against runc in one run on one private containerd (CRI plugin, CNI
 //! bridge, the locally built busybox image):
 //! - pod start: RunPodSandbox -> CreateContainer -> StartContainer returned, p50 over PODS pods;
-//! - shim RSS per pod: containerd-shim-hull-v2 vs containerd-shim-runc-v2;
+//! - shim memory per pod, RSS and PSS: containerd-shim-hull-v2 vs containerd-shim-runc-v2;
+//! - host memory of the idle pods (each runtime's 11, a `sleep` each): the PSS of each shim and
+//!   every process under it, per pod;
 //! - TCP throughput between two pods of the same runtime on the bridge (busybox nc, MiB moved
 //!   in one exec, minus an empty exec's time);
 //! - small request/reply latency: ROUND_TRIPS sequential connect + "ping" + "pong" in one exec.
@@ -25,19 +27,43 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn rss_kib(pid: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
-        .unwrap_or(0)
+/// A process's memory in KiB: (RSS, PSS). RSS counts every page it maps, the binary's and
+/// libc's shared ones whole; PSS divides each page among the processes that map it, so the
+/// PSS of N shims summed is what N pods' shims take together.
+fn rss_pss_kib(pid: &str) -> (u64, u64) {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        rollup.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.split_whitespace().next()?.parse().ok())).unwrap_or(0)
+    };
+    (field("Rss:"), field("Pss:"))
 }
 
-/// Mean RSS of the running shims whose command line matches `pattern`.
-fn shim_rss_mib(pattern: &str) -> (f64, usize) {
+/// Mean RSS and PSS in MiB of the running shims whose command line matches `pattern`.
+fn shim_memory_mib(pattern: &str) -> (f64, f64, usize) {
     let out = std::process::Command::new("pgrep").args(["-f", pattern]).output().expect("pgrep");
     let pids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
-    let total: u64 = pids.iter().map(|p| rss_kib(p)).sum();
+    let (rss, pss) = pids.iter().map(|p| rss_pss_kib(p)).fold((0, 0), |(r, p), (r1, p1)| (r + r1, p + p1));
+    let n = pids.len().max(1) as f64;
+    (rss as f64 / 1024.0 / n, pss as f64 / 1024.0 / n, pids.len())
+}
+
+/// PSS in KiB of process `pid` and every process under it.
+fn tree_pss_kib(pid: &str) -> u64 {
+    let mut total = rss_pss_kib(pid).1;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        total += children.split_whitespace().map(tree_pss_kib).sum::<u64>();
+    }
+    total
+}
+
+/// The host memory of the pods whose shims match `pattern`, in MiB per pod: the PSS of each
+/// shim and every process under it (for hull the jails, the VMM and its backends; for runc
+/// the pause and container processes), so what pods share is counted once.
+fn pods_memory_mib(pattern: &str) -> (f64, usize) {
+    let out = std::process::Command::new("pgrep").args(["-f", pattern]).output().expect("pgrep");
+    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    let total: u64 = pids.iter().map(|p| tree_pss_kib(p)).sum();
     (total as f64 / 1024.0 / pids.len().max(1) as f64, pids.len())
 }
 
@@ -98,12 +124,19 @@ async fn main() {
     }
     let (h, r) = (median(starts[0].clone()), median(starts[1].clone()));
     println!("pod start (RunPodSandbox..StartContainer), p50 of {PODS}: hull {:.0} ms, runc {:.0} ms, hull/runc = {:.1}", ms(h), ms(r), ms(h) / ms(r));
-    let (hull_rss, hull_n) = shim_rss_mib("containerd-shim-hull-v2 -namespace k8s.io");
-    let (runc_rss, runc_n) = shim_rss_mib("containerd-shim-runc-v2 -namespace k8s.io");
+    let (hull_rss, hull_pss, hull_n) = shim_memory_mib("containerd-shim-hull-v2 -namespace k8s.io");
+    let (runc_rss, runc_pss, runc_n) = shim_memory_mib("containerd-shim-runc-v2 -namespace k8s.io");
     println!(
-        "shim RSS per pod: hull {hull_rss:.1} MiB ({hull_n} shims), runc {runc_rss:.1} MiB ({runc_n} shims), hull/runc = {:.2}",
-        hull_rss / runc_rss
+        "shim memory per pod: RSS hull {hull_rss:.1} MiB ({hull_n} shims), runc {runc_rss:.1} MiB ({runc_n} shims), hull/runc = {:.2}; PSS hull {hull_pss:.1} MiB, runc {runc_pss:.1} MiB, hull/runc = {:.2}",
+        hull_rss / runc_rss,
+        hull_pss / runc_pss
     );
+    // Idle: the guests have given back what they freed since boot (free page reports come
+    // about 2 s after the memory was freed).
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (hull_pods, n) = pods_memory_mib("containerd-shim-hull-v2 -namespace k8s.io");
+    let (runc_pods, _) = pods_memory_mib("containerd-shim-runc-v2 -namespace k8s.io");
+    println!("host memory of {n} idle pods of each runtime (PSS of each shim and every process under it), per pod: hull {hull_pods:.1} MiB, runc {runc_pods:.1} MiB, hull/runc = {:.1}", hull_pods / runc_pods);
     for p in &pods {
         cri.remove_pod(p).await;
     }

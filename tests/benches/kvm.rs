@@ -6,7 +6,8 @@
 //!   vhost-user backends);
 //! - host memory of a VM at agent ready, its processes summed by PSS (guest RAM shared between
 //!   QEMU and the backends counts once): outside guest RAM (what the VMM costs), and guest RAM
-//!   the guest touched, separately;
+//!   the guest touched, separately; and the same 5 s later, once the guest's free page reports
+//!   are in;
 //! - a pod through containerd: `ctr run --rm IMAGE ID sh -c 'echo ready'` with the shim on
 //!   each engine (`--runtime-config-path`), and runc as the baseline, median of `ROUNDS`.
 //!
@@ -85,11 +86,12 @@ fn memory(pids: &[u32]) -> Memory {
     m
 }
 
-/// Boots a VM to its agent `ROUNDS` times: the median time, and the memory of the last one.
-async fn boots(engine: Engine, dir: &Path) -> (Duration, Memory) {
+/// Boots a VM to its agent `ROUNDS` times: the median time, and the memory of the last one at
+/// agent ready and 5 s later (idle: the guest's free page reports are in).
+async fn boots(engine: Engine, dir: &Path) -> (Duration, Memory, Memory) {
     let hypervisor = engine.hypervisor(&Binaries { qemu: "qemu-system-x86_64".into(), vmm: binary("hull-vmm") });
     let mut times = Vec::new();
-    let mut mem = Memory::default();
+    let (mut mem, mut idle) = (Memory::default(), Memory::default());
     for i in 0..ROUNDS {
         let d = dir.join(format!("{i}"));
         std::fs::create_dir_all(&d).expect("VM dir");
@@ -98,13 +100,13 @@ async fn boots(engine: Engine, dir: &Path) -> (Duration, Memory) {
         vm.wait_for_agent(Duration::from_secs(300)).await.expect("agent answers");
         times.push(t.elapsed());
         if i + 1 == ROUNDS {
-            // Let the guest settle (the agent has just come up).
-            tokio::time::sleep(Duration::from_secs(2)).await;
             mem = memory(&vm.pids());
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            idle = memory(&vm.pids());
         }
         vm.kill().await;
     }
-    (median(times), mem)
+    (median(times), mem, idle)
 }
 
 fn ctr_run(c: &Containerd, runtime: &str, config: Option<&Path>, id: &str) -> Duration {
@@ -130,8 +132,8 @@ async fn bench() {
     assert!(matches!(accel, Accel::Kvm), "QEMU must use KVM here, not {accel:?}");
     let dir = tempfile::tempdir().expect("tempdir");
 
-    let (builtin_boot, builtin_mem) = boots(Engine::Builtin, &dir.path().join("builtin")).await;
-    let (qemu_boot, qemu_mem) = boots(Engine::Qemu(accel), &dir.path().join("qemu")).await;
+    let (builtin_boot, builtin_mem, builtin_idle) = boots(Engine::Builtin, &dir.path().join("builtin")).await;
+    let (qemu_boot, qemu_mem, qemu_idle) = boots(Engine::Qemu(accel), &dir.path().join("qemu")).await;
     println!("VMM start -> agent answering, 2 vCPUs, {MEMORY_MIB} MiB, median of {ROUNDS}: builtin {:.0} ms, QEMU/KVM {:.0} ms, builtin/QEMU = {:.2}", ms(builtin_boot), ms(qemu_boot), ms(builtin_boot) / ms(qemu_boot));
     let mib = |k: u64| k as f64 / 1024.0;
     println!(
@@ -142,6 +144,14 @@ async fn bench() {
         mib(builtin_mem.guest_kib),
         mib(qemu_mem.guest_kib),
         (builtin_mem.own_kib + builtin_mem.guest_kib) as f64 / (qemu_mem.own_kib + qemu_mem.guest_kib) as f64
+    );
+    println!(
+        "5 s later (idle): outside guest RAM builtin {:.1} MiB, QEMU + backends {:.1} MiB; guest RAM touched builtin {:.1} MiB, QEMU {:.1} MiB, builtin/QEMU = {:.2}",
+        mib(builtin_idle.own_kib),
+        mib(qemu_idle.own_kib),
+        mib(builtin_idle.guest_kib),
+        mib(qemu_idle.guest_kib),
+        builtin_idle.guest_kib as f64 / qemu_idle.guest_kib as f64
     );
 
     let c = Containerd::start("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]").expect("containerd starts");

@@ -8,6 +8,8 @@
 //!   jailed (`hull-vmm jail`, the default) vs unjailed, alternating, p50 of 5 each, as a ratio;
 //! - pod VM start → agent ready under QEMU booting the ELF vmlinux vs the bzImage, alternating,
 //!   p50 of 5 each, as a ratio, and the guest RAM each had touched at agent ready;
+//! - the same for this build's guest image against an earlier build's (`guest`: the directory
+//!   `HULL_BENCH_BASELINE_GUEST` names, a copy of that build's target/guest);
 //! - vsock throughput through the vhost-user backend under QEMU: 256 MiB each way between a
 //!   host process and a container's stdio in the guest, MB/s.
 //!
@@ -222,31 +224,59 @@ fn guest_ram_touched_kib(pid: u32) -> u64 {
     status_kib(pid, "RssShmem:")
 }
 
-/// Pod VM start → agent ready under QEMU (unjailed, 256 MiB) booting the ELF vmlinux vs the
-/// bzImage it comes from, alternating, p50 of 5 each, and the guest RAM touched at agent ready
-/// (the last boot of each).
-async fn vmlinux_vs_bzimage(dir: &std::path::Path) -> ([f64; 2], [u64; 2]) {
-    let kernels = [guest_image_dir().join(hull_runtime::config::GUEST_KERNEL), guest_image_dir().join("bzImage")];
-    let (mut times, mut touched) = ([Vec::new(), Vec::new()], [0u64; 2]);
+/// What `alternating` measured of each configuration: the p50 of start → agent ready, and the
+/// guest RAM the last VM had touched at agent ready and 5 s later (idle: the guest's free page
+/// reports are in), in KiB.
+struct Boots {
+    p50: f64,
+    touched_kib: u64,
+    idle_kib: u64,
+}
+
+/// Pod VM start → agent ready under QEMU (unjailed, 256 MiB) for two VM configurations,
+/// alternating, 5 each.
+async fn alternating(dir: &std::path::Path, name: &str, configs: [VmSpec; 2]) -> [Boots; 2] {
+    let mut times = [Vec::new(), Vec::new()];
+    let mut touched = [(0u64, 0u64); 2];
     for round in 0..10 {
         let k = round % 2;
-        let mut cfg = config();
+        let mut cfg = configs[k].clone();
         cfg.memory_mib = 256;
-        cfg.kernel = kernels[k].clone();
-        let vm_dir = dir.join(format!("kernel-{round}"));
+        let vm_dir = dir.join(format!("{name}-{round}"));
         std::fs::create_dir_all(&vm_dir).expect("dir");
         let t = Instant::now();
         let vm = start(&cfg, &vm_dir, qemu_engine()).await;
         vm.wait_for_agent(Duration::from_secs(600)).await.expect("agent answers");
         times[k].push(t.elapsed().as_secs_f64());
-        touched[k] = guest_ram_touched_kib(vm.vmm_pid());
+        if round >= 8 {
+            let at_ready = guest_ram_touched_kib(vm.vmm_pid());
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            touched[k] = (at_ready, guest_ram_touched_kib(vm.vmm_pid()));
+        }
         vm.kill().await;
     }
     let p50 = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    ([p50(&mut times[0]), p50(&mut times[1])], touched)
+    let [mut a, mut b] = times;
+    [Boots { p50: p50(&mut a), touched_kib: touched[0].0, idle_kib: touched[0].1 }, Boots { p50: p50(&mut b), touched_kib: touched[1].0, idle_kib: touched[1].1 }]
+}
+
+/// The ELF vmlinux pods boot against the bzImage it comes from.
+async fn vmlinux_vs_bzimage(dir: &std::path::Path) -> [Boots; 2] {
+    let mut bz = config();
+    bz.kernel = guest_image_dir().join("bzImage");
+    alternating(dir, "kernel", [config(), bz]).await
+}
+
+/// This build's guest image (kernel and initramfs) against another build's, from the
+/// directory `HULL_BENCH_BASELINE_GUEST` names (a copy of an earlier build's target/guest).
+async fn guest_vs_baseline(dir: &std::path::Path, baseline: &std::path::Path) -> [Boots; 2] {
+    let mut old = config();
+    old.kernel = baseline.join(hull_runtime::config::GUEST_KERNEL);
+    old.initramfs = baseline.join("initramfs.cpio");
+    alternating(dir, "guest", [config(), old]).await
 }
 
 #[tokio::main]
@@ -256,7 +286,7 @@ async fn main() {
         return;
     }
     // `cargo bench --bench vmm -- jail rss` runs only the rows named (start, jail, kernel,
-    // vsock, rss).
+    // guest, vsock, rss).
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let row = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -270,15 +300,45 @@ async fn main() {
     }
 
     if row("kernel") {
-        let ([elf, bz], [elf_kib, bz_kib]) = vmlinux_vs_bzimage(dir.path()).await;
+        let [elf, bz] = vmlinux_vs_bzimage(dir.path()).await;
         println!(
-            "pod VM start -> agent ready (QEMU/{:?}, 256 MiB), p50 of 5: vmlinux {elf:.2} s, bzImage {bz:.2} s, vmlinux/bzImage = {:.2}; guest RAM touched at agent ready: vmlinux {:.1} MiB, bzImage {:.1} MiB, vmlinux/bzImage = {:.2}",
+            "pod VM start -> agent ready (QEMU/{:?}, 256 MiB), p50 of 5: vmlinux {:.2} s, bzImage {:.2} s, vmlinux/bzImage = {:.2}; guest RAM touched at agent ready: vmlinux {:.1} MiB, bzImage {:.1} MiB, vmlinux/bzImage = {:.2}",
             Host::probe().qemu_accel().0,
-            elf / bz,
-            elf_kib as f64 / 1024.0,
-            bz_kib as f64 / 1024.0,
-            elf_kib as f64 / bz_kib as f64
+            elf.p50,
+            bz.p50,
+            elf.p50 / bz.p50,
+            elf.touched_kib as f64 / 1024.0,
+            bz.touched_kib as f64 / 1024.0,
+            elf.touched_kib as f64 / bz.touched_kib as f64
         );
+    }
+
+    if row("guest") {
+        match std::env::var_os("HULL_BENCH_BASELINE_GUEST") {
+            None => println!("SKIP guest row: HULL_BENCH_BASELINE_GUEST names no earlier build's guest image directory to compare with"),
+            Some(baseline) => {
+                let baseline = std::path::PathBuf::from(baseline);
+                let size = |p: std::path::PathBuf| std::fs::metadata(&p).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0);
+                let [new, old] = guest_vs_baseline(dir.path(), &baseline).await;
+                let mib = |k: u64| k as f64 / 1024.0;
+                println!(
+                    "pod VM start -> agent ready (QEMU/{:?}, 256 MiB), p50 of 5: this guest image {:.2} s, {} {:.2} s, this/baseline = {:.2}; guest RAM touched at agent ready: {:.1} MiB vs {:.1} MiB, this/baseline = {:.2}; 5 s later: {:.1} MiB vs {:.1} MiB, this/baseline = {:.2}; initramfs {:.1} MB vs {:.1} MB",
+                    Host::probe().qemu_accel().0,
+                    new.p50,
+                    baseline.display(),
+                    old.p50,
+                    new.p50 / old.p50,
+                    mib(new.touched_kib),
+                    mib(old.touched_kib),
+                    new.touched_kib as f64 / old.touched_kib as f64,
+                    mib(new.idle_kib),
+                    mib(old.idle_kib),
+                    new.idle_kib as f64 / old.idle_kib as f64,
+                    size(guest_image_dir().join("initramfs.cpio")),
+                    size(baseline.join("initramfs.cpio")),
+                );
+            }
+        }
     }
 
     if row("vsock") {

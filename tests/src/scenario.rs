@@ -343,6 +343,41 @@ pub fn forbidden_syscall(c: &Containerd, device: Option<&str>) {
     }
 }
 
+/// Memory the guest frees goes back to the host (virtio-balloon free page reporting): a
+/// container fills 48 MiB of its /dev/shm and deletes it, and within 30 s the guest memory the
+/// host keeps for the pod (the VMM's RssShmem: QEMU's or hull-vmm's map of the guest memory
+/// file) is at least 32 MiB below what it was with the file there. Without reporting, a page
+/// the guest touched once stays the host's to keep for as long as the pod runs.
+pub fn freed_guest_memory_goes_back(c: &Containerd) {
+    step("freed guest memory goes back to the host");
+    let id = "reclaim";
+    let mut run = run_sleeper(c, id);
+    let jail = c.pod_processes().into_iter().find(|p| p.contains(" jail --root ") && is_vmm(p)).unwrap_or_else(|| panic!("no VMM among {:?}", c.pod_processes()));
+    let waiter = jail.split_whitespace().next().expect("a pid").to_string();
+    let vmm = jailed_child(&waiter).unwrap_or(waiter);
+    let resident_kib = || {
+        let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap_or_default();
+        field(&status, "RssShmem:").split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let exec = |exec_id: &str, script: &str| {
+        let out = c.ctr(&["tasks", "exec", "--exec-id", exec_id, id, "sh", "-c", script]).expect("exec");
+        assert!(out.status.success(), "{script}: {}{}", text(&out.stdout), text(&out.stderr));
+    };
+    exec("fill", "head -c 50331648 /dev/zero > /dev/shm/fill");
+    let full = resident_kib();
+    exec("free", "rm /dev/shm/fill");
+    let mut now = full;
+    let back = wait_until(Duration::from_secs(30), || {
+        now = resident_kib();
+        full.saturating_sub(now) >= 32 << 10
+    });
+    assert!(back, "the guest freed 48 MiB but the host kept its memory: {full} KiB resident with the file, {now} KiB 30 s after it was deleted");
+    step(&format!("guest memory resident with 48 MiB in /dev/shm: {full} KiB; after its deletion: {now} KiB"));
+    let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+    assert!(exit_code(&mut run, Duration::from_secs(60)).is_some(), "ctr run did not end after SIGKILL: {}", c.log());
+    assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
+}
+
 /// The VMM: QEMU, or hull-vmm's `boot` (not its vhost-user backends).
 fn is_vmm(p: &str) -> bool {
     p.split_whitespace().nth(1).is_some_and(|exe| exe.contains("qemu-system") || exe.ends_with("hull-vmm")) && !p.contains(" vhost-user ")

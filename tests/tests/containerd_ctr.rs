@@ -22,6 +22,13 @@ fn a_dead_vmm_ends_its_tasks_with_nothing_left() {
     scenario::jail_death(&c);
 }
 
+/// QEMU's virtio-balloon reports the guest's free pages and drops them (`free-page-reporting`).
+#[test]
+fn memory_a_guest_frees_goes_back_to_the_host() {
+    require_containerd!();
+    scenario::freed_guest_memory_goes_back(&scenario::containerd());
+}
+
 /// QEMU's devices live in two more processes; the death of either ends the pod like the VMM's.
 #[test]
 fn a_dead_vhost_user_backend_ends_its_tasks_with_nothing_left() {

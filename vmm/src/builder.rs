@@ -22,6 +22,7 @@ use crate::devices::legacy::PioBus;
 use crate::devices::MmioBus;
 use crate::running_vm::{self, RunningVm};
 use crate::vstate::control::VcpuControl;
+use crate::vstate::memory::IntoFreshMemory;
 use crate::vstate::vcpu::{Vcpu, VcpuError, VmExit};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -70,6 +71,7 @@ fn load_kernel(vm: &Vm, path: &Path) -> Result<(GuestAddress, Option<setup_heade
     file.seek(SeekFrom::Start(0)).map_err(read_err)?;
     let load_err = |source| BootError::Kernel { path: path.into(), source };
     if magic == *b"\x7fELF" {
+        let mut file = IntoFreshMemory::new(file);
         let r = Elf::load(&vm.memory, None, &mut file, Some(GuestAddress(layout::HIMEM_START))).map_err(load_err)?;
         Ok((r.kernel_load, None, r.kernel_end))
     } else {
@@ -94,10 +96,10 @@ fn load_kernel_cmdline(vm: &Vm, base: &str, announce: &[String]) -> Result<usize
 /// Loads the initramfs as high in low memory as it fits; returns where and how large.
 fn load_initramfs(vm: &Vm, path: &Path, kernel_end: u64) -> Result<(GuestAddress, u64), BootError> {
     let read_err = |source| BootError::Read { what: "the initramfs", path: path.into(), source };
-    let mut file = File::open(path).map_err(read_err)?;
+    let file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
     let addr = arch::initramfs_address(&vm.memory, size, kernel_end)?;
-    vm.memory.read_exact_volatile_from(addr, &mut file, size as usize).map_err(BootError::Initramfs)?;
+    vm.memory.read_exact_volatile_from(addr, &mut IntoFreshMemory::new(file), size as usize).map_err(BootError::Initramfs)?;
     Ok((addr, size))
 }
 

@@ -27,7 +27,7 @@ pub struct VmConfig {
 }
 
 /// The virtio devices of a VM. The guest sees disks first (vda, vdb, ... in this order), then
-/// the NICs, vsock, the shares and rng.
+/// the NICs, vsock, the shares, rng and the balloon.
 #[derive(Debug, Default, Clone)]
 pub struct Devices {
     pub disks: Vec<DiskConfig>,
@@ -35,6 +35,8 @@ pub struct Devices {
     pub vsock: Option<VsockConfig>,
     pub shares: Vec<ShareConfig>,
     pub rng: bool,
+    /// A virtio-balloon that only takes free page reports (see `devices::virtio::balloon`).
+    pub free_page_reporting: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -84,7 +84,7 @@ pub fn attach_i8042(pio: &mut PioBus) -> Result<(), AttachError> {
 }
 
 /// Creates the virtio devices of `devices` in the order the guest sees them (disks, NICs,
-/// vsock, shares, rng), puts each on the MMIO bus with its irqfd and ioeventfds, and returns
+/// vsock, shares, rng, balloon), puts each on the MMIO bus with its irqfd and ioeventfds, and returns
 /// the command-line words that announce them. Device workers install `seccomp` on themselves.
 pub fn attach_virtio_devices(vm: &Vm, devices: &Devices, mmio: &mut MmioBus, seccomp: Option<&crate::seccomp::Filter>) -> Result<Vec<String>, AttachError> {
     let mut pending = PendingVirtio::default();
@@ -102,6 +102,9 @@ pub fn attach_virtio_devices(vm: &Vm, devices: &Devices, mmio: &mut MmioBus, sec
     }
     if devices.rng {
         attach_rng(&mut pending);
+    }
+    if devices.free_page_reporting {
+        attach_balloon(&mut pending);
     }
     pending.onto_mmio(vm, mmio, seccomp)
 }
@@ -157,6 +160,11 @@ pub fn attach_fs(pending: &mut PendingVirtio, share: &ShareConfig, mem: &GuestMe
 /// virtio-rng.
 pub fn attach_rng(pending: &mut PendingVirtio) {
     pending.add("rng".into(), virtio::rng::RngDevice::default());
+}
+
+/// virtio-balloon, taking the guest's free page reports only.
+pub fn attach_balloon(pending: &mut PendingVirtio) {
+    pending.add("balloon".into(), virtio::balloon::BalloonDevice::default());
 }
 
 /// Virtio devices created from the configuration but not yet on the MMIO bus, in the order the

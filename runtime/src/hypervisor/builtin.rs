@@ -1,4 +1,4 @@
-//! hull's own VMM: one `hull-vmm boot` process with the vsock, net and rng devices in process
+//! hull's own VMM: one `hull-vmm boot` process with the vsock, net, rng and balloon devices in process
 //! (no QEMU), unprivileged; the share's virtio-fs is served by a jailed `hull-vmm vhost-user fs`
 //! backend that hull-vmm drives as a vhost-user frontend. hull-vmm knows its machine's kernel
 //! command line; the words here are appended to it.
@@ -45,6 +45,8 @@ impl Builtin {
         push(&["--vcpus", &vcpus.to_string(), "--memory-mib", &spec.memory_mib.to_string()]);
         // The console on stdout: the runtime caps what it keeps of it (see `log`).
         push(&["--console", "-", "--guest-cid", &spec.guest_cid.to_string(), "--rng"]);
+        // Memory the guest frees goes back to the host (README, "Memory").
+        push(&["--free-page-reporting"]);
         if let Some(nic) = &spec.nic {
             push(&["--net", &format!("fd={TAP_FD},mac={}", nic.mac)]);
         }

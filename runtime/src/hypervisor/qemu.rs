@@ -48,6 +48,9 @@ impl Qemu {
             push(&["-chardev", &format!("socket,id=fs0,path={}", at.socket(VHOST_FS).display())]);
             push(&["-device", &format!("vhost-user-fs-pci,chardev=fs0,tag={}", share.tag)]);
         }
+        // Memory the guest frees goes back to the host (README, "Memory"): the balloon never
+        // inflates, it only takes the guest's free page reports.
+        push(&["-device", "virtio-balloon-pci,free-page-reporting=on"]);
         if let Some(nic) = &spec.nic {
             // romfile=: no PXE option ROM; the guest boots from -kernel.
             push(&["-netdev", &format!("tap,id=net0,fd={TAP_FD}")]);

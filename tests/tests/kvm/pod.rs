@@ -39,6 +39,8 @@ fn ctr_pods_on_the_builtin_engine_chosen_by_auto() {
     assert!(c.pod_processes().is_empty(), "left behind: {:?}", c.pod_processes());
 
     scenario::lifecycle(&c);
+    // hull-vmm's own virtio-balloon, reporting only.
+    scenario::freed_guest_memory_goes_back(&c);
     scenario::vmm_death(&c);
     scenario::jail_death(&c);
     scenario::forbidden_syscall(&c, None);

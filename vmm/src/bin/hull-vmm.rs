@@ -75,6 +75,10 @@ enum Cmd {
         /// backend (`hull-vmm vhost-user fs`) that serves it (repeatable; after the --share ones).
         #[arg(long = "vhost-user-fs", value_parser = parse_vhost_user_fs)]
         vhost_user_shares: Vec<ShareConfig>,
+        /// A virtio-balloon that takes the guest's free page reports: memory the guest frees
+        /// (2 MiB blocks and up) goes back to the host. It never asks the guest for memory.
+        #[arg(long)]
+        free_page_reporting: bool,
         /// A virtio-rng device.
         #[arg(long)]
         rng: bool,
@@ -327,10 +331,10 @@ fn main() -> ExitCode {
     // The limit first: nothing the subcommand opens comes before it.
     let mut code = ExitCode::SUCCESS;
     let result = cli.open_files.map_or(Ok(()), limit_open_files).and_then(|()| match cli.cmd {
-        Cmd::Boot { kernel, initramfs, cmdline, append, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, mut shares, vhost_user_shares, rng, no_seccomp, thread_user, api_socket } => {
+        Cmd::Boot { kernel, initramfs, cmdline, append, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, mut shares, vhost_user_shares, rng, free_page_reporting, no_seccomp, thread_user, api_socket } => {
             shares.extend(vhost_user_shares);
             let vsock = vsock_uds.map(|uds| VsockConfig { guest_cid, uds });
-            let devices = Devices { disks, nics, vsock, shares, rng };
+            let devices = Devices { disks, nics, vsock, shares, rng, free_page_reporting };
             let cmdline = kernel_cmdline(cmdline, &append);
             boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp: !no_seccomp, thread_user, api_socket })
         }

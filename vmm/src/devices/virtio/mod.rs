@@ -1,5 +1,6 @@
 //! virtio devices, independent of their transport (virtio-mmio in process, or vhost-user).
 
+pub mod balloon;
 pub mod block;
 pub mod device;
 pub mod fs;
