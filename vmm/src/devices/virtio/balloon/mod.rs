@@ -12,7 +12,7 @@
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use super::device::{read_config_bytes, DeviceEvent, VirtioDevice};
 
@@ -80,16 +80,9 @@ fn give_back(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<(), 
     if len == 0 || addr.0 % PAGE != 0 || len % PAGE != 0 {
         return Err("not whole pages");
     }
-    let end = addr.0.checked_add(len).ok_or("past the end of the address space")?;
-    // Every byte must be guest memory before any is dropped.
-    let mut at = addr;
-    while at.0 < end {
-        let region = mem.find_region(at).ok_or("not guest memory")?;
-        let region_end = region.start_addr().0 + region.len();
-        at = GuestAddress(region_end.min(end));
-    }
-    for slice in mem.get_slices(addr, len as usize) {
-        let slice = slice.map_err(|_| "not guest memory")?;
+    // Every byte must be guest memory before any is dropped: the slices are all resolved first.
+    let slices = mem.get_slices(addr, usize::try_from(len).map_err(|_| "too long")?).collect::<Result<Vec<_>, _>>().map_err(|_| "not guest memory")?;
+    for slice in slices {
         let host = slice.ptr_guard_mut().as_ptr();
         // SAFETY: `host..host+len` is guest memory this process maps (vm-memory just resolved
         // it), page-aligned because guest memory regions are; MADV_REMOVE frees the backing
@@ -171,12 +164,14 @@ mod tests {
         let d = TestDriver::with_memory(create(64).expect("memfd guest memory"));
         let mut q = d.queue(0x10000);
         d.mem.write_slice(&vec![0x5a; 2 * MIB as usize], GuestAddress(8 * MIB)).expect("touch");
+        d.mem.write_slice(&vec![0x5a; MIB as usize], GuestAddress(63 * MIB)).expect("touch the last MiB");
         let mut balloon = BalloonDevice::default();
         // Past the end of guest memory; straddling its end; unaligned; the middle of a page.
         let head = d.post(&mut q, &[(64 * MIB, 2 * MIB as u32, true), (63 * MIB, 2 * MIB as u32, true), (8 * MIB + 1, 4096, true), (8 * MIB, 100, true)]);
         assert!(balloon.process_reports(&mut q.queue, &d.mem));
         assert_eq!(d.take_used(&mut q), vec![(head, 0)]);
         assert_eq!(backed_pages(&d.mem, 8 << 20..10 << 20), 512, "nothing was dropped");
+        assert_eq!(backed_pages(&d.mem, 63 << 20..64 << 20), 256, "a report straddling the end drops none of the part inside");
         assert_eq!(d.read(8 * MIB, 4), vec![0x5a; 4]);
         assert_eq!((balloon.reported_bytes, balloon.rejected), (0, 4));
     }
