@@ -38,10 +38,15 @@ fn rss_pss_kib(pid: &str) -> (u64, u64) {
     (field("Rss:"), field("Pss:"))
 }
 
+/// The pids of the running shims whose command line matches `pattern`.
+fn shims(pattern: &str) -> Vec<String> {
+    let out = std::process::Command::new("pgrep").args(["-f", pattern]).output().expect("pgrep");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
 /// Mean RSS and PSS in MiB of the running shims whose command line matches `pattern`.
 fn shim_memory_mib(pattern: &str) -> (f64, f64, usize) {
-    let out = std::process::Command::new("pgrep").args(["-f", pattern]).output().expect("pgrep");
-    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    let pids = shims(pattern);
     let (rss, pss) = pids.iter().map(|p| rss_pss_kib(p)).fold((0, 0), |(r, p), (r1, p1)| (r + r1, p + p1));
     let n = pids.len().max(1) as f64;
     (rss as f64 / 1024.0 / n, pss as f64 / 1024.0 / n, pids.len())
@@ -61,8 +66,7 @@ fn tree_pss_kib(pid: &str) -> u64 {
 /// shim and every process under it (for hull the jails, the VMM and its backends; for runc
 /// the pause and container processes), so what pods share is counted once.
 fn pods_memory_mib(pattern: &str) -> (f64, usize) {
-    let out = std::process::Command::new("pgrep").args(["-f", pattern]).output().expect("pgrep");
-    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    let pids = shims(pattern);
     let total: u64 = pids.iter().map(|p| tree_pss_kib(p)).sum();
     (total as f64 / 1024.0 / pids.len().max(1) as f64, pids.len())
 }

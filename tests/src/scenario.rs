@@ -352,9 +352,7 @@ pub fn freed_guest_memory_goes_back(c: &Containerd) {
     step("freed guest memory goes back to the host");
     let id = "reclaim";
     let mut run = run_sleeper(c, id);
-    let jail = c.pod_processes().into_iter().find(|p| p.contains(" jail --root ") && is_vmm(p)).unwrap_or_else(|| panic!("no VMM among {:?}", c.pod_processes()));
-    let waiter = jail.split_whitespace().next().expect("a pid").to_string();
-    let vmm = jailed_child(&waiter).unwrap_or(waiter);
+    let (_, _, vmm) = jailed_pod_process(c, "VMM", is_vmm);
     let resident_kib = || {
         let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap_or_default();
         field(&status, "RssShmem:").split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
@@ -376,6 +374,15 @@ pub fn freed_guest_memory_goes_back(c: &Containerd) {
     let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
     assert!(exit_code(&mut run, Duration::from_secs(60)).is_some(), "ctr run did not end after SIGKILL: {}", c.log());
     assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
+}
+
+/// The pod process `is_it` picks among the jails (`what` names it in the panic if there is
+/// none): its jail's `pod_processes` line, the jail's pid, and the pid of the process it jails.
+fn jailed_pod_process(c: &Containerd, what: &str, is_it: impl Fn(&str) -> bool) -> (String, String, String) {
+    let jail = c.pod_processes().into_iter().find(|p| p.contains(" jail --root ") && is_it(p)).unwrap_or_else(|| panic!("no {what} among {:?}", c.pod_processes()));
+    let waiter = jail.split_whitespace().next().expect("a pid").to_string();
+    let pid = jailed_child(&waiter).unwrap_or_else(|| waiter.clone());
+    (jail, waiter, pid)
 }
 
 /// The VMM: QEMU, or hull-vmm's `boot` (not its vhost-user backends).
@@ -405,9 +412,8 @@ fn pod_process_death(c: &Containerd, id: &str, what: &str, is_it: impl Fn(&str) 
     };
     step(&format!("{how} {what}"));
     let mut run = run_sleeper(c, id);
-    let victim = c.pod_processes().into_iter().find(|p| p.contains(" jail --root ") && is_it(p)).unwrap_or_else(|| panic!("no {what} among {:?}", c.pod_processes()));
-    let waiter = victim.split_whitespace().next().expect("a pid");
-    let pid: i32 = jailed_child(waiter).unwrap_or_else(|| waiter.to_string()).parse().expect("a pid");
+    let (victim, waiter, pid) = jailed_pod_process(c, what, is_it);
+    let pid: i32 = pid.parse().expect("a pid");
     let kill = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
     match death {
         Death::Killed => kill(pid),
