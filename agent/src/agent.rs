@@ -48,6 +48,8 @@ pub enum AgentError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
 }
 
 pub struct AgentConfig {
@@ -105,10 +107,18 @@ impl Agent {
         Ok(self.container(id)?.process(exec_id)?)
     }
 
-    pub async fn create_sandbox(&self, id: &str, hostname: &str, dns: &[String], interfaces: &[Interface], routes: &[Route], sysctls: &[(String, String)]) -> Result<(), AgentError> {
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_sandbox(&self, id: &str, hostname: &str, dns: &[String], interfaces: &[Interface], routes: &[Route], sysctls: &[(String, String)], host_clock_ns: u64, entropy: &[u8]) -> Result<(), AgentError> {
         check_id(id)?;
         if let Some(existing) = self.sandbox_id() {
             return Err(SandboxError::Exists(existing).into());
+        }
+        // The guest's clock and RNG are the VM's, set before any process of the pod starts
+        // (identity.rs); outside a VM the agent leaves its host's alone.
+        if self.cfg.init_mode {
+            crate::identity::apply(host_clock_ns, entropy)?;
+        } else if entropy.len() > crate::identity::MAX_ENTROPY {
+            return Err(crate::identity::IdentityError::TooMuchEntropy(entropy.len()).into());
         }
         // The whole network request is checked before anything is created.
         crate::network::validate(interfaces, routes)?;
@@ -152,7 +162,8 @@ impl Agent {
                 return Err(e.into());
             }
         }
-        tracing::info!(sandbox_id = id, hostname, interfaces = interfaces.len(), "sandbox created");
+        let vsock_cid = if self.cfg.init_mode { crate::identity::vsock_cid() } else { None };
+        tracing::info!(sandbox_id = id, hostname, interfaces = interfaces.len(), vsock_cid, "sandbox created");
         Ok(())
     }
 

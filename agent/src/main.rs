@@ -7,6 +7,7 @@ mod container;
 mod fd;
 mod forward;
 mod helper;
+mod identity;
 mod init;
 mod launcher;
 mod network;

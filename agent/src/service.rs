@@ -40,6 +40,7 @@ fn status(e: AgentError) -> TtrpcError {
             crate::network::NetworkError::NoNic { .. } | crate::network::NetworkError::NotInit => Code::FAILED_PRECONDITION,
             _ => Code::INVALID_ARGUMENT,
         },
+        AgentError::Identity(crate::identity::IdentityError::TooMuchEntropy(_)) => Code::INVALID_ARGUMENT,
         _ => Code::INTERNAL,
     };
     TtrpcError::RpcStatus(ttrpc::get_status(code, e.to_string()))
@@ -76,7 +77,7 @@ fn stdio_of(s: &protobuf::MessageField<StdioRequest>) -> StdioRequest {
 impl agent_ttrpc::Agent for Service {
     async fn create_sandbox(&self, _ctx: &TtrpcContext, req: CreateSandboxRequest) -> Reply<Empty> {
         let sysctls: Vec<(String, String)> = req.sysctls.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        self.agent.create_sandbox(&req.sandbox_id, &req.hostname, &req.dns, &req.interfaces, &req.routes, &sysctls).await.map_err(status)?;
+        self.agent.create_sandbox(&req.sandbox_id, &req.hostname, &req.dns, &req.interfaces, &req.routes, &sysctls, req.wall_clock_ns, &req.entropy).await.map_err(status)?;
         Ok(Empty::new())
     }
 

@@ -45,6 +45,13 @@
 //! jail_max_processes = 1024
 //! # tracing filter for the shim's log.
 //! log_level = "info"
+//! # Start pods from a snapshot of a pod VM booted once to agent ready, instead of booting each
+//! # (QEMU engine; the builtin engine boots). One snapshot per engine and VM size is kept in
+//! # snapshot_dir, made by the first pod that needs it from a VM no tenant has touched, and
+//! # remade when the kernel, initramfs, QEMU or kernel_params that made it change. Every
+//! # restored pod gets a private copy of the snapshot's memory (README, "Snapshots").
+//! snapshots = false
+//! snapshot_dir = "/var/lib/hull/snapshots"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -92,6 +99,8 @@ pub struct Config {
     pub jail_gid: u32,
     pub jail_max_processes: u64,
     pub log_level: String,
+    pub snapshots: bool,
+    pub snapshot_dir: PathBuf,
 }
 
 /// The directory of the running executable: binaries installed side by side find each other.
@@ -135,6 +144,8 @@ impl Default for Config {
             // QEMU with its vCPU, I/O and RCU threads and the vsock backend use a few dozen.
             jail_max_processes: 1024,
             log_level: "info".into(),
+            snapshots: false,
+            snapshot_dir: "/var/lib/hull/snapshots".into(),
         }
     }
 }

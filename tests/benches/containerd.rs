@@ -1,8 +1,9 @@
 //! A container through containerd, hull against runc, in one run on one private containerd
 //! with the same locally built busybox image: `ctr run --rm IMAGE ID sh -c 'echo ready'`
 //! (pod start, container start, exit, teardown) with `io.containerd.hull.v2` and with
-//! `io.containerd.runc.v2`, as a ratio of medians; plus memory of one idle hull pod (QEMU and
-//! backends' RSS, the shim's RSS).
+//! `io.containerd.runc.v2`, as a ratio of medians; hull's pod restored from a snapshot against
+//! booted (a config with `snapshots = true`, `--runtime-config-path`); plus memory of one idle
+//! hull pod (QEMU and backends' RSS, the shim's RSS).
 //!
 //! Run with `scripts/bench` (root, containerd, QEMU, the guest image).
 
@@ -26,8 +27,15 @@ fn rss_kib(pid: &str) -> u64 {
 }
 
 fn run(c: &Containerd, runtime: &str, id: &str) -> Duration {
+    run_with(c, runtime, &[], id)
+}
+
+fn run_with(c: &Containerd, runtime: &str, extra: &[&str], id: &str) -> Duration {
     let t = Instant::now();
-    let out = c.ctr(&["run", "--rm", "--runtime", runtime, IMAGE, id, "sh", "-c", "echo ready"]).expect("ctr runs");
+    let mut args = vec!["run", "--rm", "--runtime", runtime];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, id, "sh", "-c", "echo ready"]);
+    let out = c.ctr(&args).expect("ctr runs");
     let took = t.elapsed();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout) == "ready\n", "{runtime}: {}", String::from_utf8_lossy(&out.stderr));
     took
@@ -51,6 +59,27 @@ fn main() {
     }
     let (r, h) = (median(runc), median(hull));
     println!("ctr run --rm (echo), median of {ROUNDS}: hull {:.0} ms, runc {:.0} ms, hull/runc = {:.1}", h.as_secs_f64() * 1e3, r.as_secs_f64() * 1e3, h.as_secs_f64() / r.as_secs_f64());
+
+    // Restored from a snapshot against booted, alternating; the first restored pod makes the
+    // snapshot and is not counted.
+    let config = c.dir.path().join("hull-snapshots.toml");
+    std::fs::write(&config, format!("snapshots = true\nsnapshot_dir = \"{}\"\n", c.dir.path().join("snapshots").display())).expect("hull config");
+    let config = config.to_string_lossy().into_owned();
+    let snap = ["--runtime-config-path", config.as_str()];
+    run_with(&c, "io.containerd.hull.v2", &snap, "warm-restored");
+    let (mut restored, mut booted) = (Vec::new(), Vec::new());
+    for i in 0..ROUNDS {
+        restored.push(run_with(&c, "io.containerd.hull.v2", &snap, &format!("restored-{i}")));
+        booted.push(run(&c, "io.containerd.hull.v2", &format!("booted-{i}")));
+    }
+    let (s, b) = (median(restored), median(booted));
+    println!(
+        "ctr run --rm (echo), median of {ROUNDS}: hull restored from a snapshot {:.0} ms, booted {:.0} ms, restored/booted = {:.2}, restored/runc = {:.1}",
+        s.as_secs_f64() * 1e3,
+        b.as_secs_f64() * 1e3,
+        s.as_secs_f64() / b.as_secs_f64(),
+        s.as_secs_f64() / r.as_secs_f64()
+    );
 
     // One idle pod: what it costs in host memory.
     let out = c.ctr(&["run", "-d", "--runtime", "io.containerd.hull.v2", IMAGE, "idle", "sleep", "1000"]).expect("ctr run -d");

@@ -15,6 +15,9 @@ use crate::containerd::{Containerd, IMAGE, PAUSE_IMAGE};
 
 pub const HULL: &str = "hull";
 pub const RUNC: &str = "runc";
+/// hull with the config `{dir}/hull-snapshots.toml` (`Cri::snapshot_config`): pods restored
+/// from snapshots kept in `{dir}/snapshots`.
+pub const HULL_SNAPSHOTS: &str = "hull-snapshots";
 /// The CNI bridge's subnet; its gateway (the bridge) is .1.
 pub const SUBNET: &str = "198.18.0.0/24";
 pub const BRIDGE: &str = "hull0";
@@ -32,6 +35,10 @@ fn containerd_config() -> String {
     default_runtime_name = "{HULL}"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HULL}]
     runtime_type = "io.containerd.hull.v2"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HULL_SNAPSHOTS}]
+    runtime_type = "io.containerd.hull.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HULL_SNAPSHOTS}.options]
+      ConfigPath = "{{dir}}/hull-snapshots.toml"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{RUNC}]
     runtime_type = "io.containerd.runc.v2"
 "#
@@ -132,7 +139,18 @@ impl Cri {
             }))
             .await
             .context("connect to containerd's CRI")?;
-        Ok(Cri { containerd, rt: RuntimeServiceClient::new(channel), logs })
+        let cri = Cri { containerd, rt: RuntimeServiceClient::new(channel), logs };
+        cri.snapshot_config("")?;
+        Ok(cri)
+    }
+
+    /// Writes the config of the `HULL_SNAPSHOTS` handler: snapshots on, kept in the returned
+    /// directory, and `extra` (TOML lines). Each pod's shim reads it as the pod starts.
+    pub fn snapshot_config(&self, extra: &str) -> Result<PathBuf> {
+        let dir = self.containerd.dir.path();
+        let snapshots = dir.join("snapshots");
+        std::fs::write(dir.join("hull-snapshots.toml"), format!("snapshots = true\nsnapshot_dir = \"{}\"\n{extra}\n", snapshots.display()))?;
+        Ok(snapshots)
     }
 
     pub async fn run_pod(&mut self, name: &str, handler: &str) -> Pod {

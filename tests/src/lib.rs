@@ -265,3 +265,9 @@ pub fn pseudo_random(len: usize) -> Vec<u8> {
     }
     v
 }
+
+/// SHA-256 of `bytes` in lower-case hex, as hull records a file's content.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(bytes))
+}

@@ -138,7 +138,7 @@ pub async fn hybrid_vsock_connect(uds: &Path, port: u32) -> std::io::Result<Unix
 /// the host, another pod's agent among them. The final component is opened without following
 /// it (the directories above it are root's), checked to be a socket, and connected to through
 /// its descriptor's /proc path, which names that inode and nothing else.
-async fn connect_socket_file(path: &Path) -> std::io::Result<UnixStream> {
+pub(crate) async fn connect_socket_file(path: &Path) -> std::io::Result<UnixStream> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     use std::os::unix::io::AsRawFd;
     let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_NOFOLLOW).open(path)?;

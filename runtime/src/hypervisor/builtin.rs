@@ -63,7 +63,7 @@ impl Builtin {
         }
         args.extend(spec.vmm_extra.iter().map(OsString::from));
         // hull-vmm serves no share itself: it runs unprivileged.
-        let needs = Needs { kernel: true, kvm: true, share: false };
+        let needs = Needs { kernel: true, kvm: true, ..Needs::default() };
         let mut cmd = at.command("vmm", &self.vmm, args, needs)?;
         if let Some(nic) = &spec.nic {
             pass_tap(&mut cmd, nic.tap_fd);

@@ -101,6 +101,8 @@ pub struct Needs {
     /// The pod's share, served as the guest's file owners: uid 0 with the virtio-fs server's
     /// capabilities (`FS_SERVER_CAPS`) instead of the unprivileged uid.
     pub share: bool,
+    /// The VM's memory directory (`prepare_memory`), writable at `/memory`.
+    pub memory: bool,
 }
 
 /// Read-only system directories a dynamically linked program needs (the jail binds the ones
@@ -135,6 +137,11 @@ impl Placement<'_> {
     /// The share as the process serving it sees it.
     pub fn share(&self) -> Option<PathBuf> {
         self.spec.share.as_ref().map(|s| self.seen("/share", &s.dir))
+    }
+
+    /// The guest RAM file (`prepare_memory`), as a VM process sees it.
+    pub fn memory_file(&self) -> PathBuf {
+        if self.jailed() { Path::new("/memory").join(RAM_FILE) } else { self.dir.memory().join(RAM_FILE) }
     }
 
     /// A socket in the VM's socket directory, as a VM process sees it.
@@ -185,6 +192,9 @@ impl Placement<'_> {
         if needs.kernel {
             bind(&self.spec.kernel, Path::new("/kernel"), true);
             bind(&self.spec.initramfs, Path::new("/initramfs"), true);
+        }
+        if needs.memory {
+            bind(&self.dir.memory(), Path::new("/memory"), false);
         }
         if needs.kvm {
             // A node of the process's own in a /dev private to the jail (hull-vmm's `jail`).
@@ -240,6 +250,22 @@ pub(crate) fn prepare_dirs(spec: &VmSpec, dir: &VmDir) -> Result<(), HypervisorE
     Ok(())
 }
 
+/// The guest RAM file in the VM's memory directory.
+pub const RAM_FILE: &str = "ram";
+
+/// Gives the VM a memory directory, `memory/`, on a tmpfs of its own sized to the guest's RAM
+/// (and two names), owned by the VM's uid: guest RAM in a file there (`RAM_FILE`), not an
+/// anonymous memfd, is what a snapshot saves and a restored VM starts from (`snapshot`). Its
+/// own tmpfs, not the host's `/run`: a full guest fills this one only. Returns the RAM file's
+/// host path.
+pub(crate) fn prepare_memory(spec: &VmSpec, dir: &VmDir) -> Result<PathBuf, HypervisorError> {
+    let memory = dir.memory();
+    ensure_dir(&memory, 0o700)?;
+    let (uid, gid) = spec.jail.map(|j| (j.uid, j.gid)).unwrap_or((0, 0));
+    mount_own_tmpfs(&memory, &format!("size={}m,nr_inodes=4", spec.memory_mib), uid, gid)?;
+    Ok(memory.join(RAM_FILE))
+}
+
 /// Creates the directory `path` with `mode`, or keeps the one already there.
 fn ensure_dir(path: &Path, mode: u32) -> Result<(), HypervisorError> {
     use std::os::unix::fs::DirBuilderExt;
@@ -257,16 +283,21 @@ const RUN_TMPFS: &str = "size=1m,nr_inodes=4096";
 /// Mounts a tmpfs of its own (`RUN_TMPFS`) on the VM's `run/`, once: a VM directory reused
 /// for a new VM keeps the mount it has. `teardown`'s unmount of the pod's tree removes it.
 fn own_tmpfs(run: &Path, jail: Jail) -> Result<(), HypervisorError> {
+    mount_own_tmpfs(run, RUN_TMPFS, jail.uid, jail.gid)
+}
+
+/// Mounts a tmpfs with `options` on `path`, owner-only for `uid`, unless one is there already.
+fn mount_own_tmpfs(path: &Path, options: &str, uid: u32, gid: u32) -> Result<(), HypervisorError> {
     use std::os::unix::fs::MetadataExt;
     let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).map_err(|source| HypervisorError::Dir { path: p.into(), source });
-    let parent = run.parent().unwrap_or(Path::new("/"));
-    if dev(run)? != dev(parent)? {
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    if dev(path)? != dev(parent)? {
         return Ok(());
     }
-    let data = format!("{RUN_TMPFS},mode=0700,uid={},gid={}", jail.uid, jail.gid);
+    let data = format!("{options},mode=0700,uid={uid},gid={gid}");
     use nix::mount::MsFlags;
-    nix::mount::mount(Some("tmpfs"), run, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, Some(data.as_str()))
-        .map_err(|e| HypervisorError::Dir { path: run.into(), source: e.into() })
+    nix::mount::mount(Some("tmpfs"), path, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, Some(data.as_str()))
+        .map_err(|e| HypervisorError::Dir { path: path.into(), source: e.into() })
 }
 
 /// Whether this host can jail pod processes: runs `hull-vmm --version` in a jail as a VM
@@ -309,7 +340,7 @@ pub fn check(vmm: &Path, jail: Jail, scratch: &Path) -> Result<String, Hyperviso
 }
 
 /// `program` as an absolute host path (a bare name looked up in PATH, as exec would).
-fn resolve(program: &Path) -> Result<PathBuf, HypervisorError> {
+pub(crate) fn resolve(program: &Path) -> Result<PathBuf, HypervisorError> {
     let found = if program.components().count() > 1 {
         Some(program.to_path_buf())
     } else {

@@ -11,6 +11,8 @@ pub mod builtin;
 pub mod jail;
 pub mod log;
 pub mod qemu;
+pub mod qmp;
+pub mod snapshot;
 
 use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
@@ -74,7 +76,7 @@ pub struct Binaries {
 impl Engine {
     pub fn hypervisor(self, binaries: &Binaries) -> Box<dyn Hypervisor> {
         match self {
-            Engine::Qemu(accel) => Box::new(qemu::Qemu { qemu: binaries.qemu.clone(), vmm: binaries.vmm.clone(), accel }),
+            Engine::Qemu(accel) => Box::new(qemu::Qemu { qemu: binaries.qemu.clone(), vmm: binaries.vmm.clone(), accel, mode: qemu::Mode::Boot }),
             Engine::Builtin => Box::new(builtin::Builtin { vmm: binaries.vmm.clone() }),
         }
     }
@@ -146,6 +148,10 @@ impl VmDir {
     /// Where the jails' roots are, one directory per VM process (`jail::Placement::command`).
     pub fn jail_root(&self) -> PathBuf {
         self.0.join("root")
+    }
+    /// Guest RAM as a file (snapshots' VMs; `jail::prepare_memory`).
+    pub fn memory(&self) -> PathBuf {
+        self.0.join("memory")
     }
     /// The guest's serial console.
     pub fn console(&self) -> PathBuf {

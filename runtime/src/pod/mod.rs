@@ -24,7 +24,8 @@ use crate::agent::{AgentConn, ClientError};
 use crate::config::Config;
 use crate::host::{Host, HostError};
 use crate::hypervisor::jail::UidLease;
-use crate::hypervisor::{Binaries, Engine, HypervisorError, Nic, Share, Vm, VmSpec};
+use crate::hypervisor::snapshot::Snapshots;
+use crate::hypervisor::{Binaries, Engine, HypervisorError, Nic, Share, Vm, VmDir, VmSpec};
 use network::{NetworkError, PodNetwork};
 use state::{PodDir, StateError};
 
@@ -121,7 +122,7 @@ impl Pod {
     async fn boot_vm(config: &Config, dir: &PodDir, spec: &PodSpec<'_>) -> Result<Pod, PodError> {
         let id = spec.id;
         let (engine, why) = Host::probe().engine(config.hypervisor)?;
-        tracing::info!(sandbox_id = %id, hypervisor = ?config.hypervisor, engine = ?engine, why, vcpus = config.vcpus, memory_mib = config.memory_mib, "booting the pod VM");
+        tracing::info!(sandbox_id = %id, hypervisor = ?config.hypervisor, engine = ?engine, why, vcpus = config.vcpus, memory_mib = config.memory_mib, snapshots = config.snapshots, "booting the pod VM");
         dir.create()?;
         if let Some(path) = spec.cgroups_path {
             // For `delete`, should this shim die: it removes the cgroup when the pod is gone.
@@ -153,7 +154,7 @@ impl Pod {
             initramfs: config.initramfs.clone(),
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
-            guest_cid: 3,
+            guest_cid: pod_cid(),
             cmdline_extra: config.debug_console.then(|| "loglevel=7".to_string()).into_iter().chain(config.kernel_params.split_whitespace().map(String::from)).collect(),
             vmm_extra: vec![],
             share: Some(Share { tag: share::FS_TAG.into(), dir: spec.share.map(Path::to_path_buf).unwrap_or_else(|| dir.shared()) }),
@@ -163,10 +164,13 @@ impl Pod {
             jail,
         };
         let binaries = Binaries { qemu: config.qemu.clone(), vmm: config.vmm.clone() };
-        let vm = Vm::start(engine.hypervisor(&binaries).as_ref(), &vm_spec, dir.vm()).await?;
+        let (vm, restored) = match Self::restore(config, engine, dir, &vm_spec).await {
+            Some(vm) => (vm, true),
+            None => (Vm::start(engine.hypervisor(&binaries).as_ref(), &vm_spec, dir.vm()).await?, false),
+        };
         match Self::ready(config, dir, spec, &vm, net).await {
             Ok(conn) => {
-                tracing::info!(sandbox_id = %id, ready_ms = started.elapsed().as_millis() as u64, "pod VM ready");
+                tracing::info!(sandbox_id = %id, ready_ms = started.elapsed().as_millis() as u64, restored, guest_cid = vm_spec.guest_cid, "pod VM ready");
                 let conn = Arc::new(conn);
                 let forwarder = match spec.netns {
                     Some(ns) => match forward::PortForwarder::start(id, ns, conn.clone()).await {
@@ -189,16 +193,43 @@ impl Pod {
         }
     }
 
+    /// The pod's VM restored from its snapshot (made first if there is none), if snapshots are
+    /// on and the engine has them; None: boot it. A snapshot that cannot be made or loaded
+    /// costs the pod a boot, not its start.
+    async fn restore(config: &Config, engine: Engine, dir: &PodDir, vm_spec: &VmSpec) -> Option<Vm> {
+        if !config.snapshots {
+            return None;
+        }
+        let Engine::Qemu(accel) = engine else {
+            tracing::info!(engine = ?engine, "snapshots are not available on this engine: booting");
+            return None;
+        };
+        let snapshots = Snapshots { dir: config.snapshot_dir.clone(), qemu: config.qemu.clone(), vmm: config.vmm.clone(), accel, boot_timeout: Duration::from_secs(config.boot_timeout_secs) };
+        let template = VmDir::new(dir.path().join("template"));
+        match snapshots.restore(vm_spec, dir.vm(), template).await {
+            Ok(vm) => Some(vm),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot restore the pod VM from a snapshot: booting it");
+                None
+            }
+        }
+    }
+
     /// From a started VM to a sandbox in its agent: pids recorded, agent answering, sandbox
     /// created with the pod's network.
     async fn ready(config: &Config, dir: &PodDir, spec: &PodSpec<'_>, vm: &Vm, net: Option<PodNetwork>) -> Result<AgentConn, PodError> {
         // Recorded before the wait: a shim killed mid-boot still leaves pids `delete` can end.
         dir.write_pids(&vm.pids())?;
+        let waited = Instant::now();
         let conn = vm.wait_for_agent(Duration::from_secs(config.boot_timeout_secs)).await?;
+        let answered = Instant::now();
         let mut req = hull_proto::agent::CreateSandboxRequest::new();
         req.sandbox_id = spec.id.into();
         req.hostname = spec.hostname.into();
         req.sysctls = spec.sysctls.clone();
+        // The VM's own clock and RNG (a restored VM has those of its snapshot).
+        req.wall_clock_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        req.entropy = host_entropy();
         if let Some(net) = net {
             // The VMM has its own copy of the tap now; ours would keep it alive after the VMM.
             drop(net.tap);
@@ -206,8 +237,10 @@ impl Pod {
             req.routes = net.routes;
         }
         conn.create_sandbox(&req).await?;
+        tracing::info!(sandbox_id = %spec.id, agent_wait_ms = (answered - waited).as_millis() as u64, create_sandbox_ms = answered.elapsed().as_millis() as u64, "sandbox created in the pod VM");
         Ok(conn)
     }
+
     /// Whether the VM has exited (the VMM died or the guest powered off), and how.
     pub fn exited(&self) -> Option<String> {
         self.vm.exited().map(|s| s.to_string())
@@ -299,6 +332,28 @@ fn remove_state(dir: &PodDir) {
     }
     share::umount_tree(dir.path());
     share::remove_tree(dir.path());
+}
+
+/// The pod VM's vsock CID: its own, at random (CIDs 0-2 are the hypervisor's, the loopback's
+/// and the host's; u32::MAX is "any"). The vsock is private to the VM either way (hybrid
+/// vsock); a CID of its own means a VM restored from a snapshot does not keep the template's.
+fn pod_cid() -> u64 {
+    let bytes = host_entropy();
+    let r = bytes.get(..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
+    3 + u64::from(r % (u32::MAX - 3))
+}
+
+/// 32 bytes from the host's RNG for the guest's (getrandom never fails for so few once the
+/// host's RNG is up; an empty answer leaves the guest's RNG as it is).
+fn host_entropy() -> Vec<u8> {
+    let mut buf = vec![0u8; 32];
+    // SAFETY: getrandom writes at most buf.len() bytes into buf, which we own.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n != buf.len() as isize {
+        tracing::warn!("the host's RNG gave no entropy for the guest");
+        return Vec::new();
+    }
+    buf
 }
 
 /// A pid from the file is only killed if it still is QEMU or hull-vmm (pids get reused).

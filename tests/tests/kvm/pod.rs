@@ -48,3 +48,29 @@ fn ctr_pods_on_the_builtin_engine_chosen_by_auto() {
     scenario::backend_death(&c, "fs");
     scenario::forbidden_syscall(&c, Some("fs"));
 }
+
+/// QEMU with KVM restores pods from a snapshot (its migration state carries the KVM vCPUs,
+/// kvmclock and irqchip; the pod's devices are hot-plugged): two `ctr run`s, the first making
+/// the snapshot, both restored, each with its own output, exit code and hostname.
+#[test]
+fn ctr_pods_restored_from_a_snapshot_on_qemu_with_kvm() {
+    require_containerd!();
+    hull_tests::on_real_kvm!("pod::ctr_pods_restored_from_a_snapshot_on_qemu_with_kvm");
+    let c = scenario::containerd();
+    let config = c.dir.path().join("hull.toml");
+    std::fs::write(&config, format!("hypervisor = \"qemu\"\nsnapshots = true\nsnapshot_dir = \"{}\"\n", c.dir.path().join("snapshots").display())).expect("config");
+    let config = config.to_string_lossy().into_owned();
+    for (id, code) in [("restored-1", 4), ("restored-2", 5)] {
+        scenario::step(id);
+        let script = format!("echo hello from $(hostname); exit {code}");
+        let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, "--runtime-config-path", &config, IMAGE, id, "sh", "-c", &script]).expect("ctr runs");
+        assert_eq!(out.status.code(), Some(code), "stdout: {}\nstderr: {}\ncontainerd log:\n{}", text(&out.stdout), text(&out.stderr), c.log());
+        assert_eq!(text(&out.stdout), format!("hello from {id}\n"));
+    }
+    let log = c.log();
+    let ready: Vec<&str> = log.lines().filter(|l| l.contains("pod VM ready")).collect();
+    assert_eq!(ready.len(), 2, "{log}");
+    assert!(ready.iter().all(|l| l.contains("restored=true")), "both pods restored, not booted: {ready:?}\n{log}");
+    assert!(log.contains("engine=Qemu(Kvm)"), "QEMU with KVM ran them: {log}");
+    assert!(c.pod_processes().is_empty(), "left behind: {:?}", c.pod_processes());
+}

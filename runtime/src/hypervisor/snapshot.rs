@@ -1,0 +1,505 @@
+//! Pods restored from a snapshot instead of booted (`Config::snapshots`, QEMU engine).
+//!
+//! A snapshot is a VM booted from hull's kernel and initramfs to agent ready, saved: no tenant
+//! has run anything in it, and it has no pod's devices (QEMU 7.2 cannot migrate vhost-user ones;
+//! its vsock is ejected before the save). Its guest RAM lives in a file (`jail::prepare_memory`),
+//! kept as `memory` (the pages with data only), and QEMU's migration stream, `state`, holds the
+//! rest (x-ignore-shared: not the RAM). A restored VM starts from its own copy of `memory`
+//! (nothing writable is shared between pods; a memfd would not do: QEMU's load of zero pages
+//! reads each, and a shared memfd backs every page read), loads `state`, gets the pod's share,
+//! NIC and vsock hot-plugged on the slots a booted VM has them on (so the vsock CID and the MAC
+//! are the pod's), and then its agent gets the wall clock and fresh entropy with CreateSandbox,
+//! before anything of the pod runs (the agent's identity.rs).
+//!
+//! One snapshot per engine and VM size lives in `snapshot_dir`, in a directory named after what
+//! made it (`Made`): kernel and initramfs content, QEMU, the machine's command line. A
+//! snapshot made by anything else is never loaded: the first pod that finds one removes it,
+//! saying what changed, and makes a new one.
+
+use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::jail::Placement;
+use super::qemu::{self, Mode, Qemu, INCOMING_SOCKET};
+use super::qmp::{Qmp, QmpError, QMP_SOCKET};
+use super::{Accel, HypervisorError, Vm, VmDir, VmSpec};
+
+/// Bumped when what a snapshot holds changes in a way `Made` does not see.
+const FORMAT: u32 = 1;
+/// The socket QEMU saves a template to.
+const SAVE_SOCKET: &str = "snapshot.sock";
+const STATE: &str = "state";
+const MEMORY: &str = "memory";
+/// What a migration stream without the RAM holds (devices, CPUs, firmware ROMs) stays far
+/// below this.
+const MAX_STATE: u64 = 64 << 20;
+const MADE: &str = "made.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("Cannot {what} {path:?}: {source}.")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("Another pod is making the snapshot {0:?}.")]
+    Busy(PathBuf),
+    #[error("The snapshot's template VM failed: {0}")]
+    Template(#[source] HypervisorError),
+    #[error("The restored VM failed: {0}")]
+    Restore(#[source] HypervisorError),
+    #[error("QEMU's QMP: {0}")]
+    Qmp(#[from] QmpError),
+    #[error("QEMU saved more than {} MiB of state besides the RAM: not a snapshot of this VM.", MAX_STATE >> 20)]
+    TooBig,
+    #[error("QEMU did not {what} within {secs} s.")]
+    Timeout { what: &'static str, secs: u64 },
+    #[error("QEMU stopped while {what}; its log: {log}")]
+    QemuExited { what: &'static str, log: String },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let path = path.to_path_buf();
+    move |source| SnapshotError::Io { what, path, source }
+}
+
+/// Listens at `name` in `dir` (a pod's socket directory: its path is longer than a socket
+/// address takes), bound through the directory's descriptor, never following a link there.
+fn bind_in(dir: &Path, name: &str) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let d = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW).open(dir)?;
+    tokio::net::UnixListener::bind(format!("/proc/self/fd/{}/{name}", d.as_raw_fd()))
+}
+
+/// QEMU's migration leaves out guest RAM that is shared (the RAM file): a snapshot keeps it
+/// beside the stream, and a restored VM maps a copy of it.
+fn ignore_shared() -> serde_json::Value {
+    json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
+}
+
+const PAGE: usize = 4096;
+
+/// Copies the pages of `src` that hold data into a new file `dst` of `len` bytes, at the same
+/// offsets, owned by `owner`: holes and all-zero pages stay holes, so the copy takes only the
+/// memory (or disk) the guest's data needs. Returns the bytes written.
+fn copy_pages(src: &Path, dst: &Path, len: u64, owner: Option<(u32, u32)>) -> std::io::Result<u64> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let from = std::fs::File::open(src)?;
+    let _ = std::fs::remove_file(dst);
+    let to = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dst)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&to, Some(uid), Some(gid))?;
+    }
+    to.set_len(len)?;
+    let end = from.metadata()?.len().min(len) as i64;
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut offset, mut written) = (0i64, 0u64);
+    while offset < end {
+        let data = match lseek(from.as_raw_fd(), offset, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::Error::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = lseek(from.as_raw_fd(), data, Whence::SeekHole)?.min(end);
+        let mut at = data;
+        while at < hole {
+            let n = (buf.len() as i64).min(hole - at) as usize;
+            from.read_exact_at(&mut buf[..n], at as u64)?;
+            // Runs of pages with data, each written once.
+            let mut run: Option<usize> = None;
+            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+                let zero = page.iter().all(|&b| b == 0);
+                match (zero, run) {
+                    (false, None) => run = Some(i * PAGE),
+                    (true, Some(start)) => {
+                        to.write_all_at(&buf[start..i * PAGE], at as u64 + start as u64)?;
+                        written += (i * PAGE - start) as u64;
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(start) = run {
+                to.write_all_at(&buf[start..n], at as u64 + start as u64)?;
+                written += (n - start) as u64;
+            }
+            at += n as i64;
+        }
+        offset = hole;
+    }
+    Ok(written)
+}
+
+/// What made a snapshot: a snapshot is only loaded by a VM that would be made the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Made {
+    format: u32,
+    engine: String,
+    kernel_sha256: String,
+    initramfs_sha256: String,
+    /// QEMU's path, size and modification time: a QEMU upgrade changes its machine.
+    qemu: String,
+    vcpus: u32,
+    memory_mib: u32,
+    cmdline_extra: Vec<String>,
+}
+
+fn sha256_of(path: &Path) -> Result<String, SnapshotError> {
+    let mut file = std::fs::File::open(path).map_err(io("read", path))?;
+    let mut hash = Sha256::new();
+    std::io::copy(&mut file, &mut hash).map_err(io("read", path))?;
+    Ok(format!("{:x}", hash.finalize()))
+}
+
+impl Made {
+    fn of(engine: &str, qemu: &Path, spec: &VmSpec) -> Result<Made, SnapshotError> {
+        let resolved = super::jail::resolve(qemu).map_err(SnapshotError::Restore)?;
+        let meta = std::fs::metadata(&resolved).map_err(io("read", &resolved))?;
+        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default();
+        Ok(Made {
+            format: FORMAT,
+            engine: engine.into(),
+            kernel_sha256: sha256_of(&spec.kernel)?,
+            initramfs_sha256: sha256_of(&spec.initramfs)?,
+            qemu: format!("{} {} bytes, modified {}.{:09}", resolved.display(), meta.len(), mtime.as_secs(), mtime.subsec_nanos()),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            cmdline_extra: spec.cmdline_extra.clone(),
+        })
+    }
+
+    /// Snapshots of one family differ only in what made them; one is kept per family.
+    fn family(&self) -> String {
+        format!("{}-{}c-{}m", self.engine, self.vcpus, self.memory_mib)
+    }
+
+    fn dir_name(&self) -> String {
+        let text = serde_json::to_string(self).unwrap_or_default();
+        let hash = format!("{:x}", Sha256::digest(text.as_bytes()));
+        format!("{}-{}", self.family(), &hash[..16])
+    }
+
+    /// What differs from `other`, for the log line that says why a snapshot is not used.
+    fn changed_from(&self, other: &Made) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        for (what, differs) in [
+            ("format", self.format != other.format),
+            ("kernel", self.kernel_sha256 != other.kernel_sha256),
+            ("initramfs", self.initramfs_sha256 != other.initramfs_sha256),
+            ("qemu", self.qemu != other.qemu),
+            ("kernel_params", self.cmdline_extra != other.cmdline_extra),
+        ] {
+            if differs {
+                out.push(what);
+            }
+        }
+        out
+    }
+}
+
+/// Restores pods of one engine from snapshots in `dir`.
+pub struct Snapshots {
+    pub dir: PathBuf,
+    pub qemu: PathBuf,
+    pub vmm: PathBuf,
+    pub accel: Accel,
+    /// For the template's boot.
+    pub boot_timeout: Duration,
+}
+
+impl Snapshots {
+    fn engine(&self, mode: Mode) -> Qemu {
+        Qemu { qemu: self.qemu.clone(), vmm: self.vmm.clone(), accel: self.accel, mode }
+    }
+
+    fn engine_name(&self) -> &'static str {
+        match self.accel {
+            Accel::Kvm => "qemu-kvm",
+            Accel::Tcg => "qemu-tcg",
+        }
+    }
+
+    /// Starts the pod VM of `spec` in `dir` from its snapshot, making the snapshot first (in a
+    /// template VM in `template_dir`) if there is none. Returns the VM with the pod's devices
+    /// plugged in; its agent is waited for as a booted one's. On failure nothing is left
+    /// running.
+    pub async fn restore(&self, spec: &VmSpec, dir: VmDir, template_dir: VmDir) -> Result<Vm, SnapshotError> {
+        let (engine, qemu, want) = (self.engine_name(), self.qemu.clone(), spec.clone());
+        let made = tokio::task::spawn_blocking(move || Made::of(engine, &qemu, &want)).await.map_err(|e| SnapshotError::Io {
+            what: "hash the guest image for",
+            path: spec.kernel.clone(),
+            source: std::io::Error::other(e),
+        })??;
+        let at = self.dir.join(made.dir_name());
+        if !at.join(MADE).exists() {
+            self.make(spec, &made, &at, template_dir).await?;
+        }
+        // Read back, not trusted from the name: a snapshot is loaded by the VM that made it.
+        let text = std::fs::read(at.join(MADE)).map_err(io("read", &at.join(MADE)))?;
+        let theirs: Made = serde_json::from_slice(&text).map_err(|e| SnapshotError::Io { what: "parse", path: at.join(MADE), source: e.into() })?;
+        if theirs != made {
+            let _ = std::fs::remove_dir_all(&at);
+            return Err(SnapshotError::Io { what: "use", path: at, source: std::io::Error::other(format!("made by another {}", made.changed_from(&theirs).join(", "))) });
+        }
+        let state = tokio::fs::File::open(at.join(STATE)).await.map_err(io("open", &at.join(STATE)))?;
+        // The VM's RAM, its own copy, in place before QEMU maps it.
+        std::fs::create_dir_all(dir.path()).map_err(io("create", dir.path()))?;
+        let ram = super::jail::prepare_memory(spec, &dir).map_err(SnapshotError::Restore)?;
+        let (from, to, size, owner) = (at.join(MEMORY), ram.clone(), u64::from(spec.memory_mib) << 20, spec.jail.map(|j| (j.uid, j.gid)));
+        tokio::task::spawn_blocking(move || copy_pages(&from, &to, size, owner))
+            .await
+            .map_err(|e| SnapshotError::Io { what: "copy the snapshot's memory to", path: ram.clone(), source: std::io::Error::other(e) })?
+            .map_err(io("copy the snapshot's memory to", &ram))?;
+        let incoming = format!("unix:{}", Placement { spec, dir: &dir, vmm: &self.vmm }.socket(INCOMING_SOCKET).display());
+        let vm = Vm::start(&self.engine(Mode::Restore), spec, dir).await.map_err(SnapshotError::Restore)?;
+        match Self::load_and_plug(&vm, spec, state, &incoming).await {
+            Ok(()) => Ok(vm),
+            Err(e) => {
+                vm.kill().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Streams the snapshot into the restoring QEMU, waits until it runs, and hot-plugs the
+    /// pod's devices.
+    async fn load_and_plug(vm: &Vm, spec: &VmSpec, mut state: tokio::fs::File, incoming: &str) -> Result<(), SnapshotError> {
+        let run = vm.dir().run();
+        let limit = Duration::from_secs(30);
+        let deadline = Instant::now() + limit;
+        let started = Instant::now();
+        let mut qmp = match Qmp::connect(&run.join(QMP_SOCKET), limit).await {
+            Ok(q) => q,
+            Err(_) if vm.exited().is_some() => return Err(Self::exited(vm, "starting to restore").await),
+            Err(e) => return Err(e.into()),
+        };
+        qmp.execute("migrate-set-capabilities", ignore_shared()).await?;
+        qmp.execute("migrate-incoming", json!({ "uri": incoming })).await?;
+        let mut stream = loop {
+            match crate::agent::client::connect_socket_file(&run.join(INCOMING_SOCKET)).await {
+                Ok(s) => break s,
+                Err(_) if vm.exited().is_some() => return Err(Self::exited(vm, "starting to restore").await),
+                Err(_) if Instant::now() > deadline => return Err(SnapshotError::Timeout { what: "listen for its snapshot", secs: limit.as_secs() }),
+                Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        };
+        if let Err(e) = tokio::io::copy(&mut state, &mut stream).await {
+            if vm.exited().is_some() {
+                return Err(Self::exited(vm, "loading its snapshot").await);
+            }
+            return Err(SnapshotError::Io { what: "stream the snapshot to QEMU at", path: run.join(INCOMING_SOCKET), source: e });
+        }
+        drop(stream);
+        // The template was stopped when it was saved, and QEMU restores that: once loaded the
+        // VM is paused and is continued here.
+        loop {
+            let status = match qmp.execute("query-status", json!({})).await {
+                Ok(s) => s,
+                Err(QmpError::Closed) | Err(QmpError::Io(_)) => return Err(Self::exited(vm, "loading its snapshot").await),
+                Err(e) => return Err(e.into()),
+            };
+            match status.get("status").and_then(|s| s.as_str()) {
+                Some("running") => break,
+                Some("paused") | Some("postmigrate") => {
+                    qmp.execute("cont", json!({})).await?;
+                    break;
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                return Err(SnapshotError::Timeout { what: "run the restored VM", secs: limit.as_secs() });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let loaded = started.elapsed();
+        for (id, args) in qemu::hotplug(spec) {
+            qmp.execute("device_add", args).await.map_err(|e| match e {
+                QmpError::Refused { desc, .. } => QmpError::Refused { command: format!("device_add {id}"), desc },
+                e => e,
+            })?;
+        }
+        tracing::info!(load_ms = loaded.as_millis() as u64, plug_ms = (started.elapsed() - loaded).as_millis() as u64, "pod VM restored, its devices plugged");
+        Ok(())
+    }
+
+    async fn exited(vm: &Vm, what: &'static str) -> SnapshotError {
+        vm.kill().await;
+        let log = std::fs::read_to_string(vm.dir().file("qemu.log")).unwrap_or_default();
+        SnapshotError::QemuExited { what, log: log.trim().chars().take(2000).collect() }
+    }
+
+    /// Boots a template VM, saves it to `at`, and removes the family's other snapshots.
+    async fn make(&self, spec: &VmSpec, made: &Made, at: &Path, template_dir: VmDir) -> Result<(), SnapshotError> {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(io("create", &self.dir))?;
+        let lock_path = self.dir.join(format!("{}.lock", made.family()));
+        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io("open", &lock_path))?;
+        // One pod makes a family's snapshot; the others boot meanwhile rather than wait.
+        let Ok(_held) = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) else {
+            return Err(SnapshotError::Busy(at.into()));
+        };
+        if at.join(MADE).exists() {
+            return Ok(());
+        }
+        for stale in std::fs::read_dir(&self.dir).map_err(io("list", &self.dir))?.flatten() {
+            let name = stale.file_name().to_string_lossy().into_owned();
+            let family = format!("{}-", made.family());
+            if !name.starts_with(&family) || !stale.path().is_dir() || name.starts_with('.') {
+                continue;
+            }
+            let theirs: Option<Made> = std::fs::read(stale.path().join(MADE)).ok().and_then(|t| serde_json::from_slice(&t).ok());
+            let changed = theirs.map(|t| made.changed_from(&t).join(", ")).unwrap_or_else(|| "unreadable".into());
+            tracing::info!(snapshot = ?stale.path(), changed, "snapshot made by another kernel, initramfs, QEMU or config: removed, not loaded");
+            let _ = std::fs::remove_dir_all(stale.path());
+        }
+        let building = self.dir.join(format!(".{}.building", made.dir_name()));
+        let _ = std::fs::remove_dir_all(&building);
+        std::fs::DirBuilder::new().mode(0o700).create(&building).map_err(io("create", &building))?;
+        let started = Instant::now();
+        let result = self.save_template(spec, &building, template_dir).await;
+        let result = result.and_then(|size| {
+            let text = serde_json::to_vec_pretty(made).unwrap_or_default();
+            let path = building.join(MADE);
+            let mut f = std::fs::File::create(&path).map_err(io("write", &path))?;
+            f.write_all(&text).and_then(|_| f.sync_all()).map_err(io("write", &path))?;
+            std::fs::rename(&building, at).map_err(io("move the snapshot to", at))?;
+            Ok(size)
+        });
+        match result {
+            Ok(size) => {
+                tracing::info!(snapshot = ?at, size_kib = size / 1024, took_ms = started.elapsed().as_millis() as u64, "snapshot made");
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&building);
+                Err(e)
+            }
+        }
+    }
+
+    /// The template: booted to agent ready with no pod device but the vsock, which is then
+    /// ejected; the stopped machine is saved in the directory `out`. Returns the snapshot's
+    /// size (state and the memory pages with data).
+    async fn save_template(&self, spec: &VmSpec, out: &Path, dir: VmDir) -> Result<u64, SnapshotError> {
+        let template = VmSpec { share: None, nic: None, ..spec.clone() };
+        std::fs::create_dir_all(dir.path()).map_err(io("create", dir.path()))?;
+        super::jail::prepare_memory(&template, &dir).map_err(SnapshotError::Template)?;
+        let vm = Vm::start(&self.engine(Mode::Template), &template, dir.clone()).await.map_err(SnapshotError::Template)?;
+        let result = self.save(&vm, &template, &dir, out).await;
+        vm.kill().await;
+        crate::pod::share::umount_tree(dir.path());
+        crate::pod::share::remove_tree(dir.path());
+        result
+    }
+
+    async fn save(&self, vm: &Vm, spec: &VmSpec, dir: &VmDir, out: &Path) -> Result<u64, SnapshotError> {
+        drop(vm.wait_for_agent(self.boot_timeout).await.map_err(SnapshotError::Template)?);
+        let mut qmp = Qmp::connect(&dir.run().join(QMP_SOCKET), Duration::from_secs(10)).await?;
+        qmp.execute("device_del", json!({ "id": "vsock" })).await?;
+        qmp.event("DEVICE_DELETED", |d| d.get("device").and_then(|v| v.as_str()) == Some("vsock"), Duration::from_secs(30)).await?;
+        let socket = dir.run().join(SAVE_SOCKET);
+        let listener = bind_in(&dir.run(), SAVE_SOCKET).map_err(io("listen at", &socket))?;
+        // QEMU runs as the jail's uid: the socket is made its own.
+        Placement { spec, dir, vmm: &self.vmm }.hand_socket_to_jail(SAVE_SOCKET).map_err(SnapshotError::Template)?;
+        qmp.execute("migrate-set-capabilities", ignore_shared()).await?;
+        qmp.execute("stop", json!({})).await?;
+        let uri = format!("unix:{}", Placement { spec, dir, vmm: &self.vmm }.socket(SAVE_SOCKET).display());
+        qmp.execute("migrate", json!({ "uri": uri })).await?;
+        let limit = Duration::from_secs(60);
+        let (mut stream, _) = tokio::time::timeout(limit, listener.accept())
+            .await
+            .map_err(|_| SnapshotError::Timeout { what: "connect to save the snapshot", secs: limit.as_secs() })?
+            .map_err(io("accept at", &socket))?;
+        let state = out.join(STATE);
+        let mut file = tokio::fs::File::create(&state).await.map_err(io("create", &state))?;
+        let copied = tokio::io::copy(&mut (&mut stream).take(MAX_STATE + 1), &mut file).await.map_err(io("write", &state))?;
+        if copied > MAX_STATE {
+            return Err(SnapshotError::TooBig);
+        }
+        qmp.migration_completed(limit).await?;
+        file.flush().await.map_err(io("write", &state))?;
+        file.sync_all().await.map_err(io("write", &state))?;
+        // The stopped template's RAM, as its file holds it.
+        let (from, to, size) = (dir.memory().join(super::jail::RAM_FILE), out.join(MEMORY), u64::from(spec.memory_mib) << 20);
+        let kept = tokio::task::spawn_blocking(move || copy_pages(&from, &to, size, None).and_then(|n| std::fs::File::open(&to)?.sync_all().map(|()| n)))
+            .await
+            .map_err(|e| SnapshotError::Io { what: "save the template's memory in", path: out.into(), source: std::io::Error::other(e) })?
+            .map_err(io("save the template's memory in", out))?;
+        Ok(copied + kept)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn made() -> Made {
+        Made {
+            format: FORMAT,
+            engine: "qemu-tcg".into(),
+            kernel_sha256: "k".into(),
+            initramfs_sha256: "i".into(),
+            qemu: "/usr/bin/qemu-system-x86_64 1 bytes, modified 1.0".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            cmdline_extra: vec![],
+        }
+    }
+
+    /// Another kernel, initramfs, QEMU or kernel parameters name a directory of their own in
+    /// the same family, and the log line says which changed.
+    #[test]
+    fn what_made_a_snapshot_names_it_and_says_what_changed() {
+        let a = made();
+        assert_eq!(a.dir_name(), made().dir_name(), "the name is a function of what made it");
+        assert!(a.dir_name().starts_with("qemu-tcg-1c-256m-"), "{}", a.dir_name());
+        let b = Made { kernel_sha256: "k2".into(), cmdline_extra: vec!["quiet".into()], ..made() };
+        assert_ne!(a.dir_name(), b.dir_name());
+        assert_eq!(a.family(), b.family());
+        assert_eq!(b.changed_from(&a), ["kernel", "kernel_params"]);
+        let c = Made { memory_mib: 512, ..made() };
+        assert_ne!(a.family(), c.family(), "another size is another family, kept beside");
+    }
+
+    /// Only the pages with data are copied, to the same offsets; the rest stays holes.
+    #[test]
+    fn a_copy_of_guest_memory_holds_its_data_pages_only() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("ram"), dir.path().join("copy"));
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(64 * PAGE as u64).unwrap();
+        // A data page, a written page of zeros, a page whose last byte alone is set, and a
+        // run of three pages across the copy buffer's page grid.
+        f.write_all_at(&[7u8; PAGE], 2 * PAGE as u64).unwrap();
+        f.write_all_at(&[0u8; PAGE], 5 * PAGE as u64).unwrap();
+        f.write_all_at(&[1u8], 9 * PAGE as u64 - 1).unwrap();
+        f.write_all_at(&[9u8; 3 * PAGE], 40 * PAGE as u64).unwrap();
+        drop(f);
+        let written = copy_pages(&src, &dst, 64 * PAGE as u64, None).unwrap();
+        assert_eq!(written, 5 * PAGE as u64, "pages 2, 8, 40-42");
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap(), "the copy reads as the original");
+        let meta = std::fs::metadata(&dst).unwrap();
+        assert_eq!(meta.len(), 64 * PAGE as u64);
+        assert!(meta.blocks() * 512 <= 5 * PAGE as u64 + PAGE as u64, "only the data pages are allocated: {} bytes", meta.blocks() * 512);
+    }
+
+    /// A snapshot is hashed from the files' content, not their names.
+    #[test]
+    fn a_file_is_known_by_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let (x, y) = (dir.path().join("x"), dir.path().join("y"));
+        std::fs::write(&x, b"kernel").unwrap();
+        std::fs::write(&y, b"kernel").unwrap();
+        assert_eq!(sha256_of(&x).unwrap(), sha256_of(&y).unwrap());
+        std::fs::write(&y, b"kernel!").unwrap();
+        assert_ne!(sha256_of(&x).unwrap(), sha256_of(&y).unwrap());
+        assert!(matches!(sha256_of(&dir.path().join("none")), Err(SnapshotError::Io { what: "read", .. })));
+    }
+}
