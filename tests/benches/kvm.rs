@@ -9,7 +9,8 @@
 //!   the guest touched, separately; and the same 5 s later, once the guest's free page reports
 //!   are in;
 //! - a pod through containerd: `ctr run --rm IMAGE ID sh -c 'echo ready'` with the shim on
-//!   each engine (`--runtime-config-path`), and runc as the baseline, median of `ROUNDS`.
+//!   each engine (`--runtime-config-path`), and runc as the baseline, median of `ROUNDS`; and
+//!   QEMU/KVM pods restored from a snapshot against booted ones.
 //!
 //! Run with `scripts/bench` (root, containerd, QEMU, the guest image, and a real KVM or what
 //! the L1 KVM host needs).
@@ -156,15 +157,18 @@ async fn bench() {
 
     let c = Containerd::start("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]").expect("containerd starts");
     c.import_busybox().expect("image");
-    let configs: Vec<_> = ["builtin", "qemu"]
+    // The third: QEMU/KVM pods restored from a snapshot (the warm-up run makes it).
+    let snapshots = format!("snapshots = true\nsnapshot_dir = \"{}\"\n", dir.path().join("snapshots").display());
+    let configs: Vec<_> = [("builtin", "builtin", ""), ("qemu", "qemu", ""), ("qemu-restored", "qemu", snapshots.as_str())]
         .iter()
-        .map(|h| {
-            let p = dir.path().join(format!("{h}.toml"));
-            std::fs::write(&p, format!("hypervisor = \"{h}\"\nvcpus = 2\nmemory_mib = {MEMORY_MIB}\n")).expect("config");
+        .map(|(name, h, extra)| {
+            let p = dir.path().join(format!("{name}.toml"));
+            std::fs::write(&p, format!("hypervisor = \"{h}\"\nvcpus = 2\nmemory_mib = {MEMORY_MIB}\n{extra}")).expect("config");
             p
         })
         .collect();
-    let runs = [("io.containerd.runc.v2", None), ("io.containerd.hull.v2", Some(configs[0].as_path())), ("io.containerd.hull.v2", Some(configs[1].as_path()))];
+    let hull = "io.containerd.hull.v2";
+    let runs = [("io.containerd.runc.v2", None), (hull, Some(configs[0].as_path())), (hull, Some(configs[1].as_path())), (hull, Some(configs[2].as_path()))];
     // Warm the page cache and each path once.
     for (i, (runtime, config)) in runs.iter().enumerate() {
         ctr_run(&c, runtime, *config, &format!("warm-{i}"));
@@ -175,7 +179,7 @@ async fn bench() {
             times[i].push(ctr_run(&c, runtime, *config, &format!("run-{i}-{round}")));
         }
     }
-    let [runc, builtin, qemu]: [Duration; 3] = times.into_iter().map(median).collect::<Vec<_>>().try_into().expect("three");
+    let [runc, builtin, qemu, restored]: [Duration; 4] = times.into_iter().map(median).collect::<Vec<_>>().try_into().expect("four");
     println!(
         "ctr run --rm (echo), median of {ROUNDS}: hull builtin {:.0} ms, hull QEMU/KVM {:.0} ms, runc {:.0} ms; builtin/QEMU = {:.2}, builtin/runc = {:.1}, QEMU/runc = {:.1}",
         ms(builtin),
@@ -184,6 +188,13 @@ async fn bench() {
         ms(builtin) / ms(qemu),
         ms(builtin) / ms(runc),
         ms(qemu) / ms(runc)
+    );
+    println!(
+        "ctr run --rm (echo), median of {ROUNDS}: hull QEMU/KVM restored from a snapshot {:.0} ms, booted {:.0} ms; restored/booted = {:.2}, restored/runc = {:.1}",
+        ms(restored),
+        ms(qemu),
+        ms(restored) / ms(qemu),
+        ms(restored) / ms(runc)
     );
 }
 
