@@ -346,8 +346,11 @@ pub fn forbidden_syscall(c: &Containerd, device: Option<&str>) {
 /// Memory the guest frees goes back to the host (virtio-balloon free page reporting): a
 /// container fills 48 MiB of its /dev/shm and deletes it, and within 30 s the guest memory the
 /// host keeps for the pod (the VMM's RssShmem: QEMU's or hull-vmm's map of the guest memory
-/// file) is at least 32 MiB below what it was with the file there. Without reporting, a page
-/// the guest touched once stays the host's to keep for as long as the pod runs.
+/// file) is at least 24 MiB, half of it, below what it was with the file there. The guest
+/// reports free 2 MiB blocks only, so how much of the 48 MiB comes back depends on how its
+/// pages merged: measured 36 MiB under QEMU/TCG, 40 and 31.5 MiB in two L1 runs of the builtin
+/// engine. Without reporting none does: a page the guest touched once stays the host's to keep
+/// for as long as the pod runs.
 pub fn freed_guest_memory_goes_back(c: &Containerd) {
     step("freed guest memory goes back to the host");
     let id = "reclaim";
@@ -367,7 +370,7 @@ pub fn freed_guest_memory_goes_back(c: &Containerd) {
     let mut now = full;
     let back = wait_until(Duration::from_secs(30), || {
         now = resident_kib();
-        full.saturating_sub(now) >= 32 << 10
+        full.saturating_sub(now) >= 24 << 10
     });
     assert!(back, "the guest freed 48 MiB but the host kept its memory: {full} KiB resident with the file, {now} KiB 30 s after it was deleted");
     step(&format!("guest memory resident with 48 MiB in /dev/shm: {full} KiB; after its deletion: {now} KiB"));

@@ -139,6 +139,21 @@ async fn restored_pods_are_machines_of_their_own() {
     let (out, code) = cri.exec(&c1, &["sh", "-c", "echo restored; exit 3"]).await;
     assert_eq!((out.as_str(), code), ("restored\n", 3));
 
+    // A snapshot QEMU cannot load (its state garbled): the pod boots instead, keeps no copy
+    // of the snapshot's memory, and the snapshot is removed for the next pod to remake.
+    std::fs::write(remade[0].join("state"), b"not a migration stream").expect("garble the state");
+    let d = cri.run_pod("snap-d", HULL_SNAPSHOTS).await;
+    let d1 = cri.start_container(&d, container_config("d1", &["sleep", "1000"], 0)).await;
+    let (out, code) = cri.exec(&d1, &["sh", "-c", "echo booted; exit 4"]).await;
+    assert_eq!((out.as_str(), code), ("booted\n", 4));
+    let log = cri.containerd.log();
+    let ready = log.lines().find(|l| l.contains("pod VM ready") && l.contains(&d.id)).map(strip_ansi);
+    assert!(ready.as_deref().is_some_and(|l| l.contains("restored=false")), "snap-d must have booted: {ready:?}\n{log}");
+    assert!(log.contains("cannot restore the pod VM from a snapshot"), "the failed restore is logged:\n{log}");
+    let ram = format!("/run/hull/shim/k8s.io/{}/vm/memory/ram", d.id);
+    assert!(!std::path::Path::new(&ram).exists(), "a booted pod keeps no copy of the snapshot's memory: {ram}");
+    assert!(snapshots_in(&store).is_empty(), "the snapshot QEMU could not load is removed: {:?}", snapshots_in(&store));
+
     // Restored, every one of them, not booted (a restore that fails falls back to a boot).
     let log = cri.containerd.log();
     for pod in [&a, &b, &c] {
@@ -150,7 +165,7 @@ async fn restored_pods_are_machines_of_their_own() {
         eprintln!("{}", strip_ansi(line));
     }
 
-    for pod in [&a, &b, &c] {
+    for pod in [&a, &b, &c, &d] {
         cri.remove_pod(pod).await;
     }
     let left = cri.wait_no_pod_processes(Duration::from_secs(20)).await;

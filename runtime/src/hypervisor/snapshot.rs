@@ -252,11 +252,27 @@ impl Snapshots {
         // The VM's RAM, its own copy, in place before QEMU maps it.
         std::fs::create_dir_all(dir.path()).map_err(io("create", dir.path()))?;
         let ram = super::jail::prepare_memory(spec, &dir).map_err(SnapshotError::Restore)?;
-        let (from, to, size, owner) = (at.join(MEMORY), ram.clone(), u64::from(spec.memory_mib) << 20, spec.jail.map(|j| (j.uid, j.gid)));
+        let result = self.start_from(spec, &at, &ram, state, dir).await;
+        if let Err(e) = &result {
+            // The pod boots instead, with memory of its own: the copy would hold its pages
+            // until the pod ends.
+            let _ = std::fs::remove_file(&ram);
+            if matches!(e, SnapshotError::QemuExited { .. }) {
+                // QEMU refused the snapshot itself: the next pod makes a new one.
+                tracing::warn!(snapshot = ?at, error = %e, "snapshot QEMU cannot load: removed");
+                let _ = std::fs::remove_dir_all(&at);
+            }
+        }
+        result
+    }
+
+    /// Copies the snapshot's memory to `ram`, starts QEMU on it and loads `state` into it.
+    async fn start_from(&self, spec: &VmSpec, at: &Path, ram: &Path, state: tokio::fs::File, dir: VmDir) -> Result<Vm, SnapshotError> {
+        let (from, to, size, owner) = (at.join(MEMORY), ram.to_path_buf(), u64::from(spec.memory_mib) << 20, spec.jail.map(|j| (j.uid, j.gid)));
         tokio::task::spawn_blocking(move || copy_pages(&from, &to, size, owner))
             .await
-            .map_err(|e| SnapshotError::Io { what: "copy the snapshot's memory to", path: ram.clone(), source: std::io::Error::other(e) })?
-            .map_err(io("copy the snapshot's memory to", &ram))?;
+            .map_err(|e| SnapshotError::Io { what: "copy the snapshot's memory to", path: ram.into(), source: std::io::Error::other(e) })?
+            .map_err(io("copy the snapshot's memory to", ram))?;
         let incoming = format!("unix:{}", Placement { spec, dir: &dir, vmm: &self.vmm }.socket(INCOMING_SOCKET).display());
         let vm = Vm::start(&self.engine(Mode::Restore), spec, dir).await.map_err(SnapshotError::Restore)?;
         match Self::load_and_plug(&vm, spec, state, &incoming).await {
