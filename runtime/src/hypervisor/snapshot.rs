@@ -91,7 +91,12 @@ fn copy_pages(src: &Path, dst: &Path, len: u64, owner: Option<(u32, u32)>) -> st
     use nix::unistd::{lseek, Whence};
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let from = std::fs::File::open(src)?;
+    // The source may be a VM's RAM file, in a directory its QEMU can write: the file itself,
+    // never where a link there points.
+    let from = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(src)?;
+    if !from.metadata()?.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} is not a regular file", src.display())));
+    }
     let _ = std::fs::remove_file(dst);
     let to = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dst)?;
     if let Some((uid, gid)) = owner {
@@ -504,6 +509,10 @@ mod tests {
         let meta = std::fs::metadata(&dst).unwrap();
         assert_eq!(meta.len(), 64 * PAGE as u64);
         assert!(meta.blocks() * 512 <= 5 * PAGE as u64 + PAGE as u64, "only the data pages are allocated: {} bytes", meta.blocks() * 512);
+        // A link planted where the RAM file was is not followed.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&src, &link).unwrap();
+        assert!(copy_pages(&link, &dir.path().join("copy2"), 64 * PAGE as u64, None).is_err(), "a symlink is refused");
     }
 
     /// A snapshot is hashed from the files' content, not their names.
