@@ -7,7 +7,7 @@ use nix::mount::{mount, MsFlags};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("Cannot make the initramfs a root containers can pivot from ({step}): {source}.")]
+    #[error("Cannot make the guest's root one containers can pivot from ({step}): {source}.")]
     SwitchRoot { step: &'static str, source: std::io::Error },
     #[error("Cannot mount {fstype} on {target}: {source}.")]
     Mount { fstype: &'static str, target: &'static str, source: nix::Error },
@@ -55,7 +55,10 @@ fn move_off_initramfs() -> Result<(), InitError> {
         })
         .unwrap_or(false);
     if !is_rootfs {
-        return Ok(());
+        // A root the kernel mounted (the image on pmem): read-only already; no set-id program
+        // of it gains anything either.
+        let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_RDONLY;
+        return mount(None::<&str>, "/", None::<&str>, flags, None::<&str>).map_err(err("remount nosuid"));
     }
     std::fs::create_dir(NEW_ROOT).map_err(|source| InitError::SwitchRoot { step: "mkdir", source })?;
     mount(Some("/"), NEW_ROOT, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(err("bind"))?;

@@ -60,6 +60,9 @@ pub struct Manifest {
     pub vmlinux_bytes: u64,
     pub initramfs: PathBuf,
     pub initramfs_bytes: u64,
+    /// The same root as an erofs image, which pods boot from on virtio-pmem (`root.erofs`).
+    pub image: PathBuf,
+    pub image_bytes: u64,
     pub kernel_build_seconds: Option<f64>,
 }
 
@@ -195,6 +198,8 @@ pub fn build(opts: &Options) -> Result<Manifest, BuildError> {
     elf::check_static(&agent.to_string_lossy(), &agent_bytes)?;
     let initramfs = opts.out.join("initramfs.cpio");
     write_initramfs(&initramfs, &agent_bytes)?;
+    let image = opts.out.join(ROOT_IMAGE);
+    write_root_image(&opts.out, &image, &agent_bytes)?;
 
     let link = opts.out.join("bzImage");
     let _ = std::fs::remove_file(&link);
@@ -215,6 +220,8 @@ pub fn build(opts: &Options) -> Result<Manifest, BuildError> {
         vmlinux,
         initramfs_bytes: size(&initramfs),
         initramfs,
+        image_bytes: size(&image),
+        image,
         kernel_build_seconds,
     };
     let mpath = opts.out.join("manifest.json");
@@ -291,6 +298,62 @@ fn write_initramfs(path: &Path, agent: &[u8]) -> Result<(), BuildError> {
     let bytes = w.finish().map_err(io_err("Cannot write", path))?;
     if std::fs::read(path).ok().as_deref() != Some(&bytes[..]) {
         std::fs::write(path, &bytes).map_err(io_err("Cannot write", path))?;
+    }
+    Ok(())
+}
+
+/// The root image's name in the guest directory.
+pub const ROOT_IMAGE: &str = "root.erofs";
+/// virtio-pmem maps its backing in whole 2 MiB pages (the guest hot-plugs it as device memory
+/// in subsections of that size), so the image is padded to a multiple.
+const PMEM_ALIGN: u64 = 2 << 20;
+
+/// The initramfs's root as an erofs image for a virtio-pmem device: pods map it read-only and
+/// the guest reads it through DAX, so neither the archive nor its unpacked files take guest
+/// memory, and every pod's VM reads the same host pages of it. Data is not inlined into
+/// inodes (`noinline_data`): erofs maps only block-aligned file data through DAX, and the agent
+/// is executed in place. Built reproducibly (fixed time, UUID, owner): a snapshot's record of
+/// the image (its SHA-256) stays valid across rebuilds of the same agent.
+fn write_root_image(out: &Path, image: &Path, agent: &[u8]) -> Result<(), BuildError> {
+    use std::os::unix::fs::PermissionsExt;
+    let staging = out.join("root-staging");
+    let _ = std::fs::remove_dir_all(&staging);
+    let mkdir = |d: &Path| std::fs::create_dir_all(d).and_then(|()| std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))).map_err(io_err("Cannot create", d));
+    mkdir(&staging)?;
+    // Mount points only: the kernel mounts devtmpfs on /dev (DEVTMPFS_MOUNT) before /init runs.
+    for d in ["dev", "etc", "proc", "sys", "run", "tmp", "root"] {
+        mkdir(&staging.join(d))?;
+    }
+    let file = |name: &str, mode: u32, bytes: &[u8]| {
+        let p = staging.join(name);
+        std::fs::write(&p, bytes).and_then(|()| std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))).map_err(io_err("Cannot write", &staging))
+    };
+    file("init", 0o755, agent)?;
+    file("etc/resolv.conf", 0o644, b"")?;
+    let tmp = out.join(format!("{ROOT_IMAGE}.new"));
+    let log = out.join("root-image.log");
+    let _ = std::fs::remove_file(&log);
+    run(
+        Command::new("mkfs.erofs")
+            .args(["-Enoinline_data", "-T0", "-U", "00000000-0000-0000-0000-000000000001", "--all-root", "-x-1", "--quiet"])
+            .arg(&tmp)
+            .arg(&staging),
+        &log,
+    )
+    .map_err(|e| match e {
+        BuildError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            BuildError::Missing { what: "mkfs.erofs", path: "mkfs.erofs".into(), hint: " (apt-get install erofs-utils)" }
+        }
+        e => e,
+    })?;
+    let _ = std::fs::remove_dir_all(&staging);
+    let mut bytes = std::fs::read(&tmp).map_err(io_err("Cannot read", &tmp))?;
+    let _ = std::fs::remove_file(&tmp);
+    let padded = (bytes.len() as u64).div_ceil(PMEM_ALIGN) * PMEM_ALIGN;
+    bytes.resize(padded as usize, 0);
+    // Rewritten only when it changed: its mtime is what a running pod's snapshot records.
+    if std::fs::read(image).ok().as_deref() != Some(&bytes[..]) {
+        std::fs::write(image, &bytes).map_err(io_err("Cannot write", image))?;
     }
     Ok(())
 }

@@ -83,6 +83,9 @@ pub enum Hypervisor {
 pub struct Config {
     pub hypervisor: Hypervisor,
     pub kernel: PathBuf,
+    /// The guest's root as an erofs image on virtio-pmem (`root.erofs` of the guest image).
+    /// Empty: boot the initramfs instead.
+    pub image: PathBuf,
     pub initramfs: PathBuf,
     pub qemu: PathBuf,
     pub vmm: PathBuf,
@@ -115,6 +118,9 @@ pub fn exe_dir() -> PathBuf {
 /// uncompressed, which hull-vmm enters at its 64-bit entry and QEMU through its PVH note (a
 /// bzImage works too, and decompresses itself first).
 pub const GUEST_KERNEL: &str = "vmlinux";
+/// The guest's root image in a guest image directory: the initramfs's files as erofs, which a
+/// VM maps read-only on virtio-pmem (`GuestRoot::Image`).
+pub const ROOT_IMAGE: &str = "root.erofs";
 
 impl Default for Config {
     fn default() -> Config {
@@ -125,6 +131,7 @@ impl Default for Config {
         Config {
             hypervisor: Hypervisor::Auto,
             kernel: guest.join(GUEST_KERNEL),
+            image: guest.join(ROOT_IMAGE),
             initramfs: guest.join("initramfs.cpio"),
             qemu: "qemu-system-x86_64".into(),
             vmm: exe_dir().join("hull-vmm"),
@@ -187,6 +194,15 @@ impl Config {
     }
 
     /// The jail of the pod VMs' processes, if they are jailed.
+    /// What pods boot as their root: the image unless it is set empty.
+    pub fn root(&self) -> crate::hypervisor::GuestRoot {
+        if self.image.as_os_str().is_empty() {
+            crate::hypervisor::GuestRoot::Initramfs(self.initramfs.clone())
+        } else {
+            crate::hypervisor::GuestRoot::Image(self.image.clone())
+        }
+    }
+
     pub fn jail(&self) -> Option<crate::hypervisor::jail::Jail> {
         self.jail.then_some(crate::hypervisor::jail::Jail { uid: self.jail_uid, gid: self.jail_gid, max_processes: self.jail_max_processes, leased: false })
     }

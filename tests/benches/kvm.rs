@@ -39,7 +39,7 @@ fn spec() -> VmSpec {
     let guest = guest_image_dir();
     VmSpec {
         kernel: guest.join(hull_runtime::config::GUEST_KERNEL),
-        initramfs: guest.join("initramfs.cpio"),
+        root: hull_runtime::hypervisor::GuestRoot::Image(guest.join(hull_runtime::config::ROOT_IMAGE)),
         vcpus: 2,
         memory_mib: MEMORY_MIB,
         guest_cid: 3,

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use hull_proto::stdio::StreamKind;
 use hull_runtime::host::Host;
-use hull_runtime::hypervisor::{Binaries, Engine, Share, Vm, VmDir, VmSpec};
+use hull_runtime::hypervisor::{Binaries, Engine, GuestRoot, Share, Vm, VmDir, VmSpec};
 use hull_runtime::pod::share::{share_storage, FS_TAG};
 use hull_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -100,7 +100,7 @@ fn config() -> VmSpec {
     let guest = guest_image_dir();
     VmSpec {
         kernel: guest.join(hull_runtime::config::GUEST_KERNEL),
-        initramfs: guest.join("initramfs.cpio"),
+        root: hull_runtime::hypervisor::GuestRoot::Image(guest.join(hull_runtime::config::ROOT_IMAGE)),
         vcpus: 1,
         memory_mib: 128,
         guest_cid: 3,
@@ -270,12 +270,21 @@ async fn vmlinux_vs_bzimage(dir: &std::path::Path) -> [Boots; 2] {
     alternating(dir, "kernel", [config(), bz]).await
 }
 
-/// This build's guest image (kernel and initramfs) against another build's, from the
+/// The root on virtio-pmem (the erofs image, read in place) against the same files as an
+/// initramfs unpacked into guest memory.
+async fn image_vs_initramfs(dir: &std::path::Path) -> [Boots; 2] {
+    let mut initramfs = config();
+    initramfs.root = GuestRoot::Initramfs(guest_image_dir().join("initramfs.cpio"));
+    alternating(dir, "root", [config(), initramfs]).await
+}
+
+/// This build's guest image (kernel and root) against another build's, from the
 /// directory `HULL_BENCH_BASELINE_GUEST` names (a copy of an earlier build's target/guest).
 async fn guest_vs_baseline(dir: &std::path::Path, baseline: &std::path::Path) -> [Boots; 2] {
     let mut old = config();
     old.kernel = baseline.join(hull_runtime::config::GUEST_KERNEL);
-    old.initramfs = baseline.join("initramfs.cpio");
+    let image = baseline.join(hull_runtime::config::ROOT_IMAGE);
+    old.root = if image.exists() { GuestRoot::Image(image) } else { GuestRoot::Initramfs(baseline.join("initramfs.cpio")) };
     alternating(dir, "guest", [config(), old]).await
 }
 
@@ -285,7 +294,7 @@ async fn main() {
         println!("SKIP vmm bench: {why}");
         return;
     }
-    // `cargo bench --bench vmm -- jail rss` runs only the rows named (start, jail, kernel,
+    // `cargo bench --bench vmm -- jail rss` runs only the rows named (start, jail, kernel, root,
     // guest, vsock, rss).
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let row = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
@@ -310,6 +319,24 @@ async fn main() {
             elf.touched_kib as f64 / 1024.0,
             bz.touched_kib as f64 / 1024.0,
             elf.touched_kib as f64 / bz.touched_kib as f64
+        );
+    }
+
+    if row("root") {
+        let [image, initramfs] = image_vs_initramfs(dir.path()).await;
+        let mib = |k: u64| k as f64 / 1024.0;
+        println!(
+            "pod VM start -> agent ready (QEMU/{:?}, 256 MiB), p50 of 5: root image on virtio-pmem {:.2} s, initramfs {:.2} s, image/initramfs = {:.2}; guest RAM touched at agent ready: {:.1} MiB vs {:.1} MiB, image/initramfs = {:.2}; 5 s later: {:.1} MiB vs {:.1} MiB, image/initramfs = {:.2}",
+            Host::probe().qemu_accel().0,
+            image.p50,
+            initramfs.p50,
+            image.p50 / initramfs.p50,
+            mib(image.touched_kib),
+            mib(initramfs.touched_kib),
+            image.touched_kib as f64 / initramfs.touched_kib as f64,
+            mib(image.idle_kib),
+            mib(initramfs.idle_kib),
+            image.idle_kib as f64 / initramfs.idle_kib as f64,
         );
     }
 

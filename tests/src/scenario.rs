@@ -163,6 +163,38 @@ pub fn end_tasks(c: &Containerd, ids: &[&str]) {
     assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
 }
 
+/// Guest root writes over the root image every pod of the host maps (the erofs on virtio-pmem):
+/// a privileged container makes a block device node of its own for pmem0 and writes 16 KiB of
+/// zeros over its start (the superblock among them) through it, as the guest kernel's driver
+/// would for any guest root. Few: each store to a read-only KVM slot is an exit to the VMM. The host's image file must
+/// be unchanged, and the next pod boots from it. Fails where the image is mapped writable (a
+/// memory backend without readonly=on writes the guest's zeros into the file).
+pub fn root_image_write(c: &Containerd) {
+    step("the root image: guest root writes over it");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join(hull_runtime::config::ROOT_IMAGE);
+    std::fs::copy(crate::guest_image_dir().join(hull_runtime::config::ROOT_IMAGE), &image).expect("a copy of the guest's root image");
+    let sha = || crate::sha256_hex(&std::fs::read(&image).expect("the image"));
+    let before = sha();
+    let config = dir.path().join("hull.toml");
+    std::fs::write(&config, format!("image = \"{}\"\n", image.display())).expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let out = c.ctr(&["run", "-d", "--privileged", "--runtime", RUNTIME, "--runtime-config-path", &config, IMAGE, "pmem-writer", "sleep", "1000"]).expect("ctr run");
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+    let attack = "mknod /dev/root-image b $(tr : ' ' < /sys/block/pmem0/dev) && echo made-node
+         dd if=/dev/zero of=/dev/root-image bs=4096 count=4 conv=fsync 2>&1; echo dd-done
+         sync
+         true";
+    let out = c.ctr(&["tasks", "exec", "--exec-id", "attack", "pmem-writer", "sh", "-c", attack]).expect("ctr exec");
+    let printed = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(sha(), before, "the guest's writes reached the host's root image ({printed})");
+    assert!(printed.contains("made-node") && printed.contains("dd-done"), "guest root reaches the pmem device and writes (the attack ran): {printed}");
+    end_tasks(c, &["pmem-writer"]);
+    let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, "--runtime-config-path", &config, IMAGE, "pmem-next", "echo", "booted"]).expect("ctr run");
+    assert_eq!(text(&out.stdout), "booted\n", "the next pod boots from the image: {}\n{}", text(&out.stderr), c.log());
+    assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
+}
+
 /// A jailed pod process that runs as its pod's unprivileged uid (QEMU, the vsock backend):
 /// what a guest that took it over is on the host. Its pid, uid and gid.
 pub fn unprivileged_vm_process(c: &Containerd) -> (String, String, String) {

@@ -303,6 +303,13 @@ fn a_pod_id_annotation_cannot_leave_the_state_root() {
     assert!(c.pod_processes().is_empty(), "left: {:?}", c.pod_processes());
 }
 
+/// Guest root writes over the root image every pod of the host maps (`scenario::root_image_write`).
+#[test]
+fn guest_root_cannot_write_the_root_image_every_pod_maps() {
+    require_containerd!();
+    scenario::root_image_write(&scenario::containerd());
+}
+
 /// Guest root floods the VM's serial console: the host keeps at most the configured cap of it
 /// (`vm_log_kib`), the newest output under a line saying how much was dropped, and the guest
 /// is not stopped by the cap.
@@ -401,7 +408,7 @@ fn a_guest_reporting_oom_kills_of_containers_not_in_its_pod_is_neither_believed_
     hostile_initramfs(&initramfs);
     let config = dir.path().join("hull.toml");
     // debug_console: the console is kept when the pod ends, to count every answer.
-    std::fs::write(&config, format!("initramfs = \"{}\"\ndebug_console = true\n", initramfs.display())).expect("config");
+    std::fs::write(&config, format!("image = \"\"\ninitramfs = \"{}\"\ndebug_console = true\n", initramfs.display())).expect("config");
     let config = config.to_string_lossy().into_owned();
     let events_out = dir.path().join("events");
     let mut events = c

@@ -33,7 +33,7 @@ fn config() -> VmSpec {
     let guest = guest_image_dir();
     VmSpec {
         kernel: guest.join(hull_runtime::config::GUEST_KERNEL),
-        initramfs: guest.join("initramfs.cpio"),
+        root: hull_runtime::hypervisor::GuestRoot::Image(guest.join(hull_runtime::config::ROOT_IMAGE)),
         vcpus: 1,
         memory_mib: 256,
         guest_cid: 3,
@@ -365,7 +365,7 @@ fn the_device_probe_under_qemu_through_hull_vhost_user_backends() {
     let dir = tempfile::tempdir().expect("tempdir");
     let files = probe::ProbeFiles::create(dir.path());
     let mut cfg = config();
-    cfg.initramfs = probe::initramfs(dir.path());
+    cfg.root = hull_runtime::hypervisor::GuestRoot::Initramfs(probe::initramfs(dir.path()));
     cfg.vcpus = 2;
     cfg.share = share(&files.share);
     // Fixed PCI slots so the read-only disk is vda.

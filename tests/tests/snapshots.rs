@@ -169,5 +169,5 @@ async fn restored_pods_are_machines_of_their_own() {
         cri.remove_pod(pod).await;
     }
     let left = cri.wait_no_pod_processes(Duration::from_secs(20)).await;
-    assert!(left.is_ok(), "VMs left after the pods were removed: {left:?}");
+    assert!(left.is_ok(), "VMs left after the pods were removed: {left:?}\n{}", cri.containerd.log());
 }

@@ -37,6 +37,8 @@ pub struct Devices {
     pub rng: bool,
     /// A virtio-balloon that only takes free page reports (see `devices::virtio::balloon`).
     pub free_page_reporting: bool,
+    /// A read-only file on virtio-pmem (the guest's root image, see `devices::virtio::pmem`).
+    pub pmem: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]

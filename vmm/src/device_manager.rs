@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout;
@@ -47,6 +47,10 @@ pub enum AttachError {
     Vsock { name: String, source: virtio::vsock::VsockError },
     #[error("Cannot set up the virtio device {name}: {source}.")]
     Fs { name: String, source: virtio::fs::FsError },
+    #[error("Cannot set up the virtio device {name}: {source}.")]
+    Pmem { name: String, source: virtio::pmem::PmemError },
+    #[error("Cannot set up the virtio device {name}: {source}")]
+    PmemSlot { name: String, source: crate::vstate::vm::VmError },
     #[error("Cannot set up the virtio device {name}: {source}")]
     VhostUser { name: String, source: FrontendError },
     #[error("Cannot set up the virtio device {name}: {source}.")]
@@ -105,6 +109,9 @@ pub fn attach_virtio_devices(vm: &Vm, devices: &Devices, mmio: &mut MmioBus, sec
     }
     if devices.free_page_reporting {
         attach_balloon(&mut pending);
+    }
+    if let Some(image) = &devices.pmem {
+        attach_pmem(vm, &mut pending, image)?;
     }
     pending.onto_mmio(vm, mmio, seccomp)
 }
@@ -165,6 +172,18 @@ pub fn attach_rng(pending: &mut PendingVirtio) {
 /// virtio-balloon, taking the guest's free page reports only.
 pub fn attach_balloon(pending: &mut PendingVirtio) {
     pending.add("balloon".into(), virtio::balloon::BalloonDevice::default());
+}
+
+/// virtio-pmem on a read-only image, mapped into guest physical memory above RAM.
+pub fn attach_pmem(vm: &Vm, pending: &mut PendingVirtio, image: &std::path::Path) -> Result<(), AttachError> {
+    let name = "pmem".to_string();
+    let mapping = virtio::pmem::ImageMapping::open(image).map_err(|source| AttachError::Pmem { name: name.clone(), source })?;
+    let ram: u64 = vm.memory.iter().map(|r| r.len()).sum();
+    let start = crate::arch::x86_64::device_memory_start(ram);
+    vm.map_read_only(start, &mapping).map_err(|source| AttachError::PmemSlot { name: name.clone(), source })?;
+    tracing::debug!(start = format_args!("{start:#x}"), bytes = mapping.len(), "virtio-pmem image mapped read-only");
+    pending.add(name, virtio::pmem::PmemDevice::new(start, mapping));
+    Ok(())
 }
 
 /// Virtio devices created from the configuration but not yet on the MMIO bus, in the order the

@@ -1,4 +1,4 @@
-//! `hull-guest-image build`: builds target/guest/{bzImage,vmlinux,initramfs.cpio,manifest.json}.
+//! `hull-guest-image build`: builds target/guest/{bzImage,vmlinux,initramfs.cpio,root.erofs,manifest.json}.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +17,7 @@ struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 enum Cmd {
-    /// Build target/guest/{bzImage,vmlinux,initramfs.cpio,manifest.json}; the kernel only if its
+    /// Build target/guest/{bzImage,vmlinux,initramfs.cpio,root.erofs,manifest.json}; the kernel only if its
     /// inputs changed.
     Build,
     /// Print the kernel's cache key (hash of source version, config fragment and patches).

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use hull_runtime::config::Config;
 use hull_runtime::host::{Host, Kvm};
-use hull_runtime::hypervisor::{Accel, Engine};
+use hull_runtime::hypervisor::{Accel, Engine, GuestRoot};
 
 use crate::CliError;
 
@@ -30,7 +30,12 @@ pub fn check(config: Option<&Path>) -> Result<i32, CliError> {
             Config::default()
         }
     };
-    for (what, p) in [("guest kernel", &cfg.kernel), ("guest initramfs", &cfg.initramfs), ("hull-vmm", &cfg.vmm)] {
+    let root = cfg.root();
+    let root_what = match root {
+        GuestRoot::Image(_) => "guest root image",
+        GuestRoot::Initramfs(_) => "guest initramfs",
+    };
+    for (what, p) in [("guest kernel", &cfg.kernel), (root_what, &root.path().to_path_buf()), ("hull-vmm", &cfg.vmm)] {
         line(p.exists(), what, p.display().to_string(), true);
     }
     let qemu = Command::new(&cfg.qemu).arg("--version").output();

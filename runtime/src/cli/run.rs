@@ -165,6 +165,7 @@ pub async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], image:
     let config = Config {
         hypervisor,
         kernel: guest.join(hull_runtime::config::GUEST_KERNEL),
+        image: guest.join(hull_runtime::config::ROOT_IMAGE),
         initramfs: guest.join("initramfs.cpio"),
         qemu: std::env::var_os("HULL_QEMU").map(PathBuf::from).unwrap_or_else(|| "qemu-system-x86_64".into()),
         vmm: beside_exe("hull-vmm"),

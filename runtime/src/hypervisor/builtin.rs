@@ -10,7 +10,7 @@ use tokio::process::Command;
 
 use super::backend::{self, VHOST_FS};
 use super::jail::{Needs, Placement};
-use super::{exists, pass_tap, HypervisorError, Launched, VmDir, VmSpec, TAP_FD};
+use super::{exists, pass_tap, GuestRoot, HypervisorError, Launched, VmDir, VmSpec, TAP_FD};
 use crate::host;
 
 pub struct Builtin {
@@ -22,6 +22,7 @@ impl Builtin {
     /// on a kvm_pvm host the words its compatibility kernel needs.
     fn append(spec: &VmSpec) -> String {
         let mut words = vec!["panic=-1".to_string(), "loglevel=4".into()];
+        words.extend(spec.root.cmdline());
         if host::kvm_is_pvm() {
             words.push(host::PVM_COMPAT_CMDLINE.into());
         }
@@ -50,7 +51,14 @@ impl Builtin {
         if let Some(nic) = &spec.nic {
             push(&["--net", &format!("fd={TAP_FD},mac={}", nic.mac)]);
         }
-        for (flag, path) in [("--kernel", at.kernel()), ("--initramfs", at.initramfs()), ("--vsock-uds", at.socket("vsock.sock"))] {
+        let root_flag = match &spec.root {
+            GuestRoot::Image(host) => {
+                super::root_image_size(host)?;
+                "--pmem"
+            }
+            GuestRoot::Initramfs(_) => "--initramfs",
+        };
+        for (flag, path) in [("--kernel", at.kernel()), (root_flag, at.root()), ("--vsock-uds", at.socket("vsock.sock"))] {
             args.push(flag.into());
             args.push(path.into());
         }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
-use super::{HypervisorError, VmDir, VmSpec};
+use super::{GuestRoot, HypervisorError, VmDir, VmSpec};
 
 /// The unprivileged ids a jailed pod process runs as when it needs no capability (see
 /// `Config::jail_uid`), and what that uid may have.
@@ -117,6 +117,13 @@ pub struct Placement<'a> {
     pub vmm: &'a Path,
 }
 
+fn root_in_jail(root: &GuestRoot) -> &'static str {
+    match root {
+        GuestRoot::Image(_) => "/image",
+        GuestRoot::Initramfs(_) => "/initramfs",
+    }
+}
+
 impl Placement<'_> {
     fn jailed(&self) -> bool {
         self.spec.jail.is_some()
@@ -130,8 +137,9 @@ impl Placement<'_> {
         self.seen("/kernel", &self.spec.kernel)
     }
 
-    pub fn initramfs(&self) -> PathBuf {
-        self.seen("/initramfs", &self.spec.initramfs)
+    /// The guest's root (image or initramfs), as a VM process sees it.
+    pub fn root(&self) -> PathBuf {
+        self.seen(root_in_jail(&self.spec.root), self.spec.root.path())
     }
 
     /// The share as the process serving it sees it.
@@ -191,7 +199,7 @@ impl Placement<'_> {
         bind(&self.dir.run(), Path::new("/run"), false);
         if needs.kernel {
             bind(&self.spec.kernel, Path::new("/kernel"), true);
-            bind(&self.spec.initramfs, Path::new("/initramfs"), true);
+            bind(self.spec.root.path(), Path::new(root_in_jail(&self.spec.root)), true);
         }
         if needs.memory {
             bind(&self.dir.memory(), Path::new("/memory"), false);
@@ -307,7 +315,7 @@ pub fn check(vmm: &Path, jail: Jail, scratch: &Path) -> Result<String, Hyperviso
     let dir = VmDir::new(scratch);
     let spec = VmSpec {
         kernel: PathBuf::new(),
-        initramfs: PathBuf::new(),
+        root: GuestRoot::Initramfs(PathBuf::new()),
         vcpus: 1,
         memory_mib: 0,
         guest_cid: 0,

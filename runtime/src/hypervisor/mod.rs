@@ -34,6 +34,10 @@ pub enum HypervisorError {
     Spawn { what: &'static str, source: std::io::Error },
     #[error("Cannot prepare the VM's directory {path:?}: {source}.")]
     Dir { path: PathBuf, source: std::io::Error },
+    #[error("Cannot read the guest root image {path:?}: {source}.")]
+    RootImage { path: PathBuf, source: std::io::Error },
+    #[error("The guest root image {path:?} is {bytes} bytes, not a whole number of 2 MiB pages (hull-guest-image pads it).")]
+    RootImageSize { path: PathBuf, bytes: u64 },
     #[error("Cannot create the log file {path:?}: {source}.")]
     Log { path: PathBuf, source: std::io::Error },
     #[error("{what} exited with {status} before it was ready: {log}")]
@@ -86,7 +90,7 @@ impl Engine {
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     pub kernel: PathBuf,
-    pub initramfs: PathBuf,
+    pub root: GuestRoot,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub guest_cid: u64,
@@ -104,6 +108,45 @@ pub struct VmSpec {
     pub open_files: u64,
     /// Run every VM process in `hull-vmm jail` (see `jail`), or (None) directly as root.
     pub jail: Option<jail::Jail>,
+}
+
+/// Where the guest's root file system comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestRoot {
+    /// An erofs image on a read-only virtio-pmem device, read in place (DAX): nothing of it is
+    /// copied into guest memory, and every VM reads the same host pages of the file.
+    Image(PathBuf),
+    /// An initramfs the kernel unpacks into guest memory.
+    Initramfs(PathBuf),
+}
+
+/// The guest's only pmem device.
+pub const ROOT_DEVICE: &str = "/dev/pmem0";
+
+impl GuestRoot {
+    pub fn path(&self) -> &Path {
+        match self {
+            GuestRoot::Image(p) | GuestRoot::Initramfs(p) => p,
+        }
+    }
+
+    /// The kernel command line words that mount it. An initramfs needs none: the kernel runs its /init.
+    pub fn cmdline(&self) -> Vec<String> {
+        match self {
+            GuestRoot::Image(_) => [&format!("root={ROOT_DEVICE}"), "rootfstype=erofs", "rootflags=dax=always", "ro", "init=/init"].into_iter().map(|w| w.to_string()).collect(),
+            GuestRoot::Initramfs(_) => Vec::new(),
+        }
+    }
+}
+
+/// The size of a root image, which a VM maps in 2 MiB pages (the guest hot-plugs it as device
+/// memory in sections of that size).
+pub fn root_image_size(path: &Path) -> Result<u64, HypervisorError> {
+    let bytes = std::fs::metadata(path).map_err(|source| HypervisorError::RootImage { path: path.into(), source })?.len();
+    if bytes == 0 || bytes % (2 << 20) != 0 {
+        return Err(HypervisorError::RootImageSize { path: path.into(), bytes });
+    }
+    Ok(bytes)
 }
 
 /// A host directory exported to the guest as virtio-fs `tag`.
@@ -350,7 +393,10 @@ impl Vm {
     /// running.
     pub async fn start(hypervisor: &dyn Hypervisor, spec: &VmSpec, dir: VmDir) -> Result<Vm, HypervisorError> {
         exists("The guest kernel", &spec.kernel)?;
-        exists("The guest initramfs", &spec.initramfs)?;
+        match &spec.root {
+            GuestRoot::Image(p) => exists("The guest root image", p)?,
+            GuestRoot::Initramfs(p) => exists("The guest initramfs", p)?,
+        }
         if let Some(share) = &spec.share {
             exists("The shared directory", &share.dir)?;
         }

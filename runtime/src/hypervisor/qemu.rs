@@ -16,7 +16,7 @@ use tokio::process::Command;
 use super::backend::{self, VHOST_FS, VHOST_VSOCK};
 use super::jail::{Needs, Placement};
 use super::qmp::QMP_SOCKET;
-use super::{exists, pass_tap, Accel, HypervisorError, Launched, VmDir, VmSpec, TAP_FD};
+use super::{exists, pass_tap, Accel, GuestRoot, HypervisorError, Launched, VmDir, VmSpec, TAP_FD};
 
 /// The socket a restoring QEMU reads its snapshot from (`migrate-incoming`).
 pub const INCOMING_SOCKET: &str = "incoming.sock";
@@ -73,6 +73,12 @@ fn rng() -> Device {
     Device::new("rng", "virtio-rng-pci", 6, &[])
 }
 
+/// The guest's root image (`GuestRoot::Image`): part of every machine, snapshots included (its
+/// memory backend is shared, so a snapshot's stream leaves it out as it does guest RAM).
+fn root_image() -> Device {
+    Device::new("pmem", "virtio-pmem-pci", 7, &[("memdev", "root")])
+}
+
 /// The pod's own devices, the vsock on the highest of their slots: the guest's ACPI hot-plug
 /// handler takes the slots in order, so once the agent answers the share and the NIC are in the
 /// guest too.
@@ -115,6 +121,7 @@ impl Qemu {
         // device at boot and per hot-plugged one, boot → agent ready 1.68 vs 2.33 s (p50 of 5,
         // alternating). The vCPUs and hot-plug stay ACPI's.
         let mut cmdline: Vec<String> = ["console=ttyS0", "panic=-1", "reboot=k", "loglevel=4", "acpi=noirq"].into_iter().map(String::from).collect();
+        cmdline.extend(spec.root.cmdline());
         cmdline.extend(spec.cmdline_extra.iter().cloned());
         let accel_name = match self.accel {
             Accel::Kvm => "kvm",
@@ -124,7 +131,16 @@ impl Qemu {
         let mut push = |words: &[&str]| args.extend(words.iter().map(OsString::from));
         push(&["-machine", &format!("pc,accel={accel_name},memory-backend=mem")]);
         push(&["-cpu", if self.accel == Accel::Kvm { "host" } else { "max" }]);
-        push(&["-smp", &spec.vcpus.to_string(), "-m", &format!("{mem}M")]);
+        push(&["-smp", &spec.vcpus.to_string()]);
+        let image = match &spec.root {
+            GuestRoot::Image(host) => Some(super::root_image_size(host)?),
+            GuestRoot::Initramfs(_) => None,
+        };
+        match image {
+            // The pmem device's memory is plugged in beside RAM: one slot, room for the image.
+            Some(bytes) => push(&["-m", &format!("{mem}M,slots=1,maxmem={}M", mem + bytes.div_ceil(1 << 20) as u32)]),
+            None => push(&["-m", &format!("{mem}M")]),
+        }
         // vhost-user needs guest memory the backends can map. A snapshot's VMs keep it in a
         // file (`jail::prepare_memory`): the template's is saved, a restored VM's is a copy of
         // it, and the migration stream skips it (x-ignore-shared).
@@ -142,6 +158,13 @@ impl Qemu {
         push(&["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]);
         push(&["-append", &cmdline.join(" ")]);
         push(&["-device", &balloon().arg(), "-device", &rng().arg()]);
+        if let Some(bytes) = image {
+            // Opened read-only and mapped shared: the guest cannot change the file, and every
+            // VM maps the same page-cache pages of it. share=on also keeps it out of a
+            // snapshot's stream (x-ignore-shared).
+            push(&["-object", &format!("memory-backend-file,id=root,mem-path={},size={bytes},share=on,readonly=on", at.root().display())]);
+            push(&["-device", &root_image().arg()]);
+        }
         // The backends' sockets: chardevs are not part of a snapshot, every mode has its own.
         push(&["-chardev", &format!("socket,id=vsock0,path={}", at.socket(VHOST_VSOCK).display())]);
         if spec.share.is_some() {
@@ -163,9 +186,9 @@ impl Qemu {
         if self.mode != Mode::Boot {
             push(&["-qmp", &format!("unix:{},server=on,wait=off", at.socket(QMP_SOCKET).display())]);
         }
-        for (flag, path) in [("-kernel", at.kernel()), ("-initrd", at.initramfs())] {
-            args.push(flag.into());
-            args.push(path.into());
+        args.extend(["-kernel".into(), at.kernel().into()]);
+        if let GuestRoot::Initramfs(_) = spec.root {
+            args.extend(["-initrd".into(), at.root().into()]);
         }
         args.extend(spec.vmm_extra.iter().map(OsString::from));
         // QEMU serves no share itself: it runs unprivileged.

@@ -1,6 +1,6 @@
 //! Pods restored from a snapshot instead of booted (`Config::snapshots`, QEMU engine).
 //!
-//! A snapshot is a VM booted from hull's kernel and initramfs to agent ready, saved: no tenant
+//! A snapshot is a VM booted from hull's kernel and root (image or initramfs) to agent ready, saved: no tenant
 //! has run anything in it, and it has no pod's devices (QEMU 7.2 cannot migrate vhost-user ones;
 //! its vsock is ejected before the save). Its guest RAM lives in a file (`jail::prepare_memory`),
 //! kept as `memory` (the pages with data only), and QEMU's migration stream, `state`, holds the
@@ -12,7 +12,7 @@
 //! before anything of the pod runs (the agent's identity.rs).
 //!
 //! One snapshot per engine and VM size lives in `snapshot_dir`, in a directory named after what
-//! made it (`Made`): kernel and initramfs content, QEMU, the machine's command line. A
+//! made it (`Made`): kernel and root content, QEMU, the machine's command line. A
 //! snapshot made by anything else is never loaded: the first pod that finds one removes it,
 //! saying what changed, and makes a new one.
 
@@ -29,10 +29,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::jail::Placement;
 use super::qemu::{self, Mode, Qemu, INCOMING_SOCKET};
 use super::qmp::{Qmp, QmpError, QMP_SOCKET};
-use super::{Accel, HypervisorError, Vm, VmDir, VmSpec};
+use super::{Accel, GuestRoot, HypervisorError, Vm, VmDir, VmSpec};
 
 /// Bumped when what a snapshot holds changes in a way `Made` does not see.
-const FORMAT: u32 = 1;
+/// 2: the root is recorded as what it is (image or initramfs) with its content's hash.
+const FORMAT: u32 = 2;
 /// The socket QEMU saves a template to.
 const SAVE_SOCKET: &str = "snapshot.sock";
 const STATE: &str = "state";
@@ -148,7 +149,9 @@ pub struct Made {
     format: u32,
     engine: String,
     kernel_sha256: String,
-    initramfs_sha256: String,
+    /// `image` or `initramfs`, and the SHA-256 of its content.
+    root: String,
+    root_sha256: String,
     /// QEMU's path, size and modification time: a QEMU upgrade changes its machine.
     qemu: String,
     vcpus: u32,
@@ -172,7 +175,11 @@ impl Made {
             format: FORMAT,
             engine: engine.into(),
             kernel_sha256: sha256_of(&spec.kernel)?,
-            initramfs_sha256: sha256_of(&spec.initramfs)?,
+            root: match spec.root {
+                GuestRoot::Image(_) => "image".into(),
+                GuestRoot::Initramfs(_) => "initramfs".into(),
+            },
+            root_sha256: sha256_of(spec.root.path())?,
             qemu: format!("{} {} bytes, modified {}.{:09}", resolved.display(), meta.len(), mtime.as_secs(), mtime.subsec_nanos()),
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
@@ -197,7 +204,7 @@ impl Made {
         for (what, differs) in [
             ("format", self.format != other.format),
             ("kernel", self.kernel_sha256 != other.kernel_sha256),
-            ("initramfs", self.initramfs_sha256 != other.initramfs_sha256),
+            ("root", self.root != other.root || self.root_sha256 != other.root_sha256),
             ("qemu", self.qemu != other.qemu),
             ("kernel_params", self.cmdline_extra != other.cmdline_extra),
         ] {
@@ -376,7 +383,7 @@ impl Snapshots {
             }
             let theirs: Option<Made> = std::fs::read(stale.path().join(MADE)).ok().and_then(|t| serde_json::from_slice(&t).ok());
             let changed = theirs.map(|t| made.changed_from(&t).join(", ")).unwrap_or_else(|| "unreadable".into());
-            tracing::info!(snapshot = ?stale.path(), changed, "snapshot made by another kernel, initramfs, QEMU or config: removed, not loaded");
+            tracing::info!(snapshot = ?stale.path(), changed, "snapshot made by another kernel, root, QEMU or config: removed, not loaded");
             let _ = std::fs::remove_dir_all(stale.path());
         }
         let building = self.dir.join(format!(".{}.building", made.dir_name()));
@@ -465,7 +472,8 @@ mod tests {
             format: FORMAT,
             engine: "qemu-tcg".into(),
             kernel_sha256: "k".into(),
-            initramfs_sha256: "i".into(),
+            root: "image".into(),
+            root_sha256: "i".into(),
             qemu: "/usr/bin/qemu-system-x86_64 1 bytes, modified 1.0".into(),
             vcpus: 1,
             memory_mib: 256,
@@ -473,7 +481,7 @@ mod tests {
         }
     }
 
-    /// Another kernel, initramfs, QEMU or kernel parameters name a directory of their own in
+    /// Another kernel, root, QEMU or kernel parameters name a directory of their own in
     /// the same family, and the log line says which changed.
     #[test]
     fn what_made_a_snapshot_names_it_and_says_what_changed() {

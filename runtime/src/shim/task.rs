@@ -70,11 +70,16 @@ impl TaskService {
     /// Ends the pod's VM. The socket goes first: a container created from now on with this
     /// pod's id (`ctr run --rm X` twice in a row) starts a new shim instead of joining this
     /// one, whose pod is gone.
-    async fn retire(&self, pod: &Pod) {
+    ///
+    /// The destroy runs as a task of its own: a request that ends first (containerd gives
+    /// Delete 10 s, as long as the guest gets to power off) would otherwise drop it halfway,
+    /// between asking the guest to power off and killing what is left, and leave the VM running.
+    async fn retire(&self, pod: &Arc<Pod>) {
         if !self.retired.swap(true, Ordering::SeqCst) {
             let _ = std::fs::remove_file(&self.socket);
         }
-        let _ = pod.destroy(POWER_OFF).await;
+        let pod = pod.clone();
+        let _ = tokio::spawn(async move { pod.destroy(POWER_OFF).await }).await;
     }
 
     fn pod(&self) -> TtrpcResult<Arc<Pod>> {

@@ -41,6 +41,8 @@ fn ctr_pods_on_the_builtin_engine_chosen_by_auto() {
     scenario::lifecycle(&c);
     // hull-vmm's own virtio-balloon, reporting only.
     scenario::freed_guest_memory_goes_back(&c);
+    // hull-vmm's virtio-pmem: the root image in a read-only KVM slot.
+    scenario::root_image_write(&c);
     scenario::vmm_death(&c);
     scenario::jail_death(&c);
     scenario::forbidden_syscall(&c, None);

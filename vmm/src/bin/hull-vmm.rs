@@ -82,6 +82,10 @@ enum Cmd {
         /// A virtio-rng device.
         #[arg(long)]
         rng: bool,
+        /// A virtio-pmem device on this file, mapped read-only (a whole number of 2 MiB pages):
+        /// the guest's root image, /dev/pmem0, read in place.
+        #[arg(long)]
+        pmem: Option<PathBuf>,
         /// Run without seccomp filters (for debugging only).
         #[arg(long)]
         no_seccomp: bool,
@@ -331,10 +335,10 @@ fn main() -> ExitCode {
     // The limit first: nothing the subcommand opens comes before it.
     let mut code = ExitCode::SUCCESS;
     let result = cli.open_files.map_or(Ok(()), limit_open_files).and_then(|()| match cli.cmd {
-        Cmd::Boot { kernel, initramfs, cmdline, append, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, mut shares, vhost_user_shares, rng, free_page_reporting, no_seccomp, thread_user, api_socket } => {
+        Cmd::Boot { kernel, initramfs, cmdline, append, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, mut shares, vhost_user_shares, rng, pmem, free_page_reporting, no_seccomp, thread_user, api_socket } => {
             shares.extend(vhost_user_shares);
             let vsock = vsock_uds.map(|uds| VsockConfig { guest_cid, uds });
-            let devices = Devices { disks, nics, vsock, shares, rng, free_page_reporting };
+            let devices = Devices { disks, nics, vsock, shares, rng, free_page_reporting, pmem };
             let cmdline = kernel_cmdline(cmdline, &append);
             boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp: !no_seccomp, thread_user, api_socket })
         }

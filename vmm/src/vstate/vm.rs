@@ -1,7 +1,7 @@
 //! The KVM VM: its guest memory registered as memory slots, the in-kernel irqchip (PIC, IOAPIC,
 //! LAPICs) and PIT, and the CPUID KVM supports here.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
@@ -60,5 +60,20 @@ impl Vm {
         fd.create_pit2(pit).map_err(io("create the in-kernel PIT"))?;
         let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(io("read the supported CPUID"))?;
         Ok(Vm { fd, memory, supported_cpuid })
+    }
+
+    /// Maps `mapping` into guest physical memory at `guest_addr` as a read-only slot (the slot
+    /// after guest RAM's): the guest reads it, and its writes exit as MMIO.
+    pub fn map_read_only(&self, guest_addr: u64, mapping: &crate::devices::virtio::pmem::ImageMapping) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region {
+            slot: self.memory.num_regions() as u32,
+            flags: KVM_MEM_READONLY,
+            guest_phys_addr: guest_addr,
+            memory_size: mapping.len(),
+            userspace_addr: mapping.host_address(),
+        };
+        // SAFETY: the mapping is live for `memory_size` bytes and read-only; the device that
+        // owns it lives as long as the VM's vCPUs run (it is on the VM's MMIO bus).
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| VmError::Ioctl { what: "register the pmem image with KVM (read-only)", source })
     }
 }

@@ -31,6 +31,8 @@ pub mod layout {
     /// Device MMIO lives in [MMIO_GAP_START, 4 GiB): no RAM there.
     pub const MMIO_GAP_START: u64 = 0xd000_0000;
     pub const MMIO_GAP_END: u64 = 1 << 32;
+    /// Device memory (virtio-pmem) starts at the first GiB boundary at or above 4 GiB past RAM.
+    pub const DEVICE_MEMORY_ALIGN: u64 = 1 << 30;
     /// KVM's TSS (three pages) just below 4 GiB, inside the gap.
     pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 }
@@ -55,6 +57,13 @@ pub fn memory_regions(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
     } else {
         vec![(GuestAddress(0), MMIO_GAP_START as usize), (GuestAddress(MMIO_GAP_END), (mem_bytes - MMIO_GAP_START) as usize)]
     }
+}
+
+/// Where device memory (the pmem image) goes for `mem_bytes` of RAM: above 4 GiB and above RAM,
+/// on a GiB boundary; nothing else of the machine is there.
+pub fn device_memory_start(mem_bytes: u64) -> u64 {
+    let ram_end = memory_regions(mem_bytes).last().map(|(a, l)| a.raw_value() + *l as u64).unwrap_or(0);
+    ram_end.max(MMIO_GAP_END).div_ceil(DEVICE_MEMORY_ALIGN) * DEVICE_MEMORY_ALIGN
 }
 
 /// The e820 map of `mem`: low RAM up to the EBDA, then RAM from 1 MiB (and above 4 GiB).

@@ -6,6 +6,7 @@ pub mod device;
 pub mod fs;
 pub mod mmio;
 pub mod net;
+pub mod pmem;
 pub mod rng;
 pub mod vsock;
 pub mod worker;
