@@ -348,13 +348,17 @@ fn write_root_image(out: &Path, image: &Path, agent: &[u8]) -> Result<(), BuildE
     })?;
     let _ = std::fs::remove_dir_all(&staging);
     let mut bytes = std::fs::read(&tmp).map_err(io_err("Cannot read", &tmp))?;
-    let _ = std::fs::remove_file(&tmp);
     let padded = (bytes.len() as u64).div_ceil(PMEM_ALIGN) * PMEM_ALIGN;
     bytes.resize(padded as usize, 0);
-    // Rewritten only when it changed: its mtime is what a running pod's snapshot records.
-    if std::fs::read(image).ok().as_deref() != Some(&bytes[..]) {
-        std::fs::write(image, &bytes).map_err(io_err("Cannot write", image))?;
+    // Replaced only when it changed, and then by a rename, never rewritten in place: running
+    // VMs map the file, and a guest whose root shrank or changed under it would fault or run
+    // other code.
+    if std::fs::read(image).ok().as_deref() == Some(&bytes[..]) {
+        let _ = std::fs::remove_file(&tmp);
+        return Ok(());
     }
+    std::fs::write(&tmp, &bytes).map_err(io_err("Cannot write", &tmp))?;
+    std::fs::rename(&tmp, image).map_err(io_err("Cannot replace", image))?;
     Ok(())
 }
 

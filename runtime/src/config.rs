@@ -7,8 +7,11 @@
 //! # builtin | qemu | auto. auto: builtin (hull-vmm) where KVM has VMX/SVM, else QEMU with
 //! # TCG. qemu: QEMU with KVM where it can, else TCG.
 //! hypervisor = "auto"
-//! # The guest kernel and initramfs (hull-guest-image build output).
+//! # The guest kernel and root (hull-guest-image build output): the root image on virtio-pmem,
+//! # or with image = "" the initramfs (which a snapshot's VMs boot in any case). A config that
+//! # names an initramfs and no image boots the initramfs.
 //! kernel = "/usr/share/hull/vmlinux"
+//! image = "/usr/share/hull/root.erofs"
 //! initramfs = "/usr/share/hull/initramfs.cpio"
 //! # QEMU binary and hull-vmm binary (the builtin VMM; the device backends under QEMU).
 //! qemu = "qemu-system-x86_64"
@@ -159,7 +162,7 @@ impl Default for Config {
 
 impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
             // One line: the TOML crate's own message draws the source over several.
             let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             let reason = match line {
@@ -190,10 +193,16 @@ impl Config {
         if !(16..=1 << 20).contains(&cfg.jail_max_processes) {
             return Err(ConfigError::Parse { path: path.into(), reason: "jail_max_processes must be between 16 and 1048576".into() });
         }
+        // A config that names an initramfs and no image boots that initramfs, as it did before
+        // pods had a root image: the default image must not silently win over it.
+        if let Ok(table) = text.parse::<toml::Table>() {
+            if table.contains_key("initramfs") && !table.contains_key("image") {
+                cfg.image = PathBuf::new();
+            }
+        }
         Ok(cfg)
     }
 
-    /// The jail of the pod VMs' processes, if they are jailed.
     /// What pods boot as their root: the image unless it is set empty.
     pub fn root(&self) -> crate::hypervisor::GuestRoot {
         if self.image.as_os_str().is_empty() {
@@ -203,6 +212,7 @@ impl Config {
         }
     }
 
+    /// The jail of the pod VMs' processes, if they are jailed.
     pub fn jail(&self) -> Option<crate::hypervisor::jail::Jail> {
         self.jail.then_some(crate::hypervisor::jail::Jail { uid: self.jail_uid, gid: self.jail_gid, max_processes: self.jail_max_processes, leased: false })
     }
@@ -258,6 +268,16 @@ mod tests {
         assert_eq!(config_path_from_any(&other), None);
         assert_eq!(config_path_from_options(b"\xff\xff"), None);
         assert_eq!(config_path_from_options(b""), None);
+    }
+
+    #[test]
+    fn the_root_is_the_image_unless_a_config_names_only_an_initramfs() {
+        use crate::hypervisor::GuestRoot;
+        let root = |text: &str| Config::parse(Path::new("t.toml"), text).unwrap().root();
+        assert!(matches!(root(""), GuestRoot::Image(p) if p.ends_with(ROOT_IMAGE)));
+        assert_eq!(root("initramfs = \"/i\"\n"), GuestRoot::Initramfs("/i".into()));
+        assert_eq!(root("initramfs = \"/i\"\nimage = \"/r\"\n"), GuestRoot::Image("/r".into()));
+        assert_eq!(root("image = \"\"\n"), GuestRoot::Initramfs(Config::default().initramfs));
     }
 
     #[test]

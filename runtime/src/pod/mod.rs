@@ -83,6 +83,8 @@ pub struct Pod {
     cgroup: std::sync::Mutex<Option<cgroup::PodCgroup>>,
     /// The jail uid this pod's VM processes run as, held while the pod lives.
     _jail_uid: Option<UidLease>,
+    /// The one destroy: a second caller (a Shutdown after a Delete that timed out) waits for it.
+    destroyed: tokio::sync::OnceCell<bool>,
 }
 
 impl Pod {
@@ -183,7 +185,7 @@ impl Pod {
                     },
                     None => None,
                 };
-                Ok(Pod { id: id.into(), dir: dir.clone(), conn, vmm_pid: vm.vmm_pid(), engine, engine_why: why, keep_console: config.debug_console, vm, forwarder: std::sync::Mutex::new(forwarder), cgroup: Default::default(), _jail_uid: jail_uid })
+                Ok(Pod { id: id.into(), dir: dir.clone(), conn, vmm_pid: vm.vmm_pid(), engine, engine_why: why, keep_console: config.debug_console, vm, forwarder: std::sync::Mutex::new(forwarder), cgroup: Default::default(), _jail_uid: jail_uid, destroyed: Default::default() })
             }
             Err(e) => {
                 // Killed and reaped before the caller removes the state directory.
@@ -267,6 +269,10 @@ impl Pod {
     /// left is killed; the share and state directory go. Says whether the guest powered off by
     /// itself.
     pub async fn destroy(&self, power_off: Duration) -> bool {
+        *self.destroyed.get_or_init(|| self.destroy_once(power_off)).await
+    }
+
+    async fn destroy_once(&self, power_off: Duration) -> bool {
         let started = Instant::now();
         // The agent may power off before its reply leaves: do not wait for the reply, wait
         // for the VM to exit.

@@ -22,11 +22,14 @@ pub const ALIGN: u64 = 2 << 20;
 const REQ_TYPE_FLUSH: u32 = 0;
 const RESP_OK: u32 = 0;
 const RESP_EIO: u32 = 1;
+const MAX_DESCRIPTORS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PmemError {
     #[error("Cannot open the pmem image {path:?}: {source}")]
     Open { path: PathBuf, source: std::io::Error },
+    #[error("The pmem image {path:?} is not a regular file.")]
+    NotAFile { path: PathBuf },
     #[error("The pmem image {path:?} is {bytes} bytes, not a whole number of 2 MiB pages.")]
     Size { path: PathBuf, bytes: u64 },
     #[error("Cannot map the pmem image {path:?}: {source}")]
@@ -49,7 +52,10 @@ impl ImageMapping {
         let file = File::open(path).map_err(|source| PmemError::Open { path: path.into(), source })?;
         let meta = file.metadata().map_err(|source| PmemError::Open { path: path.into(), source })?;
         let len = meta.len();
-        if !meta.is_file() || len == 0 || len % ALIGN != 0 {
+        if !meta.is_file() {
+            return Err(PmemError::NotAFile { path: path.into() });
+        }
+        if len == 0 || len % ALIGN != 0 {
             return Err(PmemError::Size { path: path.into(), bytes: len });
         }
         // SAFETY: a new mapping of `len` bytes of a file we hold open; no existing memory is
@@ -108,7 +114,8 @@ impl PmemDevice {
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             // A request is one readable le32 (its type) and a writable le32 for the answer.
-            let descs: Vec<_> = chain.collect();
+            // A well-formed request has two descriptors; more are looked at no further.
+            let descs: Vec<_> = chain.take(MAX_DESCRIPTORS).collect();
             let req = descs.iter().find(|d| !d.is_write_only() && d.len() >= 4);
             let resp = descs.iter().find(|d| d.is_write_only() && d.len() >= 4);
             let mut written = 0;
