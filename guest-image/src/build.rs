@@ -206,6 +206,7 @@ pub fn build(opts: &Options) -> Result<Manifest, BuildError> {
     std::fs::copy(&bzimage, &link).map_err(io_err("Cannot copy the kernel to", &link))?;
     let vmlinux = opts.out.join("vmlinux");
     let elf = crate::vmlinux::from_bzimage(&std::fs::read(&bzimage).map_err(io_err("Cannot read", &bzimage))?)?;
+    let elf = crate::vmlinux::without_padding(&elf)?;
     std::fs::write(&vmlinux, elf).map_err(io_err("Cannot write", &vmlinux))?;
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     let manifest = Manifest {

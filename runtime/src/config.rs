@@ -8,7 +8,7 @@
 //! # TCG. qemu: QEMU with KVM where it can, else TCG.
 //! hypervisor = "auto"
 //! # The guest kernel and root (hull-guest-image build output): the root image on virtio-pmem,
-//! # or with image = "" the initramfs (which a snapshot's VMs boot in any case). A config that
+//! # or with image = "" the initramfs. A config that
 //! # names an initramfs and no image boots the initramfs.
 //! kernel = "/usr/share/hull/vmlinux"
 //! image = "/usr/share/hull/root.erofs"

@@ -41,21 +41,55 @@ fn run_with(c: &Containerd, runtime: &str, extra: &[&str], id: &str) -> Duration
     took
 }
 
+/// A smaps_rollup row in KiB ("Anonymous:", "Pss:"), 0 where there is none.
+fn rollup_kib(pid: &str, key: &str) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    rollup.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.split_whitespace().next()?.parse().ok())).unwrap_or(0)
+}
+
+/// RSS in KiB of each file a process maps (its binary, libc, ...), largest first.
+fn file_rss_kib(pid: &str) -> Vec<(String, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut by_file: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut file = None;
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.first().is_some_and(|f| f.contains('-') && !f.ends_with(':')) {
+            file = fields.get(5).filter(|p| p.starts_with('/')).map(|p| p.rsplit('/').next().unwrap_or(p).to_string());
+        } else if let (Some(f), Some(&"Rss:")) = (&file, fields.first()) {
+            *by_file.entry(f.clone()).or_default() += fields.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    let mut v: Vec<(String, u64)> = by_file.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v
+}
+
 fn main() {
     if let Some(why) = hull_tests::containerd::missing() {
         eprintln!("SKIP containerd bench: {why}");
         return;
     }
+    // `cargo bench --bench containerd -- idle` runs only the idle pod's memory row.
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let c = Containerd::start("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]").expect("containerd starts");
     c.import_busybox().expect("image");
+    if only.is_empty() || only.iter().any(|a| a != "idle") {
+        start_rows(&c);
+    }
+    idle_pod(&c);
+}
+
+/// Pod start: hull against runc, and restored against booted.
+fn start_rows(c: &Containerd) {
     // Warm the page cache and both paths once.
-    run(&c, "io.containerd.runc.v2", "warm-runc");
-    run(&c, "io.containerd.hull.v2", "warm-hull");
+    run(c, "io.containerd.runc.v2", "warm-runc");
+    run(c, "io.containerd.hull.v2", "warm-hull");
     let mut runc = Vec::new();
     let mut hull = Vec::new();
     for i in 0..ROUNDS {
-        runc.push(run(&c, "io.containerd.runc.v2", &format!("runc-{i}")));
-        hull.push(run(&c, "io.containerd.hull.v2", &format!("hull-{i}")));
+        runc.push(run(c, "io.containerd.runc.v2", &format!("runc-{i}")));
+        hull.push(run(c, "io.containerd.hull.v2", &format!("hull-{i}")));
     }
     let (r, h) = (median(runc), median(hull));
     println!("ctr run --rm (echo), median of {ROUNDS}: hull {:.0} ms, runc {:.0} ms, hull/runc = {:.1}", h.as_secs_f64() * 1e3, r.as_secs_f64() * 1e3, h.as_secs_f64() / r.as_secs_f64());
@@ -66,11 +100,11 @@ fn main() {
     std::fs::write(&config, format!("snapshots = true\nsnapshot_dir = \"{}\"\n", c.dir.path().join("snapshots").display())).expect("hull config");
     let config = config.to_string_lossy().into_owned();
     let snap = ["--runtime-config-path", config.as_str()];
-    run_with(&c, "io.containerd.hull.v2", &snap, "warm-restored");
+    run_with(c, "io.containerd.hull.v2", &snap, "warm-restored");
     let (mut restored, mut booted) = (Vec::new(), Vec::new());
     for i in 0..ROUNDS {
-        restored.push(run_with(&c, "io.containerd.hull.v2", &snap, &format!("restored-{i}")));
-        booted.push(run(&c, "io.containerd.hull.v2", &format!("booted-{i}")));
+        restored.push(run_with(c, "io.containerd.hull.v2", &snap, &format!("restored-{i}")));
+        booted.push(run(c, "io.containerd.hull.v2", &format!("booted-{i}")));
     }
     let (s, b) = (median(restored), median(booted));
     println!(
@@ -81,7 +115,10 @@ fn main() {
         s.as_secs_f64() / r.as_secs_f64()
     );
 
-    // One idle pod: what it costs in host memory.
+}
+
+/// One idle pod: what it costs in host memory.
+fn idle_pod(c: &Containerd) {
     let out = c.ctr(&["run", "-d", "--runtime", "io.containerd.hull.v2", IMAGE, "idle", "sleep", "1000"]).expect("ctr run -d");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::thread::sleep(Duration::from_secs(3));
@@ -98,4 +135,17 @@ fn main() {
     let shim_pid = String::from_utf8_lossy(&shim.stdout).lines().next().unwrap_or("0").trim().to_string();
     let shim_kib = rss_kib(&shim_pid);
     println!("idle hull pod (256 MiB guest): VM + backends {:.1} MiB RSS, shim {:.1} MiB RSS", total as f64 / 1024.0, shim_kib as f64 / 1024.0);
+    // The shim's RSS split: its own (anonymous) pages, and the binary's and libraries' pages it
+    // maps (shared between the shims of all pods, so PSS is the per-pod share).
+    let mib = |k: u64| k as f64 / 1024.0;
+    println!(
+        "  shim: anonymous {:.1} MiB, file-backed {:.1} MiB, PSS {:.1} MiB, threads {}",
+        mib(rollup_kib(&shim_pid, "Anonymous:")),
+        mib(rss_kib(&shim_pid).saturating_sub(rollup_kib(&shim_pid, "Anonymous:"))),
+        mib(rollup_kib(&shim_pid, "Pss:")),
+        std::fs::read_dir(format!("/proc/{shim_pid}/task")).map(|d| d.count()).unwrap_or(0)
+    );
+    for (file, kib) in file_rss_kib(&shim_pid) {
+        println!("    {file:<40} {:>6.2} MiB", mib(kib));
+    }
 }

@@ -135,6 +135,8 @@ async fn restored_pods_are_machines_of_their_own() {
     let record = std::fs::read_to_string(remade[0].join("made.json")).expect("made.json");
     let sha = hull_tests::sha256_hex(&std::fs::read(&kernel).expect("kernel"));
     assert!(record.contains(&sha), "the new snapshot records the kernel that made it ({sha}): {record}");
+    let made_by: serde_json::Value = serde_json::from_str(&record).expect("made.json is JSON");
+    assert_eq!(made_by["root"], "image", "restored pods map the root image, as booted ones do: {record}");
     let c1 = cri.start_container(&c, container_config("c1", &["sleep", "1000"], 0)).await;
     let (out, code) = cri.exec(&c1, &["sh", "-c", "echo restored; exit 3"]).await;
     assert_eq!((out.as_str(), code), ("restored\n", 3));
@@ -170,4 +172,9 @@ async fn restored_pods_are_machines_of_their_own() {
     }
     let left = cri.wait_no_pod_processes(Duration::from_secs(20)).await;
     assert!(left.is_ok(), "VMs left after the pods were removed: {left:?}\n{}", cri.containerd.log());
+    // Each guest ended its VM itself when its pod was removed: none had to be killed (a restored
+    // guest's orderly reboot waited forever on its root device's flush).
+    let log = cri.containerd.log();
+    let killed: Vec<String> = log.lines().filter(|l| l.contains("did not power off")).map(strip_ansi).collect();
+    assert!(killed.is_empty(), "pod VMs that did not power off when their pods were removed: {killed:?}");
 }

@@ -38,10 +38,6 @@ pub fn check(config: Option<&Path>) -> Result<i32, CliError> {
     for (what, p) in [("guest kernel", &cfg.kernel), (root_what, &root.path().to_path_buf()), ("hull-vmm", &cfg.vmm)] {
         line(p.exists(), what, p.display().to_string(), true);
     }
-    if cfg.snapshots && matches!(root, GuestRoot::Image(_)) {
-        // A snapshot's VMs boot the initramfs (QEMU's virtio-pmem does not migrate).
-        line(cfg.initramfs.exists(), "guest initramfs (snapshots)", cfg.initramfs.display().to_string(), true);
-    }
     let qemu = Command::new(&cfg.qemu).arg("--version").output();
     let qemu_ok = qemu.as_ref().is_ok_and(|o| o.status.success());
     let version = qemu.map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()).unwrap_or_else(|e| e.to_string());

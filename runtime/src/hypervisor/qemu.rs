@@ -73,8 +73,10 @@ fn rng() -> Device {
     Device::new("rng", "virtio-rng-pci", 6, &[])
 }
 
-/// The guest's root image (`GuestRoot::Image`) on a fixed slot. Not in a snapshot's machines:
-/// QEMU 7.2's virtio-pmem has no migration state, so they boot the initramfs (`Pod::restore`).
+/// The guest's root image (`GuestRoot::Image`) on a fixed slot. In a snapshot's machines too:
+/// QEMU 7.2's virtio-pmem has no migration state, so a restored VM never answers the guest's
+/// flush, which the guest only sends when something writes pmem0, or at an orderly reboot (the
+/// agent reboots through sysrq instead). The image itself is not in the snapshot (share=on).
 fn root_image() -> Device {
     Device::new("pmem", "virtio-pmem-pci", 7, &[("memdev", "root")])
 }

@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::host::{Host, HostError};
 use crate::hypervisor::jail::UidLease;
 use crate::hypervisor::snapshot::Snapshots;
-use crate::hypervisor::{Binaries, Engine, GuestRoot, HypervisorError, Nic, Share, Vm, VmDir, VmSpec};
+use crate::hypervisor::{Binaries, Engine, HypervisorError, Nic, Share, Vm, VmDir, VmSpec};
 use network::{NetworkError, PodNetwork};
 use state::{PodDir, StateError};
 
@@ -208,13 +208,7 @@ impl Pod {
         };
         let snapshots = Snapshots { dir: config.snapshot_dir.clone(), qemu: config.qemu.clone(), vmm: config.vmm.clone(), accel, boot_timeout: Duration::from_secs(config.boot_timeout_secs) };
         let template = VmDir::new(dir.path().join("template"));
-        // A snapshot's VMs boot the initramfs: a QEMU VM restored with the root image on
-        // virtio-pmem did not power off at DestroySandbox (its guest's shutdown never ended;
-        // booted VMs with the image power off), so until that is understood they keep the root
-        // restored pods have always had.
-        let mut vm_spec = vm_spec.clone();
-        vm_spec.root = GuestRoot::Initramfs(config.initramfs.clone());
-        match snapshots.restore(&vm_spec, dir.vm(), template).await {
+        match snapshots.restore(vm_spec, dir.vm(), template).await {
             Ok(vm) => Some(vm),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot restore the pod VM from a snapshot: booting it");
