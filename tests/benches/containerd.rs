@@ -10,20 +10,13 @@
 use std::time::{Duration, Instant};
 
 use hull_tests::containerd::{Containerd, IMAGE};
+use hull_tests::proc_memory::{file_rss_kib, rollup_kib, status_kib};
 
 const ROUNDS: usize = 7;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-fn rss_kib(pid: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
-        .unwrap_or(0)
 }
 
 fn run(c: &Containerd, runtime: &str, id: &str) -> Duration {
@@ -39,30 +32,6 @@ fn run_with(c: &Containerd, runtime: &str, extra: &[&str], id: &str) -> Duration
     let took = t.elapsed();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout) == "ready\n", "{runtime}: {}", String::from_utf8_lossy(&out.stderr));
     took
-}
-
-/// A smaps_rollup row in KiB ("Anonymous:", "Pss:"), 0 where there is none.
-fn rollup_kib(pid: &str, key: &str) -> u64 {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    rollup.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.split_whitespace().next()?.parse().ok())).unwrap_or(0)
-}
-
-/// RSS in KiB of each file a process maps (its binary, libc, ...), largest first.
-fn file_rss_kib(pid: &str) -> Vec<(String, u64)> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let mut by_file: std::collections::BTreeMap<String, u64> = Default::default();
-    let mut file = None;
-    for line in smaps.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.first().is_some_and(|f| f.contains('-') && !f.ends_with(':')) {
-            file = fields.get(5).filter(|p| p.starts_with('/')).map(|p| p.rsplit('/').next().unwrap_or(p).to_string());
-        } else if let (Some(f), Some(&"Rss:")) = (&file, fields.first()) {
-            *by_file.entry(f.clone()).or_default() += fields.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
-        }
-    }
-    let mut v: Vec<(String, u64)> = by_file.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
-    v
 }
 
 fn main() {
@@ -126,22 +95,23 @@ fn idle_pod(c: &Containerd) {
     let mut total = 0;
     for line in &pods {
         let pid = line.split_whitespace().next().unwrap_or("0");
-        let kib = rss_kib(pid);
+        let kib = status_kib(pid, "VmRSS:");
         total += kib;
         let name = line.split_whitespace().nth(1).unwrap_or("?").rsplit('/').next().unwrap_or("?");
         println!("  idle pod process {name:<22} RSS {:>7.1} MiB", kib as f64 / 1024.0);
     }
     let shim = std::process::Command::new("pgrep").args(["-f", &format!("containerd-shim-hull-v2 -namespace {} -id idle", c.namespace)]).output().expect("pgrep");
     let shim_pid = String::from_utf8_lossy(&shim.stdout).lines().next().unwrap_or("0").trim().to_string();
-    let shim_kib = rss_kib(&shim_pid);
+    let shim_kib = status_kib(&shim_pid, "VmRSS:");
     println!("idle hull pod (256 MiB guest): VM + backends {:.1} MiB RSS, shim {:.1} MiB RSS", total as f64 / 1024.0, shim_kib as f64 / 1024.0);
     // The shim's RSS split: its own (anonymous) pages, and the binary's and libraries' pages it
     // maps (shared between the shims of all pods, so PSS is the per-pod share).
     let mib = |k: u64| k as f64 / 1024.0;
+    let anonymous = rollup_kib(&shim_pid, "Anonymous:");
     println!(
         "  shim: anonymous {:.1} MiB, file-backed {:.1} MiB, PSS {:.1} MiB, threads {}",
-        mib(rollup_kib(&shim_pid, "Anonymous:")),
-        mib(rss_kib(&shim_pid).saturating_sub(rollup_kib(&shim_pid, "Anonymous:"))),
+        mib(anonymous),
+        mib(shim_kib.saturating_sub(anonymous)),
         mib(rollup_kib(&shim_pid, "Pss:")),
         std::fs::read_dir(format!("/proc/{shim_pid}/task")).map(|d| d.count()).unwrap_or(0)
     );

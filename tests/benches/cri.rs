@@ -12,6 +12,7 @@
 
 use std::time::{Duration, Instant};
 
+use hull_tests::proc_memory::rollup_kib;
 use hull_tests::cri::{container_config, Cri, Pod, HULL, HULL_SNAPSHOTS, RUNC};
 
 const PODS: usize = 10;
@@ -31,11 +32,7 @@ fn ms(d: Duration) -> f64 {
 /// libc's shared ones whole; PSS divides each page among the processes that map it, so the
 /// PSS of N shims summed is what N pods' shims take together.
 fn rss_pss_kib(pid: &str) -> (u64, u64) {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let field = |name: &str| {
-        rollup.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.split_whitespace().next()?.parse().ok())).unwrap_or(0)
-    };
-    (field("Rss:"), field("Pss:"))
+    (rollup_kib(pid, "Rss:"), rollup_kib(pid, "Pss:"))
 }
 
 /// The pids of the running shims whose command line matches `pattern`.

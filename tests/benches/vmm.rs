@@ -23,6 +23,7 @@ use hull_proto::stdio::StreamKind;
 use hull_runtime::host::Host;
 use hull_runtime::hypervisor::{Binaries, Engine, GuestRoot, Share, Vm, VmDir, VmSpec};
 use hull_runtime::pod::share::{share_storage, FS_TAG};
+use hull_tests::proc_memory::status_kib;
 use hull_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -80,16 +81,6 @@ fn start_to_first_run(dir: &std::path::Path) -> f64 {
     }
     times.sort();
     times[times.len() / 2].as_secs_f64() * 1000.0
-}
-
-/// A KiB row of /proc/PID/status ("VmRSS:"), 0 where there is none.
-fn status_kib(pid: u32, row: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(row))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -233,6 +224,26 @@ struct Boots {
     idle_kib: u64,
 }
 
+impl Boots {
+    /// This configuration (`name`) against `other` (`other_name`): times, guest RAM at agent
+    /// ready and 5 s later, each with its ratio (`ratio` names it, "a/b").
+    fn versus(&self, other: &Boots, name: &str, other_name: &str, ratio: &str) -> String {
+        let mib = |k: u64| k as f64 / 1024.0;
+        format!(
+            "{name} {:.2} s, {other_name} {:.2} s, {ratio} = {:.2}; guest RAM touched at agent ready: {:.1} MiB vs {:.1} MiB, {ratio} = {:.2}; 5 s later: {:.1} MiB vs {:.1} MiB, {ratio} = {:.2}",
+            self.p50,
+            other.p50,
+            self.p50 / other.p50,
+            mib(self.touched_kib),
+            mib(other.touched_kib),
+            self.touched_kib as f64 / other.touched_kib as f64,
+            mib(self.idle_kib),
+            mib(other.idle_kib),
+            self.idle_kib as f64 / other.idle_kib as f64,
+        )
+    }
+}
+
 /// Pod VM start → agent ready under QEMU (unjailed, 256 MiB) for two VM configurations,
 /// alternating, 5 each.
 async fn alternating(dir: &std::path::Path, name: &str, configs: [VmSpec; 2]) -> [Boots; 2] {
@@ -324,20 +335,7 @@ async fn main() {
 
     if row("root") {
         let [image, initramfs] = image_vs_initramfs(dir.path()).await;
-        let mib = |k: u64| k as f64 / 1024.0;
-        println!(
-            "pod VM start -> agent ready (QEMU/{:?}, 256 MiB), p50 of 5: root image on virtio-pmem {:.2} s, initramfs {:.2} s, image/initramfs = {:.2}; guest RAM touched at agent ready: {:.1} MiB vs {:.1} MiB, image/initramfs = {:.2}; 5 s later: {:.1} MiB vs {:.1} MiB, image/initramfs = {:.2}",
-            Host::probe().qemu_accel().0,
-            image.p50,
-            initramfs.p50,
-            image.p50 / initramfs.p50,
-            mib(image.touched_kib),
-            mib(initramfs.touched_kib),
-            image.touched_kib as f64 / initramfs.touched_kib as f64,
-            mib(image.idle_kib),
-            mib(initramfs.idle_kib),
-            image.idle_kib as f64 / initramfs.idle_kib as f64,
-        );
+        println!("pod VM start -> agent ready (QEMU/{:?}, 256 MiB), p50 of 5: {}", Host::probe().qemu_accel().0, image.versus(&initramfs, "root image on virtio-pmem", "initramfs", "image/initramfs"));
     }
 
     if row("guest") {
@@ -347,20 +345,10 @@ async fn main() {
                 let baseline = std::path::PathBuf::from(baseline);
                 let size = |p: std::path::PathBuf| std::fs::metadata(&p).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0);
                 let [new, old] = guest_vs_baseline(dir.path(), &baseline).await;
-                let mib = |k: u64| k as f64 / 1024.0;
                 println!(
-                    "pod VM start -> agent ready (QEMU/{:?}, 256 MiB), p50 of 5: this guest image {:.2} s, {} {:.2} s, this/baseline = {:.2}; guest RAM touched at agent ready: {:.1} MiB vs {:.1} MiB, this/baseline = {:.2}; 5 s later: {:.1} MiB vs {:.1} MiB, this/baseline = {:.2}; initramfs {:.1} MB vs {:.1} MB",
+                    "pod VM start -> agent ready (QEMU/{:?}, 256 MiB), p50 of 5: {}; initramfs {:.1} MB vs {:.1} MB",
                     Host::probe().qemu_accel().0,
-                    new.p50,
-                    baseline.display(),
-                    old.p50,
-                    new.p50 / old.p50,
-                    mib(new.touched_kib),
-                    mib(old.touched_kib),
-                    new.touched_kib as f64 / old.touched_kib as f64,
-                    mib(new.idle_kib),
-                    mib(old.idle_kib),
-                    new.idle_kib as f64 / old.idle_kib as f64,
+                    new.versus(&old, "this guest image", &baseline.display().to_string(), "this/baseline"),
                     size(guest_image_dir().join("initramfs.cpio")),
                     size(baseline.join("initramfs.cpio")),
                 );

@@ -5,6 +5,7 @@ pub mod containerd;
 pub mod cri;
 pub mod kvm_host;
 pub mod probe;
+pub mod proc_memory;
 pub mod scenario;
 
 use std::os::unix::fs::symlink;
