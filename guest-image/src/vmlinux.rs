@@ -124,9 +124,10 @@ pub fn without_padding(elf: &[u8]) -> Result<Vec<u8>, VmlinuxError> {
         // Kept pieces of the segment, as byte ranges of its file part.
         let mut kept: Vec<(usize, usize)> = Vec::new();
         let (mut from, mut run) = (0, None);
-        for (i, page) in data.chunks(PAGE).enumerate() {
-            let at = i * PAGE;
-            if page.len() == PAGE && is_fill(page, flags & PF_X != 0) {
+        let pages = data.chunks(PAGE).enumerate().map(|(i, page)| (i * PAGE, page.len() == PAGE && is_fill(page, flags & PF_X != 0)));
+        // The end of the file part closes a run as a page that is kept does.
+        for (at, fill) in pages.chain(std::iter::once((filesz, false))) {
+            if fill {
                 run.get_or_insert(at);
                 continue;
             }
@@ -135,12 +136,6 @@ pub fn without_padding(elf: &[u8]) -> Result<Vec<u8>, VmlinuxError> {
                     kept.push((from, start));
                     from = at;
                 }
-            }
-        }
-        if let Some(start) = run {
-            if filesz - start >= MIN_FILL_PAGES * PAGE {
-                kept.push((from, start));
-                from = filesz;
             }
         }
         let last = kept.len();
