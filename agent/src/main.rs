@@ -165,13 +165,17 @@ fn main() {
 fn init_logging(level: &str, json: bool) {
     // libcgroups warns about every v1 controller a host lacks; that is noise, not news.
     let level = if level.contains("libcgroups") { level.to_string() } else { format!("{level},libcgroups=error") };
-    let filter = tracing_subscriber::EnvFilter::try_new(&level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // `target=level` directives, no span or field filters (their regex engine is text the
+    // guest would map at every boot). An unreadable filter logs at info.
+    let filter: tracing_subscriber::filter::Targets = level.parse().unwrap_or_else(|_| tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO));
+    let registry = tracing_subscriber::registry().with(filter);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        registry.with(layer.json()).init();
     } else {
-        builder.init();
+        registry.with(layer).init();
     }
 }
 

@@ -117,6 +117,14 @@ pub fn exe_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// The guest image directory: beside the binaries in a cargo target dir (target/guest from
+/// target/<triple>/<profile>/, or from target/<profile>/ in a build that names no target),
+/// else the installed location, /usr/share/hull.
+pub fn guest_dir() -> PathBuf {
+    let beside = ["../../guest", "../guest"].map(|d| exe_dir().join(d));
+    beside.into_iter().find(|g| g.join(GUEST_KERNEL).exists()).unwrap_or_else(|| PathBuf::from("/usr/share/hull"))
+}
+
 /// The kernel pods boot, in a guest image directory (`hull-guest-image build`): the ELF vmlinux,
 /// uncompressed, which hull-vmm enters at its 64-bit entry and QEMU through its PVH note (a
 /// bzImage works too, and decompresses itself first).
@@ -127,10 +135,7 @@ pub const ROOT_IMAGE: &str = "root.erofs";
 
 impl Default for Config {
     fn default() -> Config {
-        // Next to the binaries in a cargo target dir (target/<profile>/ -> target/guest), else
-        // the installed location.
-        let guest = exe_dir().join("../guest");
-        let guest = if guest.join(GUEST_KERNEL).exists() { guest } else { PathBuf::from("/usr/share/hull") };
+        let guest = guest_dir();
         Config {
             hypervisor: Hypervisor::Auto,
             kernel: guest.join(GUEST_KERNEL),

@@ -314,7 +314,7 @@ impl KvmHost {
     }
 }
 
-/// target/kvm-host, beside target/<profile>/ and target/guest.
+/// target/kvm-host, beside target/guest.
 fn cache_root() -> PathBuf {
     crate::guest_image_dir().parent().expect("target dir").join("kvm-host")
 }

@@ -48,18 +48,17 @@ macro_rules! require_prerequisites {
 
 pub const BUSYBOX: &str = "/bin/busybox";
 
-/// The hull binaries built beside the test executable (target/<profile>/).
+/// The hull binaries built beside the test executable (target/<triple>/<profile>/).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    // target/<triple>/<profile>/deps/<test> -> target/<triple>/<profile>/<name>
     exe.parent().and_then(Path::parent).map(|d| d.join(name)).expect("target dir")
 }
 
-/// The guest image the suites boot: target/guest (beside target/<profile>/).
+/// The guest image the suites boot: the workspace's target/guest, where `hull-guest-image
+/// build` puts it (and where the binaries' default config looks, two levels up from them).
 pub fn guest_image_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/guest
-    exe.ancestors().nth(3).map(|t| t.join("guest")).expect("target dir")
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").join("target/guest")
 }
 
 /// Why the guest image is not there to boot, or None.

@@ -2,6 +2,7 @@
 //! hull shim picks its engine as it would on this host: containerd_ctr.rs runs them here (QEMU
 //! where /dev/kvm is kvm_pvm), kvm/pod.rs on a real KVM (the builtin engine).
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -195,13 +196,16 @@ pub fn root_image_write(c: &Containerd) {
     assert!(wait_until(Duration::from_secs(20), || c.pod_processes().is_empty()), "left: {:?}", c.pod_processes());
 }
 
-/// A jailed pod process that runs as its pod's unprivileged uid (QEMU, the vsock backend):
-/// what a guest that took it over is on the host. Its pid, uid and gid.
+/// A jailed pod process that runs as its pod's unprivileged uid and has a shell in its jail
+/// (QEMU, whose jail binds the system directories it loads from): what a guest that took it
+/// over is on the host, with a shell for the tests to act as it. (A static hull-vmm's jail has
+/// no program to run; its /run is the same directory.) Its pid, uid and gid.
 pub fn unprivileged_vm_process(c: &Containerd) -> (String, String, String) {
     c.pod_processes()
         .iter()
         .filter(|l| l.contains(" jail --root "))
         .filter_map(|l| jailed_child(l.split_whitespace().next().unwrap_or_default()))
+        .filter(|pid| Path::new(&format!("/proc/{pid}/root/usr/bin/sh")).exists())
         .map(|pid| (real_id(&pid, "Uid:"), real_id(&pid, "Gid:"), pid))
         .find(|(uid, _, _)| uid != "0" && uid != "?")
         .map(|(uid, gid, pid)| (pid, uid, gid))
@@ -271,6 +275,12 @@ pub fn every_vm_process_is_jailed(c: &Containerd) {
             }
             let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
             assert!(!root.join("etc").exists() && root.join("run").is_dir(), "{pid} ({line}) is not in its jail: its / holds {:?}", std::fs::read_dir(&root).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>()));
+            // hull-vmm is static-pie: its jails hold no host program, library or loader.
+            let program = std::fs::read_link(format!("/proc/{child}/exe")).unwrap_or_default();
+            if pid == &child && program.file_name().is_some_and(|n| n == "hull-vmm") {
+                let system: Vec<&str> = ["usr", "lib", "lib64", "bin"].into_iter().filter(|d| root.join(d).exists()).collect();
+                assert!(system.is_empty(), "the jail of {} ({line}) holds the host's {system:?}", program.display());
+            }
             for ns in ["mnt", "net", "ipc", "uts"] {
                 assert_ne!(link(format!("/proc/{pid}/ns/{ns}")), link(format!("/proc/self/ns/{ns}")), "{pid} ({line}) shares the host's {ns} namespace");
             }

@@ -158,7 +158,7 @@ pub async fn run_in_vm(rootfs: &Path, hostname: &str, command: &[String], image:
     let rootfs = checked_rootfs(rootfs)?;
     let guest = guest
         .or_else(|| std::env::var_os("HULL_GUEST_DIR").map(PathBuf::from))
-        .unwrap_or_else(|| beside_exe("../guest"));
+        .unwrap_or_else(hull_runtime::config::guest_dir);
     // The VM is confined as the configured shim's are (`/etc/hull/config.toml` or
     // $HULL_CONFIG: the jail, its uids and limits, the log cap); what to boot comes from here.
     let host = Config::load(None)?;

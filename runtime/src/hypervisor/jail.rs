@@ -106,8 +106,38 @@ pub struct Needs {
 }
 
 /// Read-only system directories a dynamically linked program needs (the jail binds the ones
-/// this host has; on a merged-/usr host /lib and /lib64 are links into /usr).
+/// this host has; on a merged-/usr host /lib and /lib64 are links into /usr). A static program
+/// outside them (hull-vmm, built static-pie) gets none: a VM process taken over by its guest
+/// then finds no host program, library or loader in its jail to run.
 const SYSTEM_DIRS: &[&str] = &["/usr", "/lib", "/lib64"];
+
+/// Whether `program` needs the system directories: it is not an ELF executable this can read
+/// whole headers of (a script's interpreter, say, lives there), or it names a dynamic loader
+/// (a PT_INTERP program header).
+fn needs_system_dirs(program: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    const PT_INTERP: u32 = 3;
+    let interp = || -> std::io::Result<bool> {
+        let mut file = std::fs::File::open(program)?;
+        let mut header = [0u8; 64];
+        file.read_exact(&mut header)?;
+        // A 64-bit little-endian ELF (the only kind this x86-64 host runs natively).
+        if header[..6] != [0x7f, b'E', b'L', b'F', 2, 1] {
+            return Ok(true);
+        }
+        let le16 = |at: usize| u16::from_le_bytes([header[at], header[at + 1]]) as u64;
+        let phoff = u64::from_le_bytes(header[0x20..0x28].try_into().unwrap_or_default());
+        let (phentsize, phnum) = (le16(0x36), le16(0x38));
+        if phentsize < 4 || phnum == 0 || phnum > 256 {
+            return Ok(true);
+        }
+        let mut headers = vec![0u8; (phentsize * phnum) as usize];
+        file.seek(SeekFrom::Start(phoff))?;
+        file.read_exact(&mut headers)?;
+        Ok(headers.chunks_exact(phentsize as usize).any(|ph| u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == PT_INTERP))
+    };
+    interp().unwrap_or(true)
+}
 
 /// Where the processes of one VM find things, and how they start.
 pub struct Placement<'a> {
@@ -193,8 +223,10 @@ impl Placement<'_> {
         if !system {
             bind(&program, &inside, true);
         }
-        for dir in SYSTEM_DIRS.iter().map(Path::new).filter(|d| d.exists()) {
-            bind(dir, dir, true);
+        if system || needs_system_dirs(&program) {
+            for dir in SYSTEM_DIRS.iter().map(Path::new).filter(|d| d.exists()) {
+                bind(dir, dir, true);
+            }
         }
         bind(&self.dir.run(), Path::new("/run"), false);
         if needs.kernel {
@@ -361,6 +393,21 @@ pub(crate) fn resolve(program: &Path) -> Result<PathBuf, HypervisorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dynamically linked program (the host's shell), a script and a file that is not there
+    /// get the system directories; this test, built static-pie as hull's programs are, does not.
+    #[test]
+    fn only_programs_with_a_loader_get_the_system_directories() {
+        let exe = std::env::current_exe().unwrap();
+        assert!(!needs_system_dirs(&exe), "{} is static-pie (.cargo/config.toml)", exe.display());
+        let shell = std::fs::canonicalize("/bin/sh").unwrap();
+        assert!(needs_system_dirs(&shell), "{} has a loader", shell.display());
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("script");
+        std::fs::write(&script, "#!/bin/sh\ntrue\n").unwrap();
+        assert!(needs_system_dirs(&script));
+        assert!(needs_system_dirs(&dir.path().join("missing")));
+    }
 
     /// Leases exclude each other while held and free their uid when dropped. (A range far from
     /// the default one, so that pods running beside the test are not in the way.)

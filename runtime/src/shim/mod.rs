@@ -157,11 +157,16 @@ fn serve(flags: Flags) -> Result<(), ShimError> {
 /// Logs go to the bundle's `log` FIFO, which containerd copies into its own log.
 fn init_logging(level: &str, debug: bool) {
     let level = if debug { "debug" } else { level };
-    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // `target=level` directives (`info,hull_runtime=debug`), no span or field filters: their
+    // regex engine was 240 KB of every shim's text. An unreadable filter logs at info.
+    let filter: tracing_subscriber::filter::Targets = level.parse().unwrap_or_else(|_| tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO));
     let file = std::fs::OpenOptions::new().write(true).open("log");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
+    let layer = tracing_subscriber::fmt::layer().with_ansi(false);
+    let registry = tracing_subscriber::registry().with(filter);
     match file {
-        Ok(f) => builder.with_writer(std::sync::Mutex::new(f)).init(),
-        Err(_) => builder.with_writer(std::io::sink).init(),
+        Ok(f) => registry.with(layer.with_writer(std::sync::Mutex::new(f))).init(),
+        Err(_) => registry.with(layer.with_writer(std::io::sink)).init(),
     }
 }
