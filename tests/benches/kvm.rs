@@ -53,13 +53,16 @@ fn spec() -> VmSpec {
     }
 }
 
-/// A VM's host memory in KiB by PSS: (outside guest RAM, guest RAM the guest touched). Guest
-/// RAM is the mapping exactly the guest's size (a memfd in both VMMs, shared with the
-/// backends). The VMs here serve no share, so the builtin one has no fs backend.
+/// A VM's host memory in KiB by PSS: outside guest RAM, guest RAM the guest touched, and the
+/// root image's pages the guest read through virtio-pmem. Guest RAM is the mapping exactly the
+/// guest's size (a memfd in both VMMs, shared with the backends); the image is the mapping of
+/// `root.erofs` (page cache every pod on the host maps, so one VM's PSS is all of it). The VMs
+/// here serve no share, so the builtin one has no fs backend.
 #[derive(Default, Clone, Copy)]
 struct Memory {
     own_kib: u64,
     guest_kib: u64,
+    image_kib: u64,
 }
 
 fn memory(pids: &[u32]) -> Memory {
@@ -67,14 +70,18 @@ fn memory(pids: &[u32]) -> Memory {
     let mut m = Memory::default();
     for pid in pids {
         let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-        let mut size = 0;
+        let (mut size, mut image) = (0, false);
         for line in smaps.lines() {
             let mut words = line.split_whitespace();
             match words.next() {
+                // A mapping's first line: its address range, and its file last.
+                Some(range) if range.contains('-') && !range.ends_with(':') => image = line.ends_with(hull_runtime::config::ROOT_IMAGE),
                 Some("Size:") => size = words.next().and_then(|v| v.parse().ok()).unwrap_or(0),
                 Some("Pss:") => {
                     let pss: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-                    if size == guest_size {
+                    if image {
+                        m.image_kib += pss;
+                    } else if size == guest_size {
                         m.guest_kib += pss;
                     } else {
                         m.own_kib += pss;
@@ -145,6 +152,11 @@ async fn bench() {
         mib(builtin_mem.guest_kib),
         mib(qemu_mem.guest_kib),
         (builtin_mem.own_kib + builtin_mem.guest_kib) as f64 / (qemu_mem.own_kib + qemu_mem.guest_kib) as f64
+    );
+    println!(
+        "root image pages mapped at agent ready (host page cache, shared by every pod): builtin {:.1} MiB, QEMU {:.1} MiB",
+        mib(builtin_mem.image_kib),
+        mib(qemu_mem.image_kib)
     );
     println!(
         "5 s later (idle): outside guest RAM builtin {:.1} MiB, QEMU + backends {:.1} MiB; guest RAM touched builtin {:.1} MiB, QEMU {:.1} MiB, builtin/QEMU = {:.2}",
