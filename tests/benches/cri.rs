@@ -84,8 +84,11 @@ async fn timed_exec(cri: &mut Cri, id: &str, cmd: &str) -> Duration {
 
 /// (MiB/s, per round trip) between a client and a server pod of `handler`.
 async fn network(cri: &mut Cri, handler: &str) -> (f64, Duration) {
-    let server_cmd = ["sh", "-c", "nc -ll -p 5002 -e echo pong & while true; do nc -l -p 5001 > /dev/null; done"];
-    let (server, _, _) = start_pod(cri, &format!("{handler}-server"), handler, &server_cmd).await;
+    // The bulk listener's stdin is a pipe that stays open: busybox's nc ends a connection when
+    // its stdin ends, and a container's stdin is /dev/null (the client got 1 KiB through, and
+    // the bench timed an exec that moved nothing). It counts what it received.
+    let server_cmd = ["sh", "-c", "nc -ll -p 5002 -e echo pong & sleep 1000000 | nc -l -p 5001 | wc -c > /received"];
+    let (server, server_id, _) = start_pod(cri, &format!("{handler}-server"), handler, &server_cmd).await;
     let (client, client_id, _) = start_pod(cri, &format!("{handler}-client"), handler, &["sleep", "100000"]).await;
     let ip = cri.pod_ip(&server).await;
     // Wait for the listeners, and warm both paths.
@@ -93,12 +96,17 @@ async fn network(cri: &mut Cri, handler: &str) -> (f64, Duration) {
     timed_exec(cri, &client_id, &ready).await;
     let empty = timed_exec(cri, &client_id, "true").await;
     let bulk = timed_exec(cri, &client_id, &format!("dd if=/dev/zero bs=64k count={} 2>/dev/null | nc {ip} 5001", MIB * 16)).await;
+    // Every byte arrived (the listener has written its count once the connection ended).
+    let count = format!("for i in $(seq 100); do [ -s /received ] && cat /received && exit 0; sleep 0.1; done; exit 1");
+    let (received, code) = cri.exec(&server_id, &["sh", "-c", &count]).await;
+    assert_eq!((code, received.trim()), (0, (MIB << 20).to_string().as_str()), "{handler}: bytes the server received of {MIB} MiB");
     let rr = timed_exec(cri, &client_id, &format!("for i in $(seq {ROUND_TRIPS}); do echo ping | nc {ip} 5002 | grep -q pong || exit 1; done")).await;
     let loops = timed_exec(cri, &client_id, &format!("for i in $(seq {ROUND_TRIPS}); do echo ping | grep -q ping || exit 1; done")).await;
     for p in [&server, &client] {
         cri.remove_pod(p).await;
     }
-    let rate = MIB as f64 / bulk.saturating_sub(empty).as_secs_f64();
+    assert!(bulk > empty * 2, "{handler}: moving {MIB} MiB took {bulk:?}, an empty exec {empty:?}: the transfer is lost in the exec's noise");
+    let rate = MIB as f64 / (bulk - empty).as_secs_f64();
     // The same loop without the network (the pipeline's processes alone) is subtracted.
     (rate, rr.saturating_sub(loops) / ROUND_TRIPS as u32)
 }
@@ -165,7 +173,7 @@ async fn main() {
 
     let (hull_rate, hull_rr) = network(&mut cri, HULL).await;
     let (runc_rate, runc_rr) = network(&mut cri, RUNC).await;
-    println!("TCP throughput pod->pod ({MIB} MiB, nc): hull {hull_rate:.1} MiB/s, runc {runc_rate:.1} MiB/s, hull/runc = {:.3}", hull_rate / runc_rate);
+    println!("TCP throughput pod->pod ({MIB} MiB, busybox nc): hull {hull_rate:.1} MiB/s, runc {runc_rate:.1} MiB/s, hull/runc = {:.3}", hull_rate / runc_rate);
     println!(
         "request/reply pod->pod (connect + ping/pong, {ROUND_TRIPS} rounds): hull {:.2} ms, runc {:.2} ms, hull/runc = {:.1}",
         ms(hull_rr),
