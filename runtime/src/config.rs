@@ -117,12 +117,17 @@ pub fn exe_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// The guest image directory: beside the binaries in a cargo target dir (target/guest from
-/// target/<triple>/<profile>/, or from target/<profile>/ in a build that names no target),
+/// The guest image directory: beside this program in a cargo target dir (`guest_dir_beside`),
 /// else the installed location, /usr/share/hull.
 pub fn guest_dir() -> PathBuf {
-    let beside = ["../../guest", "../guest"].map(|d| exe_dir().join(d));
-    beside.into_iter().find(|g| g.join(GUEST_KERNEL).exists()).unwrap_or_else(|| PathBuf::from("/usr/share/hull"))
+    guest_dir_beside(&exe_dir()).unwrap_or_else(|| PathBuf::from("/usr/share/hull"))
+}
+
+/// The guest image of the cargo target dir that holds the binaries in `bin_dir`, if it has a
+/// kernel: target/guest from target/<triple>/<profile>/, or from target/<profile>/ in a build
+/// that names no target.
+pub fn guest_dir_beside(bin_dir: &Path) -> Option<PathBuf> {
+    ["../../guest", "../guest"].map(|d| bin_dir.join(d)).into_iter().find(|g| g.join(GUEST_KERNEL).exists())
 }
 
 /// The kernel pods boot, in a guest image directory (`hull-guest-image build`): the ELF vmlinux,

@@ -21,7 +21,8 @@ fn skip_reason() -> Option<&'static str> {
     if !Path::new("/usr/bin/qemu-system-x86_64").exists() {
         return Some("needs qemu-system-x86_64 (apt-get install qemu-system-x86)");
     }
-    if !Path::new(HULL).parent().and_then(Path::parent).map(|t| t.join("guest").join(hull_runtime::config::GUEST_KERNEL)).is_some_and(|p| p.exists()) {
+    // Where `hull run` looks for it.
+    if Path::new(HULL).parent().and_then(hull_runtime::config::guest_dir_beside).is_none() {
         return Some("needs the guest image (cargo run -p hull-guest-image -- build)");
     }
     None
