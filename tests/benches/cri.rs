@@ -97,8 +97,8 @@ async fn network(cri: &mut Cri, handler: &str) -> (f64, Duration) {
     let empty = timed_exec(cri, &client_id, "true").await;
     let bulk = timed_exec(cri, &client_id, &format!("dd if=/dev/zero bs=64k count={} 2>/dev/null | nc {ip} 5001", MIB * 16)).await;
     // Every byte arrived (the listener has written its count once the connection ended).
-    let count = format!("for i in $(seq 100); do [ -s /received ] && cat /received && exit 0; sleep 0.1; done; exit 1");
-    let (received, code) = cri.exec(&server_id, &["sh", "-c", &count]).await;
+    let count = "for i in $(seq 100); do [ -s /received ] && cat /received && exit 0; sleep 0.1; done; exit 1";
+    let (received, code) = cri.exec(&server_id, &["sh", "-c", count]).await;
     assert_eq!((code, received.trim()), (0, (MIB << 20).to_string().as_str()), "{handler}: bytes the server received of {MIB} MiB");
     let rr = timed_exec(cri, &client_id, &format!("for i in $(seq {ROUND_TRIPS}); do echo ping | nc {ip} 5002 | grep -q pong || exit 1; done")).await;
     let loops = timed_exec(cri, &client_id, &format!("for i in $(seq {ROUND_TRIPS}); do echo ping | grep -q ping || exit 1; done")).await;
