@@ -5,22 +5,17 @@
 //! addresses, then the routes go in (directly connected ones first, so gateways resolve).
 //! Loopback comes up in every case: pods expect 127.0.0.1.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use futures_util::TryStreamExt;
 use hull_proto::agent::{Interface, Route};
 use hull_proto::mac::Mac;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
-use rtnetlink::packet_route::route::RouteScope;
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use hull_proto::netlink::{LinkChange, NetlinkError as Netlink, NewRoute};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
-    #[error("Cannot talk netlink in the guest: {0}.")]
-    Connect(#[source] std::io::Error),
-    #[error("Cannot talk netlink in the guest: {0}.")]
-    Netlink(#[from] rtnetlink::Error),
+    #[error("In the guest: {0}")]
+    Netlink(#[from] Netlink),
     #[error("The interface {name} has an invalid MAC address {mac:?}.")]
     BadMac { name: String, mac: String, source: hull_proto::mac::MacError },
     #[error("No guest NIC has the MAC address {mac} of the pod's interface {name} (the VM was started without it?).")]
@@ -32,7 +27,7 @@ pub enum NetworkError {
     #[error("The route {route:?} is not valid: {why}.")]
     BadRoute { route: String, why: String },
     #[error("Cannot configure {what}: {source}.")]
-    Apply { what: String, source: rtnetlink::Error },
+    Apply { what: String, source: Netlink },
     #[error("Interfaces can only be configured by an agent that is the VM's init, not on a host.")]
     NotInit,
 }
@@ -88,69 +83,43 @@ pub fn validate(interfaces: &[Interface], routes: &[Route]) -> Result<(), Networ
     Ok(())
 }
 
-fn mac_of(m: &LinkMessage) -> Option<&[u8]> {
-    m.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Address(mac) => Some(mac.as_slice()),
-        _ => None,
-    })
-}
-
-fn name_of(m: &LinkMessage) -> Option<&str> {
-    m.attributes.iter().find_map(|a| match a {
-        LinkAttribute::IfName(n) => Some(n.as_str()),
-        _ => None,
-    })
-}
-
 /// Applies the pod's network in the agent's network namespace (the VM's).
 pub async fn apply(interfaces: &[Interface], routes: &[Route]) -> Result<(), NetworkError> {
     validate(interfaces, routes)?;
-    with_netlink(|handle| async move { apply_with(&handle, interfaces, routes).await }).await
+    let mut nl = hull_proto::netlink::Netlink::open()?;
+    apply_with(&mut nl, interfaces, routes).await
 }
 
 /// Sets `lo` up in the caller's network namespace (a sandbox's own on a host, the VM's).
-pub async fn loopback_up() -> Result<(), NetworkError> {
-    with_netlink(|handle| async move { lo_up(&handle).await }).await
+pub fn loopback_up() -> Result<(), NetworkError> {
+    lo_up(&mut hull_proto::netlink::Netlink::open()?)
 }
 
-/// Runs `work` over a netlink connection of its own, closed when the work ends.
-async fn with_netlink<F: std::future::Future<Output = Result<(), NetworkError>>>(work: impl FnOnce(Handle) -> F) -> Result<(), NetworkError> {
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(NetworkError::Connect)?;
-    let conn = tokio::spawn(conn);
-    let r = work(handle).await;
-    conn.abort();
-    r
-}
-
-async fn lo_up(handle: &Handle) -> Result<(), NetworkError> {
-    let links: Vec<LinkMessage> = handle.link().get().execute().try_collect().await?;
-    if let Some(lo) = links.iter().find(|l| name_of(l) == Some("lo")) {
-        handle.link().set(LinkUnspec::new_with_index(lo.header.index).up().build()).execute().await.map_err(|source| NetworkError::Apply { what: "lo".into(), source })?;
+fn lo_up(nl: &mut hull_proto::netlink::Netlink) -> Result<(), NetworkError> {
+    if let Some(lo) = nl.links()?.iter().find(|l| l.name == "lo") {
+        nl.set_link(lo.index, &LinkChange { up: Some(true), ..Default::default() }).map_err(|source| NetworkError::Apply { what: "lo".into(), source })?;
     }
     Ok(())
 }
 
-async fn apply_with(handle: &Handle, interfaces: &[Interface], routes: &[Route]) -> Result<(), NetworkError> {
-    let apply_err = |what: String| move |source: rtnetlink::Error| NetworkError::Apply { what, source };
-    lo_up(handle).await?;
+async fn apply_with(nl: &mut hull_proto::netlink::Netlink, interfaces: &[Interface], routes: &[Route]) -> Result<(), NetworkError> {
+    let apply_err = |what: String| move |source: Netlink| NetworkError::Apply { what, source };
+    lo_up(nl)?;
     let mut index_of = std::collections::HashMap::new();
     for i in interfaces {
         let mac = parse_mac(&i.name, &i.mac)?;
-        let index = nic_with_mac(handle, &mac).await?.ok_or_else(|| NetworkError::NoNic { name: i.name.clone(), mac: i.mac.clone() })?;
+        let index = nic_with_mac(nl, &mac).await?.ok_or_else(|| NetworkError::NoNic { name: i.name.clone(), mac: i.mac.clone() })?;
         let what = |s: &str| format!("{} ({s})", i.name);
         // A link is renamed only while down.
-        handle.link().set(LinkUnspec::new_with_index(index).down().build()).execute().await.map_err(apply_err(what("down")))?;
-        let mut set = LinkUnspec::new_with_index(index).name(i.name.clone());
-        if i.mtu > 0 {
-            set = set.mtu(i.mtu);
-        }
-        handle.link().set(set.build()).execute().await.map_err(apply_err(what("name and mtu")))?;
+        nl.set_link(index, &LinkChange { up: Some(false), ..Default::default() }).map_err(apply_err(what("down")))?;
+        let change = LinkChange { name: Some(&i.name), mtu: (i.mtu > 0).then_some(i.mtu), ..Default::default() };
+        nl.set_link(index, &change).map_err(apply_err(what("name and mtu")))?;
         for a in &i.addresses {
             let text = format!("{}/{}", a.address, a.prefix_len);
             let (ip, len) = parse_prefix(&text).ok_or_else(|| NetworkError::BadAddress(text.clone()))?;
-            handle.address().add(index, ip, len).replace().execute().await.map_err(apply_err(what(&text)))?;
+            nl.add_address(index, ip, len).map_err(apply_err(what(&text)))?;
         }
-        handle.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await.map_err(apply_err(what("up")))?;
+        nl.set_link(index, &LinkChange { up: Some(true), ..Default::default() }).map_err(apply_err(what("up")))?;
         index_of.insert(i.name.clone(), index);
         tracing::info!(interface = %i.name, mac = %i.mac, mtu = i.mtu, addresses = i.addresses.len(), "pod interface configured");
     }
@@ -161,31 +130,10 @@ async fn apply_with(handle: &Handle, interfaces: &[Interface], routes: &[Route])
         let index = index_of[&r.device];
         let what = format!("the route to {} via {:?}", r.destination, r.gateway);
         let bad = || NetworkError::BadRoute { route: what.clone(), why: "unparsable".into() };
-        let (dest, len) = parse_prefix(&r.destination).ok_or_else(bad)?;
-        let scope = RouteScope::from(r.scope as u8);
-        let msg = match dest {
-            IpAddr::V4(d) => {
-                let mut b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(d, len).output_interface(index).scope(scope);
-                if !r.gateway.is_empty() {
-                    b = b.gateway(r.gateway.parse().map_err(|_| bad())?);
-                }
-                if !r.source.is_empty() {
-                    b = b.pref_source(r.source.parse().map_err(|_| bad())?);
-                }
-                b.build()
-            }
-            IpAddr::V6(d) => {
-                let mut b = RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(d, len).output_interface(index).scope(scope);
-                if !r.gateway.is_empty() {
-                    b = b.gateway(r.gateway.parse().map_err(|_| bad())?);
-                }
-                if !r.source.is_empty() {
-                    b = b.pref_source(r.source.parse().map_err(|_| bad())?);
-                }
-                b.build()
-            }
-        };
-        handle.route().add(msg).replace().execute().await.map_err(apply_err(what.clone()))?;
+        let (destination, destination_len) = parse_prefix(&r.destination).ok_or_else(bad)?;
+        let ip = |text: &str| if text.is_empty() { Ok(None) } else { text.parse::<IpAddr>().map(Some).map_err(|_| bad()) };
+        let route = NewRoute { destination, destination_len, oif: index, gateway: ip(&r.gateway)?, source: ip(&r.source)?, scope: r.scope as u8 };
+        nl.add_route(&route).map_err(apply_err(what.clone()))?;
     }
     if !routes.is_empty() {
         tracing::info!(routes = routes.len(), "pod routes configured");
@@ -195,12 +143,11 @@ async fn apply_with(handle: &Handle, interfaces: &[Interface], routes: &[Route])
 
 /// The index of the NIC with `mac`. virtio-net is probed before init runs, but allow a moment
 /// for a slow probe.
-async fn nic_with_mac(handle: &Handle, mac: &[u8]) -> Result<Option<u32>, NetworkError> {
+async fn nic_with_mac(nl: &mut hull_proto::netlink::Netlink, mac: &[u8]) -> Result<Option<u32>, NetworkError> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let links: Vec<LinkMessage> = handle.link().get().execute().try_collect().await?;
-        if let Some(l) = links.iter().find(|l| mac_of(l) == Some(mac)) {
-            return Ok(Some(l.header.index));
+        if let Some(l) = nl.links()?.iter().find(|l| l.mac == mac) {
+            return Ok(Some(l.index));
         }
         if Instant::now() > deadline {
             return Ok(None);

@@ -132,8 +132,10 @@ pub fn holder_main(hostname: &str, new_net: bool, sysctls: &[String]) -> i32 {
     match setup {
         Ok(()) => {
             if new_net {
-                // Bring up loopback so that a pod on a host has at least 127.0.0.1.
-                if let Err(e) = loopback_up() {
+                // Bring up loopback so that a pod on a host has at least 127.0.0.1: one blocking
+                // netlink socket, no thread, so the holder stays single-threaded for its fork of
+                // the pod's init.
+                if let Err(e) = crate::network::loopback_up() {
                     let _ = writeln!(out, "cannot bring up lo: {e}");
                     return 1;
                 }
@@ -198,14 +200,6 @@ fn pod_init() -> ! {
         }
         let _ = chld.wait();
     }
-}
-
-/// Sets `lo` up in the holder's new network namespace, through netlink as the VM's interfaces
-/// are. A current-thread runtime starts no thread: the holder stays single-threaded for its
-/// fork of the pod's init.
-fn loopback_up() -> Result<(), crate::network::NetworkError> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().map_err(crate::network::NetworkError::Connect)?;
-    rt.block_on(crate::network::loopback_up())
 }
 
 #[cfg(test)]

@@ -34,8 +34,7 @@ fn status(e: AgentError) -> TtrpcError {
         AgentError::Sandbox(crate::sandbox::SandboxError::BadHostname(_)) => Code::INVALID_ARGUMENT,
         AgentError::Launch(_) => Code::FAILED_PRECONDITION,
         AgentError::Network(n) => match n {
-            crate::network::NetworkError::Connect(_)
-            | crate::network::NetworkError::Netlink(_)
+            crate::network::NetworkError::Netlink(_)
             | crate::network::NetworkError::Apply { .. } => Code::INTERNAL,
             crate::network::NetworkError::NoNic { .. } | crate::network::NetworkError::NotInit => Code::FAILED_PRECONDITION,
             _ => Code::INVALID_ARGUMENT,

@@ -1,7 +1,8 @@
 //! What both sides of hull's VM boundary agree on: the agent API (the messages and ttrpc
 //! services generated from `protos/`), the header of the per-stream stdio connections, and the
 //! hybrid vsock handshake, the kind of tap a NIC uses; plus containerd's runtime options message
-//! the shim reads.
+//! the shim reads, and the rtnetlink requests with which the shim reads a pod's network and the
+//! agent applies it.
 
 #![allow(clippy::all)]
 
@@ -34,6 +35,7 @@ pub mod forward;
 pub mod host_socket;
 pub mod hvsock;
 pub mod mac;
+pub mod netlink;
 pub mod stdio;
 pub mod tap;
 

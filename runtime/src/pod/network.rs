@@ -17,21 +17,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use futures_util::TryStreamExt;
 use hull_proto::agent::{Interface, IpAddress, Route};
 use hull_proto::mac::Mac;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType};
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use hull_proto::netlink::{Address, Link, LinkChange, Netlink, NetlinkError, RouteEntry, MAIN_TABLE, PROTOCOL_KERNEL, UNICAST};
 use serde_json::Value;
 
 /// The tap hull creates in the pod's network namespace.
 pub const TAP_NAME: &str = "hull_tap0";
-/// tc's ingress qdisc handle (ffff:).
-const INGRESS_PARENT: u32 = 0xffff_0000;
-/// ETH_P_ALL in network byte order, as tc's `protocol all` sends it.
-const PROTOCOL_ALL: u16 = 0x0003u16.to_be();
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -39,10 +31,8 @@ pub enum NetworkError {
     Netns { path: PathBuf, source: std::io::Error },
     #[error("Cannot enter the pod network namespace {path:?}: {source}.")]
     Setns { path: PathBuf, source: nix::Error },
-    #[error("Cannot talk netlink in the pod network namespace: {0}.")]
-    Netlink(#[source] rtnetlink::Error),
-    #[error("Cannot open a netlink connection in the pod network namespace: {0}.")]
-    NetlinkSocket(#[source] std::io::Error),
+    #[error("In the pod network namespace: {0}")]
+    Netlink(#[from] NetlinkError),
     #[error("The thread in the pod network namespace panicked.")]
     Panicked,
     #[error("Cannot start a thread to enter the pod network namespace: {0}.")]
@@ -57,8 +47,8 @@ pub enum NetworkError {
     NotEthernet(String),
     #[error("Cannot create the tap {TAP_NAME} in the pod network namespace: {0}.")]
     Tap(std::io::Error),
-    #[error("Cannot redirect traffic between {veth} and {TAP_NAME} with tc: {error}.")]
-    Tc { veth: String, #[source] error: rtnetlink::Error },
+    #[error("Cannot redirect traffic between {veth} and {TAP_NAME} with tc: {error}")]
+    Tc { veth: String, #[source] error: NetlinkError },
 }
 
 /// What the pod VM gets: the tap to give QEMU, and the configuration for the agent.
@@ -100,54 +90,14 @@ pub fn on_thread_in<T: Send + 'static>(netns: &Path, f: impl FnOnce() -> T + Sen
     worker.join().map_err(|_| NetworkError::Panicked)?
 }
 
-/// Runs `f` with a netlink handle inside the network namespace at `netns` (see `on_thread_in`).
-fn in_netns<T: Send + 'static, F>(netns: &Path, f: impl FnOnce(Handle) -> F + Send + 'static) -> Result<T, NetworkError>
-where
-    F: std::future::Future<Output = Result<T, NetworkError>>,
-{
-    on_thread_in(netns, move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(NetworkError::NetlinkSocket)?;
-        rt.block_on(async move {
-            let (conn, handle, _) = rtnetlink::new_connection().map_err(NetworkError::NetlinkSocket)?;
-            let conn = tokio::spawn(conn);
-            let r = f(handle).await;
-            conn.abort();
-            r
-        })
-    })?
-}
-
-struct Link {
-    index: u32,
-    name: String,
-    mac: Vec<u8>,
-    mtu: u32,
-}
-
-fn link_of(m: &LinkMessage) -> Option<Link> {
-    if m.header.link_layer_type == LinkLayerType::Loopback {
-        return None;
-    }
-    let mut link = Link { index: m.header.index, name: String::new(), mac: Vec::new(), mtu: 1500 };
-    for a in &m.attributes {
-        match a {
-            LinkAttribute::IfName(n) => link.name = n.clone(),
-            LinkAttribute::Address(mac) => link.mac = mac.clone(),
-            LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
-            _ => {}
-        }
-    }
-    Some(link)
-}
-
-async fn links(handle: &Handle) -> Result<Vec<Link>, NetworkError> {
-    let msgs: Vec<LinkMessage> = handle.link().get().execute().try_collect().await.map_err(NetworkError::Netlink)?;
-    Ok(msgs.iter().filter_map(link_of).collect())
+/// Runs `f` with a netlink socket inside the network namespace at `netns` (see `on_thread_in`).
+fn in_netns<T: Send + 'static>(netns: &Path, f: impl FnOnce(&mut Netlink) -> Result<T, NetworkError> + Send + 'static) -> Result<T, NetworkError> {
+    on_thread_in(netns, move || f(&mut Netlink::open()?))?
 }
 
 /// The one interface CNI made (the tap of an earlier, crashed run does not count).
-async fn pod_link(handle: &Handle) -> Result<Option<Link>, NetworkError> {
-    let mut found: Vec<Link> = links(handle).await?.into_iter().filter(|l| l.name != TAP_NAME).collect();
+fn pod_link(nl: &mut Netlink) -> Result<Option<Link>, NetworkError> {
+    let mut found: Vec<Link> = nl.links()?.into_iter().filter(|l| !l.loopback && l.name != TAP_NAME).collect();
     match found.len() {
         0 => Ok(None),
         1 => Ok(found.pop()),
@@ -155,68 +105,36 @@ async fn pod_link(handle: &Handle) -> Result<Option<Link>, NetworkError> {
     }
 }
 
-
-fn address_of(m: &AddressMessage) -> Option<IpAddress> {
-    // For IPv4, IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer's on
-    // point-to-point links); IPv6 has only IFA_ADDRESS.
-    let mut addr = None;
-    for a in &m.attributes {
-        match a {
-            AddressAttribute::Local(ip) => addr = Some(*ip),
-            AddressAttribute::Address(ip) if addr.is_none() => addr = Some(*ip),
-            _ => {}
-        }
-    }
-    let ip = addr?;
+fn address_of(a: &Address) -> Option<IpAddress> {
     // The guest derives the same IPv6 link-local address from the same MAC by itself.
-    if let IpAddr::V6(v6) = ip {
+    if let IpAddr::V6(v6) = a.ip {
         if v6.segments()[0] & 0xffc0 == 0xfe80 {
             return None;
         }
     }
-    let mut a = IpAddress::new();
-    a.address = ip.to_string();
-    a.prefix_len = m.header.prefix_len.into();
-    Some(a)
-}
-
-fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
-        _ => None,
-    }
+    let mut out = IpAddress::new();
+    out.address = a.ip.to_string();
+    out.prefix_len = a.prefix_len.into();
+    Some(out)
 }
 
 /// A route CNI (or the pod) set on the interface, as the agent will re-create it. Routes the
 /// kernel derives from addresses (proto kernel) are left to the guest kernel.
-fn route_of(m: &RouteMessage, link: &Link, v6: bool) -> Option<Route> {
-    if m.header.protocol == RouteProtocol::Kernel || m.header.kind != RouteType::Unicast {
+fn route_of(m: &RouteEntry, link: &Link, v6: bool) -> Option<Route> {
+    if m.protocol == PROTOCOL_KERNEL || m.kind != UNICAST {
         return None;
     }
-    let mut table = u32::from(m.header.table);
-    let (mut dest, mut gateway, mut source, mut oif) = (None, None, None, None);
-    for a in &m.attributes {
-        match a {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(d) => dest = route_addr(d),
-            RouteAttribute::Gateway(g) => gateway = route_addr(g),
-            RouteAttribute::PrefSource(s) => source = route_addr(s),
-            RouteAttribute::Oif(i) => oif = Some(*i),
-            _ => {}
-        }
-    }
-    // Only the main table (254); local and multicast routes are the kernel's.
-    if table != 254 || oif != Some(link.index) {
+    // Only the main table; local and multicast routes are the kernel's.
+    if m.table != MAIN_TABLE || m.oif != Some(link.index) {
         return None;
     }
-    let dest = dest.unwrap_or(if v6 { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) });
+    let dest = m.destination.unwrap_or(if v6 { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) });
     let mut r = Route::new();
-    r.destination = format!("{dest}/{}", m.header.destination_prefix_length);
-    r.gateway = gateway.map(|g| g.to_string()).unwrap_or_default();
-    r.source = source.map(|s| s.to_string()).unwrap_or_default();
+    r.destination = format!("{dest}/{}", m.destination_len);
+    r.gateway = m.gateway.map(|g| g.to_string()).unwrap_or_default();
+    r.source = m.source.map(|s| s.to_string()).unwrap_or_default();
     r.device = link.name.clone();
-    r.scope = u8::from(m.header.scope).into();
+    r.scope = m.scope.into();
     Some(r)
 }
 
@@ -225,28 +143,25 @@ fn route_of(m: &RouteMessage, link: &Link, v6: bool) -> Option<Route> {
 /// NIC, as a runc container in that namespace would have only lo). On failure nothing is left
 /// in the namespace.
 pub fn setup(netns: &Path) -> Result<Option<PodNetwork>, NetworkError> {
-    in_netns(netns, |handle| async move {
+    in_netns(netns, |nl| {
         // A tap left by a shim that was killed: its fd is gone, but tc state may not be.
-        remove(&handle).await?;
-        let Some(link) = pod_link(&handle).await? else { return Ok(None) };
+        remove(nl)?;
+        let Some(link) = pod_link(nl)? else { return Ok(None) };
         let Ok(mac) = Mac::try_from(link.mac.as_slice()) else {
             return Err(NetworkError::NotEthernet(link.name));
         };
-        let addrs: Vec<AddressMessage> =
-            handle.address().get().set_link_index_filter(link.index).execute().try_collect().await.map_err(NetworkError::Netlink)?;
         let mut interface = Interface::new();
         interface.name = link.name.clone();
         interface.mac = mac.to_string();
         interface.mtu = link.mtu;
-        interface.addresses = addrs.iter().filter_map(address_of).collect();
+        interface.addresses = nl.addresses()?.iter().filter(|a| a.index == link.index).filter_map(address_of).collect();
         let mut routes = Vec::new();
-        for (v6, msg) in [(false, RouteMessageBuilder::<Ipv4Addr>::new().build()), (true, RouteMessageBuilder::<Ipv6Addr>::new().build())] {
-            let msgs: Vec<RouteMessage> = handle.route().get(msg).execute().try_collect().await.map_err(NetworkError::Netlink)?;
-            routes.extend(msgs.iter().filter_map(|m| route_of(m, &link, v6)));
+        for v6 in [false, true] {
+            routes.extend(nl.routes(v6)?.iter().filter_map(|m| route_of(m, &link, v6)));
         }
         let tap = hull_proto::tap::open(TAP_NAME).map_err(NetworkError::Tap)?;
-        if let Err(e) = redirect(&handle, &link).await {
-            let _ = remove(&handle).await;
+        if let Err(e) = redirect(nl, &link) {
+            let _ = remove(nl);
             return Err(e);
         }
         tracing::info!(interface = %link.name, mac = %interface.mac, addresses = interface.addresses.len(), routes = routes.len(), tap = TAP_NAME, "pod network joined to the tap");
@@ -255,41 +170,26 @@ pub fn setup(netns: &Path) -> Result<Option<PodNetwork>, NetworkError> {
 }
 
 /// Brings the tap up with the interface's MTU and adds the two redirects.
-async fn redirect(handle: &Handle, link: &Link) -> Result<(), NetworkError> {
-    let tc = |error: rtnetlink::Error| NetworkError::Tc { veth: link.name.clone(), error };
-    let tap = links(handle).await?.into_iter().find(|l| l.name == TAP_NAME).ok_or(NetworkError::TapVanished)?;
-    handle.link().set(LinkUnspec::new_with_index(tap.index).mtu(link.mtu).up().build()).execute().await.map_err(NetworkError::Netlink)?;
+fn redirect(nl: &mut Netlink, link: &Link) -> Result<(), NetworkError> {
+    let tc = |error: NetlinkError| NetworkError::Tc { veth: link.name.clone(), error };
+    let tap = nl.links()?.into_iter().find(|l| l.name == TAP_NAME).ok_or(NetworkError::TapVanished)?;
+    nl.set_link(tap.index, &LinkChange { mtu: Some(link.mtu), up: Some(true), ..Default::default() })?;
     for (from, to) in [(link.index, tap.index), (tap.index, link.index)] {
-        handle.qdisc().add(from as i32).ingress().execute().await.map_err(tc)?;
-        handle
-            .traffic_filter(from as i32)
-            .add()
-            .parent(INGRESS_PARENT)
-            .protocol(PROTOCOL_ALL)
-            .redirect(to)
-            .map_err(tc)?
-            .execute()
-            .await
-            .map_err(tc)?;
+        nl.add_ingress_qdisc(from).map_err(tc)?;
+        nl.add_redirect(from, to).map_err(tc)?;
     }
     Ok(())
 }
 
 /// Removes what `setup` added: the tap (if an fd still holds it) and the ingress qdiscs (with
 /// their filters) on the pod's interface. What is already gone is fine.
-async fn remove(handle: &Handle) -> Result<(), NetworkError> {
-    for link in links(handle).await? {
+fn remove(nl: &mut Netlink) -> Result<(), NetworkError> {
+    for link in nl.links()? {
         if link.name == TAP_NAME {
-            let _ = handle.link().del(link.index).execute().await;
-            continue;
-        }
-        let qdiscs: Vec<_> = handle.qdisc().get().index(link.index as i32).ingress().execute().try_collect().await.map_err(NetworkError::Netlink)?;
-        for q in qdiscs {
-            if q.header.index == link.index as i32 {
-                let mut del = handle.qdisc().del(link.index as i32);
-                del.message_mut().header = q.header.clone();
-                let _ = del.execute().await;
-            }
+            let _ = nl.delete_link(link.index);
+        } else if !link.loopback {
+            // Refused when there is none (EINVAL or ENOENT, by kernel version): nothing to undo.
+            let _ = nl.delete_ingress_qdisc(link.index);
         }
     }
     Ok(())
@@ -300,7 +200,7 @@ pub fn teardown(netns: &Path) -> Result<(), NetworkError> {
     if !netns.exists() {
         return Ok(());
     }
-    in_netns(netns, |handle| async move { remove(&handle).await })
+    in_netns(netns, remove)
 }
 
 #[cfg(test)]
