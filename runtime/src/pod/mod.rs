@@ -85,6 +85,8 @@ pub struct Pod {
     _jail_uid: Option<UidLease>,
     /// The one destroy: a second caller (a Shutdown after a Delete that timed out) waits for it.
     destroyed: tokio::sync::OnceCell<bool>,
+    /// Set when the destroy starts: the VM's exit from then on is the one asked for.
+    ending: std::sync::atomic::AtomicBool,
 }
 
 impl Pod {
@@ -185,7 +187,7 @@ impl Pod {
                     },
                     None => None,
                 };
-                Ok(Pod { id: id.into(), dir: dir.clone(), conn, vmm_pid: vm.vmm_pid(), engine, engine_why: why, keep_console: config.debug_console, vm, forwarder: std::sync::Mutex::new(forwarder), cgroup: Default::default(), _jail_uid: jail_uid, destroyed: Default::default() })
+                Ok(Pod { id: id.into(), dir: dir.clone(), conn, vmm_pid: vm.vmm_pid(), engine, engine_why: why, keep_console: config.debug_console, vm, forwarder: std::sync::Mutex::new(forwarder), cgroup: Default::default(), _jail_uid: jail_uid, destroyed: Default::default(), ending: Default::default() })
             }
             Err(e) => {
                 // Killed and reaped before the caller removes the state directory.
@@ -254,6 +256,11 @@ impl Pod {
         self.cgroup.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|c| c.oom_kills())
     }
 
+    /// Whether the pod is being destroyed (its VM's exit is then no failure).
+    pub fn ending(&self) -> bool {
+        self.ending.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Waits until the VM has exited; says how (None: its exit could not be waited for).
     pub async fn ended(&self) -> Option<String> {
         self.vm.ended().await.map(|s| s.to_string())
@@ -263,6 +270,7 @@ impl Pod {
     /// left is killed; the share and state directory go. Says whether the guest powered off by
     /// itself.
     pub async fn destroy(&self, power_off: Duration) -> bool {
+        self.ending.store(true, std::sync::atomic::Ordering::SeqCst);
         *self.destroyed.get_or_init(|| self.destroy_once(power_off)).await
     }
 

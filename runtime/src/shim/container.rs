@@ -20,6 +20,9 @@ use crate::pod::share::{cleanup_container, container_dir, guest_paths, share_roo
 use crate::pod::spec::{self, SpecError};
 use crate::pod::Pod;
 
+/// The protobuf package of the cgroup v2 metrics a Stats reply holds (`cgroups/v2/metrics.proto`).
+pub const METRICS_PACKAGE: &str = "io.containerd.cgroups.v2";
+
 /// The annotation CRI puts on a pod's containers: `sandbox` for the pause container.
 pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
 

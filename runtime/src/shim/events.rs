@@ -1,12 +1,23 @@
 //! Events to containerd (task created, started, exited, OOM, ...), published in order by one
-//! task through containerd's ttrpc publisher; and the watchers that turn what happens in the
-//! pod (a process exits, the VM dies, the guest OOM-kills) into them.
+//! task through containerd's ttrpc event service; and the watchers that turn what happens in
+//! the pod (a process exits, the VM dies, the guest OOM-kills) into them.
+//!
+//! Why not containerd-shim's `RemotePublisher`: it names each event's type through protobuf
+//! reflection, which parses the descriptors of the event's .proto file and of everything it
+//! imports (descriptor.proto with its comments) on the first event: half a MiB of heap kept by
+//! every shim for as long as its pod runs. An event's type is its package and message name,
+//! known when the shim is compiled (`to_any`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use containerd_shim_protos::events::task as ev;
-use containerd_shim_protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::protobuf::{Message, MessageField};
+use containerd_shim_protos::shim::event::Envelope;
+use containerd_shim_protos::shim::events::ForwardRequest;
+use containerd_shim_protos::shim_async::{Client, EventsClient};
 use containerd_shim_protos::topics;
 use tokio::sync::mpsc;
 
@@ -14,10 +25,61 @@ use super::container::{Containers, Exit};
 use super::io::ProcessIo;
 use crate::pod::Pod;
 
+/// The protobuf package of containerd's task events (`events/task.proto`).
+pub const EVENTS_PACKAGE: &str = "containerd.events";
+
+/// `message` as an `Any` of type `<package>.<message name>`, the name containerd's typeurl
+/// registry knows it by.
+pub fn to_any<M: Message>(package: &str, message: &M) -> Result<Any, containerd_shim_protos::protobuf::Error> {
+    Ok(Any { type_url: format!("{package}.{}", M::NAME), value: message.write_to_bytes()?, ..Default::default() })
+}
+
+/// How often an event is tried before it is dropped (and logged), a second more between each.
+const ATTEMPTS: u64 = 4;
+
 /// Events to containerd, sent in order by one task.
 #[derive(Clone)]
 pub struct Events {
-    tx: Option<mpsc::Sender<(&'static str, Box<dyn MessageDyn>)>>,
+    tx: Option<mpsc::Sender<(&'static str, Any)>>,
+}
+
+/// A ttrpc client of containerd's event service, connected again when a call fails.
+struct Publisher {
+    address: String,
+    client: Option<EventsClient>,
+}
+
+impl Publisher {
+    async fn connect(&mut self) -> std::io::Result<&EventsClient> {
+        if self.client.is_none() {
+            let path = self.address.strip_prefix("unix://").unwrap_or(&self.address).to_string();
+            let stream = tokio::net::UnixStream::connect(&path).await?;
+            let client = Client::new(containerd_shim_protos::ttrpc::r#async::transport::Socket::from(stream));
+            self.client = Some(EventsClient::new(client));
+        }
+        Ok(self.client.as_ref().expect("connected above"))
+    }
+
+    async fn forward(&mut self, namespace: &str, topic: &'static str, event: Any) {
+        let now = Timestamp::now();
+        let envelope = Envelope { timestamp: MessageField::some(now), namespace: namespace.into(), topic: topic.into(), event: MessageField::some(event), ..Default::default() };
+        let req = ForwardRequest { envelope: MessageField::some(envelope), ..Default::default() };
+        for attempt in 1..=ATTEMPTS {
+            let error = match self.connect().await {
+                Ok(client) => match client.forward(containerd_shim_protos::ttrpc::context::Context::default(), &req).await {
+                    Ok(_) => return,
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            self.client = None;
+            tracing::warn!(topic, attempt, error, "cannot publish an event");
+            if attempt < ATTEMPTS {
+                tokio::time::sleep(Duration::from_secs(attempt)).await;
+            }
+        }
+        tracing::error!(topic, attempts = ATTEMPTS, "event dropped: containerd's event service did not take it");
+    }
 }
 
 impl Events {
@@ -26,28 +88,29 @@ impl Events {
             tracing::warn!("TTRPC_ADDRESS is not set: events are not published");
             return Events { tx: None };
         }
-        let publisher = match containerd_shim::publisher::RemotePublisher::new(ttrpc_address).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(error = %e, address = ttrpc_address, "cannot connect the event publisher");
-                return Events { tx: None };
-            }
-        };
-        let (tx, mut rx) = mpsc::channel::<(&'static str, Box<dyn MessageDyn>)>(256);
+        let mut publisher = Publisher { address: ttrpc_address.into(), client: None };
+        if let Err(e) = publisher.connect().await {
+            tracing::error!(error = %e, address = ttrpc_address, "cannot connect the event publisher");
+            return Events { tx: None };
+        }
+        let (tx, mut rx) = mpsc::channel::<(&'static str, Any)>(256);
         let ns = namespace.to_string();
         tokio::spawn(async move {
             while let Some((topic, event)) = rx.recv().await {
-                if let Err(e) = publisher.publish(containerd_shim::Context::default(), topic, &ns, event).await {
-                    tracing::warn!(topic, error = %e, "cannot publish an event");
-                }
+                publisher.forward(&ns, topic, event).await;
             }
         });
         Events { tx: Some(tx) }
     }
 
-    pub async fn send(&self, topic: &'static str, event: Box<dyn MessageDyn>) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send((topic, event)).await;
+    /// Queues a task event (a message of `events/task.proto`) for containerd.
+    pub async fn send<M: Message>(&self, topic: &'static str, event: M) {
+        let Some(tx) = &self.tx else { return };
+        match to_any(EVENTS_PACKAGE, &event) {
+            Ok(any) => {
+                let _ = tx.send((topic, any)).await;
+            }
+            Err(e) => tracing::error!(topic, error = %e, "cannot encode an event"),
         }
     }
 }
@@ -62,7 +125,7 @@ pub async fn publish_exit(events: &Events, id: &str, exec_id: &str, pid: u32, ex
         exited_at: MessageField::some(exit.timestamp()),
         ..Default::default()
     };
-    events.send(topics::TASK_EXIT_EVENT_TOPIC, Box::new(e)).await;
+    events.send(topics::TASK_EXIT_EVENT_TOPIC, e).await;
 }
 
 /// The least time between two OOM events the shim takes from the guest.
@@ -80,7 +143,11 @@ pub fn watch_pod(pod: Arc<Pod>, containers: Containers, events: Events) {
             return;
         };
         let exits = containers.exit_all(255);
-        tracing::error!(sandbox_id = %pod.id, status = %why, processes = exits.len(), "the pod VM exited");
+        if pod.ending() {
+            tracing::info!(sandbox_id = %pod.id, status = %why, processes = exits.len(), "the pod VM exited, as asked");
+        } else {
+            tracing::error!(sandbox_id = %pod.id, status = %why, processes = exits.len(), "the pod VM exited");
+        }
         // Why a pod's VM died is the first question about it; the counter goes with the cgroup.
         if let Some(kills) = pod.oom_kills().filter(|&n| n > 0) {
             tracing::error!(sandbox_id = %pod.id, oom_kills = kills, "the pod's cgroup hit its memory limit and the host's OOM killer killed pod VM processes");
@@ -99,7 +166,7 @@ pub fn watch_pod(pod: Arc<Pod>, containers: Containers, events: Events) {
                 Ok(container_id) => {
                     if oom_containers.contains(&container_id) {
                         tracing::info!(sandbox_id = %pod.id, container_id = %container_id, "OOM kill");
-                        oom_events.send(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev::TaskOOM { container_id, ..Default::default() })).await;
+                        oom_events.send(topics::TASK_OOM_EVENT_TOPIC, ev::TaskOOM { container_id, ..Default::default() }).await;
                     } else {
                         foreign += 1;
                         if foreign.is_power_of_two() {
@@ -140,4 +207,35 @@ pub fn watch_process(pod: Arc<Pod>, containers: Containers, events: Events, id: 
             publish_exit(&events, &id, &exec_id, pod.vmm_pid, exit).await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_shim_protos::cgroups_v2::metrics::Metrics;
+    use containerd_shim_protos::protobuf::MessageFull;
+
+    fn named_as_reflection_names<M: MessageFull + Default>(package: &str) {
+        let any = to_any(package, &M::default()).unwrap();
+        assert_eq!(any.type_url, M::descriptor().full_name(), "the type containerd decodes the Any as");
+    }
+
+    /// Every message the shim sends in an Any carries the type name protobuf's reflection
+    /// gives it, which containerd's typeurl registry maps back to the type.
+    #[test]
+    fn events_and_metrics_are_named_by_their_full_protobuf_names() {
+        named_as_reflection_names::<ev::TaskCreate>(EVENTS_PACKAGE);
+        named_as_reflection_names::<ev::TaskStart>(EVENTS_PACKAGE);
+        named_as_reflection_names::<ev::TaskExit>(EVENTS_PACKAGE);
+        named_as_reflection_names::<ev::TaskOOM>(EVENTS_PACKAGE);
+        named_as_reflection_names::<ev::TaskDelete>(EVENTS_PACKAGE);
+        named_as_reflection_names::<ev::TaskExecAdded>(EVENTS_PACKAGE);
+        named_as_reflection_names::<ev::TaskExecStarted>(EVENTS_PACKAGE);
+        named_as_reflection_names::<ev::TaskPaused>(EVENTS_PACKAGE);
+        named_as_reflection_names::<ev::TaskResumed>(EVENTS_PACKAGE);
+        named_as_reflection_names::<Metrics>(crate::shim::container::METRICS_PACKAGE);
+        let exit = ev::TaskExit { container_id: "c".into(), exit_status: 3, ..Default::default() };
+        let any = to_any(EVENTS_PACKAGE, &exit).unwrap();
+        assert_eq!(ev::TaskExit::parse_from_bytes(&any.value).unwrap(), exit);
+    }
 }

@@ -109,6 +109,13 @@ fn serve(flags: Flags) -> Result<(), ShimError> {
     let config = crate::config::Config::load(None);
     let level = config.as_ref().map(|c| c.log_level.clone()).unwrap_or_else(|_| "info".into());
     init_logging(&level, flags.debug);
+    // One malloc arena: glibc gives each thread that allocates an arena of its own, and with the
+    // runtime's threads, the blocking pool and the network-namespace thread a pod's shim kept
+    // four, each a partly used heap. A shim allocates little and seldom; one lock is no cost.
+    // SAFETY: mallopt changes allocator settings only; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     // Before the runtime's threads: each inherits it.
     seccomp::install().map_err(ShimError::Seccomp)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

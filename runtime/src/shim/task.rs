@@ -181,7 +181,7 @@ impl Task for TaskService {
             pid,
             ..Default::default()
         };
-        self.events.send(topics::TASK_CREATE_EVENT_TOPIC, Box::new(e)).await;
+        self.events.send(topics::TASK_CREATE_EVENT_TOPIC, e).await;
         Ok(api::CreateTaskResponse { pid, ..Default::default() })
     }
 
@@ -213,10 +213,10 @@ impl Task for TaskService {
         }
         tracing::info!(sandbox_id = %pod.id, container_id = %req.id, exec_id = %req.exec_id, "process started");
         if req.exec_id.is_empty() {
-            self.events.send(topics::TASK_START_EVENT_TOPIC, Box::new(ev::TaskStart { container_id: req.id.clone(), pid, ..Default::default() })).await;
+            self.events.send(topics::TASK_START_EVENT_TOPIC, ev::TaskStart { container_id: req.id.clone(), pid, ..Default::default() }).await;
         } else {
             let e = ev::TaskExecStarted { container_id: req.id.clone(), exec_id: req.exec_id.clone(), pid, ..Default::default() };
-            self.events.send(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(e)).await;
+            self.events.send(topics::TASK_EXEC_STARTED_EVENT_TOPIC, e).await;
         }
         Ok(api::StartResponse { pid, ..Default::default() })
     }
@@ -316,7 +316,7 @@ impl Task for TaskService {
         let exit = exit.unwrap_or_else(|| Exit::now(0));
         tracing::info!(sandbox_id = %pod.id, container_id = %req.id, exit_status = exit.code, "container deleted");
         let e = ev::TaskDelete { container_id: req.id.clone(), id: req.id.clone(), pid, exit_status: exit.code, exited_at: MessageField::some(exit.timestamp()), ..Default::default() };
-        self.events.send(topics::TASK_DELETE_EVENT_TOPIC, Box::new(e)).await;
+        self.events.send(topics::TASK_DELETE_EVENT_TOPIC, e).await;
         Ok(response(exit))
     }
 
@@ -342,7 +342,7 @@ impl Task for TaskService {
             Ok(())
         })??;
         let e = ev::TaskExecAdded { container_id: req.id.clone(), exec_id: req.exec_id.clone(), ..Default::default() };
-        self.events.send(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(e)).await;
+        self.events.send(topics::TASK_EXEC_ADDED_EVENT_TOPIC, e).await;
         Ok(api::Empty::new())
     }
 
@@ -355,13 +355,13 @@ impl Task for TaskService {
 
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         self.freeze(&req.id, true).await?;
-        self.events.send(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(ev::TaskPaused { container_id: req.id.clone(), ..Default::default() })).await;
+        self.events.send(topics::TASK_PAUSED_EVENT_TOPIC, ev::TaskPaused { container_id: req.id.clone(), ..Default::default() }).await;
         Ok(api::Empty::new())
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
         self.freeze(&req.id, false).await?;
-        self.events.send(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(ev::TaskResumed { container_id: req.id.clone(), ..Default::default() })).await;
+        self.events.send(topics::TASK_RESUMED_EVENT_TOPIC, ev::TaskResumed { container_id: req.id.clone(), ..Default::default() }).await;
         Ok(api::Empty::new())
     }
 
@@ -395,7 +395,7 @@ impl Task for TaskService {
     async fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
         let kind = self.containers.kind(&req.id)?;
         let metrics = kind.metrics(&*self.pod()?, &req.id).await?;
-        let any = containerd_shim::util::convert_to_any(Box::new(metrics)).map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+        let any = super::events::to_any(super::container::METRICS_PACKAGE, &metrics).map_err(|e| status(Code::INTERNAL, e.to_string()))?;
         Ok(api::StatsResponse { stats: MessageField::some(any), ..Default::default() })
     }
 
