@@ -15,6 +15,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 const NLMSG_HEADER: usize = 16;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
+/// Types below this are netlink's own (noop, error, done, overrun), never a dump's entries.
+const NLMSG_MIN_TYPE: u16 = 0x10;
+/// Set on a dump's messages when the table changed while it was being dumped.
+const NLM_F_DUMP_INTR: u16 = 0x10;
+/// How often a dump the kernel says was interrupted is started again.
+const DUMP_ATTEMPTS: usize = 3;
 
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
@@ -200,11 +206,13 @@ impl Request {
         self
     }
 
-    fn finish(mut self, seq: u32) -> Vec<u8> {
-        let len = self.buf.len() as u32;
-        self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
-        self.buf[8..12].copy_from_slice(&seq.to_ne_bytes());
-        self.buf
+    /// The request's bytes, with its length and sequence number.
+    fn finish(&self, seq: u32) -> Vec<u8> {
+        let mut buf = self.buf.clone();
+        let len = buf.len() as u32;
+        buf[0..4].copy_from_slice(&len.to_ne_bytes());
+        buf[8..12].copy_from_slice(&seq.to_ne_bytes());
+        buf
     }
 }
 
@@ -285,7 +293,7 @@ impl Netlink {
         }
         // SAFETY: fd is a fresh descriptor nothing else owns.
         let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-        // The kernel answers at once; a second is far more than a request takes.
+        // The kernel answers at once; five seconds is far more than a request takes.
         let timeout = libc::timeval { tv_sec: 5, tv_usec: 0 };
         // SAFETY: sockaddr_nl is plain data, valid as zero bytes; both calls read the structs
         // passed with their sizes, which outlive the calls.
@@ -302,44 +310,71 @@ impl Netlink {
     }
 
     /// Sends `req` and collects the payloads of the answer's messages (a dump's entries) until
-    /// the kernel's acknowledgement or the dump's end.
+    /// the kernel's acknowledgement or the dump's end. A dump the kernel marks as interrupted
+    /// (the table changed meanwhile) is asked for again.
     fn exchange(&mut self, request: &'static str, req: Request) -> Result<Vec<Vec<u8>>, NetlinkError> {
+        let mut attempt = 1;
+        loop {
+            let (out, interrupted) = self.exchange_once(request, &req)?;
+            if !interrupted || attempt == DUMP_ATTEMPTS {
+                return Ok(out);
+            }
+            attempt += 1;
+        }
+    }
+
+    fn exchange_once(&mut self, request: &'static str, req: &Request) -> Result<(Vec<Vec<u8>>, bool), NetlinkError> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let bytes = req.finish(seq);
         let io_err = |source| NetlinkError::Io { request, source };
+        // A signal interrupts a call on a socket with a timeout even under SA_RESTART.
+        let retry = |f: &mut dyn FnMut() -> isize| loop {
+            let n = f();
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
         // SAFETY: send reads `bytes.len()` bytes of `bytes`, which outlives the call.
-        if unsafe { libc::send(self.socket.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) } < 0 {
-            return Err(io_err(io::Error::last_os_error()));
-        }
-        let mut out = Vec::new();
+        retry(&mut || unsafe { libc::send(self.socket.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) }).map_err(io_err)?;
+        let (mut out, mut interrupted) = (Vec::new(), false);
         let mut buf = vec![0u8; 64 << 10];
         loop {
             // SAFETY: recv writes at most `buf.len()` bytes into `buf`, which outlives the call.
-            let n = unsafe { libc::recv(self.socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io_err(io::Error::last_os_error()));
-            }
-            let mut rest = &buf[..n as usize];
+            let n = retry(&mut || unsafe { libc::recv(self.socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) }).map_err(io_err)?;
+            let mut rest = &buf[..n];
             while rest.len() >= NLMSG_HEADER {
                 let malformed = NetlinkError::Malformed { request };
                 let len = u32_of(rest).ok_or(NetlinkError::Malformed { request })? as usize;
                 let Some(message) = rest.get(..len).filter(|_| len >= NLMSG_HEADER) else { return Err(malformed) };
                 rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
                 let kind = u16::from_ne_bytes([message[4], message[5]]);
+                let flags = u16::from_ne_bytes([message[6], message[7]]);
                 if u32_of(&message[8..]) != Some(seq) {
                     continue;
                 }
+                interrupted |= flags & NLM_F_DUMP_INTR != 0;
                 let payload = &message[NLMSG_HEADER..];
+                // An error message carries a negative errno (0: the acknowledgement); a dump's
+                // end may carry one too, when the dump failed part-way.
+                let refused = |errno: i32| NetlinkError::Refused { request, source: io::Error::from_raw_os_error(errno.wrapping_neg()) };
                 match kind {
-                    NLMSG_DONE => return Ok(out),
+                    NLMSG_DONE => match u32_of(payload).map(|e| e as i32) {
+                        Some(errno) if errno < 0 => return Err(refused(errno)),
+                        _ => return Ok((out, interrupted)),
+                    },
                     NLMSG_ERROR => {
                         let errno = u32_of(payload).ok_or(malformed)? as i32;
                         if errno == 0 {
-                            return Ok(out);
+                            return Ok((out, interrupted));
                         }
-                        return Err(NetlinkError::Refused { request, source: io::Error::from_raw_os_error(-errno) });
+                        return Err(refused(errno));
                     }
+                    k if k < NLMSG_MIN_TYPE => {}
                     _ => out.push(payload.to_vec()),
                 }
             }

@@ -34,18 +34,29 @@ pub fn to_any<M: Message>(package: &str, message: &M) -> Result<Any, containerd_
     Ok(Any { type_url: format!("{package}.{}", M::NAME), value: message.write_to_bytes()?, ..Default::default() })
 }
 
-/// How often an event is tried before it is dropped (and logged), a second more between each.
-const ATTEMPTS: u64 = 4;
+/// How often an event is tried before it is dropped (and logged), a second more between each:
+/// about 15 s in all, as containerd-shim's publisher gives a containerd that restarts.
+const ATTEMPTS: u64 = 6;
+/// How long containerd gets to take one event.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Events to containerd, sent in order by one task.
 #[derive(Clone)]
 pub struct Events {
-    tx: Option<mpsc::Sender<(&'static str, Any)>>,
+    tx: Option<mpsc::Sender<Queued>>,
 }
 
-/// A ttrpc client of containerd's event service, connected again when a call fails.
+/// An event with the time it happened.
+struct Queued {
+    topic: &'static str,
+    at: Timestamp,
+    event: Any,
+}
+
+/// A ttrpc client of containerd's event service, connected (again) when needed.
 struct Publisher {
     address: String,
+    namespace: String,
     client: Option<EventsClient>,
 }
 
@@ -60,15 +71,22 @@ impl Publisher {
         Ok(self.client.as_ref().expect("connected above"))
     }
 
-    async fn forward(&mut self, namespace: &str, topic: &'static str, event: Any) {
-        let now = Timestamp::now();
-        let envelope = Envelope { timestamp: MessageField::some(now), namespace: namespace.into(), topic: topic.into(), event: MessageField::some(event), ..Default::default() };
+    /// Forwards one event. What containerd refuses is dropped at once; a connection that fails
+    /// or a containerd that does not answer is tried again, on a new connection.
+    async fn forward(&mut self, queued: Queued) {
+        let Queued { topic, at, event } = queued;
+        let envelope = Envelope { timestamp: MessageField::some(at), namespace: self.namespace.clone(), topic: topic.into(), event: MessageField::some(event), ..Default::default() };
         let req = ForwardRequest { envelope: MessageField::some(envelope), ..Default::default() };
         for attempt in 1..=ATTEMPTS {
             let error = match self.connect().await {
-                Ok(client) => match client.forward(containerd_shim_protos::ttrpc::context::Context::default(), &req).await {
-                    Ok(_) => return,
-                    Err(e) => e.to_string(),
+                Ok(client) => match tokio::time::timeout(FORWARD_TIMEOUT, client.forward(containerd_shim_protos::ttrpc::context::Context::default(), &req)).await {
+                    Ok(Ok(_)) => return,
+                    Ok(Err(containerd_shim_protos::ttrpc::error::Error::RpcStatus(status))) => {
+                        tracing::error!(topic, code = ?status.code(), message = status.message(), "containerd refused an event: dropped");
+                        return;
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no answer within {} s", FORWARD_TIMEOUT.as_secs()),
                 },
                 Err(e) => e.to_string(),
             };
@@ -88,27 +106,26 @@ impl Events {
             tracing::warn!("TTRPC_ADDRESS is not set: events are not published");
             return Events { tx: None };
         }
-        let mut publisher = Publisher { address: ttrpc_address.into(), client: None };
+        let mut publisher = Publisher { address: ttrpc_address.into(), namespace: namespace.into(), client: None };
         if let Err(e) = publisher.connect().await {
-            tracing::error!(error = %e, address = ttrpc_address, "cannot connect the event publisher");
-            return Events { tx: None };
+            // Connected again for the first event.
+            tracing::warn!(error = %e, address = ttrpc_address, "cannot connect the event publisher yet");
         }
-        let (tx, mut rx) = mpsc::channel::<(&'static str, Any)>(256);
-        let ns = namespace.to_string();
+        let (tx, mut rx) = mpsc::channel::<Queued>(256);
         tokio::spawn(async move {
-            while let Some((topic, event)) = rx.recv().await {
-                publisher.forward(&ns, topic, event).await;
+            while let Some(queued) = rx.recv().await {
+                publisher.forward(queued).await;
             }
         });
         Events { tx: Some(tx) }
     }
 
-    /// Queues a task event (a message of `events/task.proto`) for containerd.
+    /// Queues a task event (a message of `events/task.proto`) for containerd, stamped now.
     pub async fn send<M: Message>(&self, topic: &'static str, event: M) {
         let Some(tx) = &self.tx else { return };
         match to_any(EVENTS_PACKAGE, &event) {
-            Ok(any) => {
-                let _ = tx.send((topic, any)).await;
+            Ok(event) => {
+                let _ = tx.send(Queued { topic, at: Timestamp::now(), event }).await;
             }
             Err(e) => tracing::error!(topic, error = %e, "cannot encode an event"),
         }
