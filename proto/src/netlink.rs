@@ -111,6 +111,8 @@ pub struct Link {
     pub mac: Vec<u8>,
     pub mtu: u32,
     pub loopback: bool,
+    /// Administratively up (IFF_UP).
+    pub up: bool,
 }
 
 /// An address of an interface: its own (IFA_LOCAL where the kernel gives one).
@@ -390,7 +392,8 @@ impl Netlink {
             let Some(fixed) = m.get(..16) else { return Err(NetlinkError::Malformed { request: REQUEST }) };
             let kind = u16::from_ne_bytes([fixed[2], fixed[3]]);
             let index = u32_of(&fixed[4..]).unwrap_or_default();
-            let mut link = Link { index, name: String::new(), mac: Vec::new(), mtu: 1500, loopback: kind == ARPHRD_LOOPBACK };
+            let up = u32_of(&fixed[8..]).unwrap_or_default() & libc::IFF_UP as u32 != 0;
+            let mut link = Link { index, name: String::new(), mac: Vec::new(), mtu: 1500, loopback: kind == ARPHRD_LOOPBACK, up };
             for (a, data) in Attrs(&m[16..]) {
                 match a {
                     IFLA_IFNAME => link.name = String::from_utf8_lossy(data.split(|&b| b == 0).next().unwrap_or_default()).into_owned(),
@@ -601,10 +604,12 @@ mod tests {
             assert!(!a.loopback);
             assert_eq!(a.mac.len(), 6, "a tap is an Ethernet device");
             assert_eq!(a.mtu, 1500);
+            assert!(!a.up, "a new tap is down");
 
             nl.set_link(a.index, &LinkChange { mtu: Some(1400), up: Some(true), ..Default::default() }).unwrap();
             let a2 = nl.links().unwrap().into_iter().find(|l| l.index == a.index).unwrap();
             assert_eq!(a2.mtu, 1400);
+            assert!(a2.up);
             nl.set_link(b.index, &LinkChange { name: Some("renamed0"), ..Default::default() }).unwrap();
             assert!(nl.links().unwrap().iter().any(|l| l.index == b.index && l.name == "renamed0"));
 

@@ -116,10 +116,26 @@ fn setup_refuses_two_interfaces_and_leaves_nothing() {
     require_prerequisites!();
     let ns = CniLikeNetns::new("b");
     ns.ip("link add eth1 type veth peer name eth9");
+    ns.ip("link set eth1 up");
     let e = network::setup(&ns.path()).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(e.contains("one network interface") && e.contains("eth0") && e.contains("eth1"), "{e}");
     assert!(!ns.ip("link show").contains(TAP_NAME));
     assert!(!ns.tc("qdisc show").contains("ingress"));
+}
+
+/// A link that is down is not the pod's interface: the kernel's fallback tunnels (tunl0 and
+/// the like, in every namespace while their module is loaded) are down, CNI's interface is up.
+#[test]
+fn links_that_are_down_are_not_the_pods_interface() {
+    require_prerequisites!();
+    let ns = CniLikeNetns::new("d");
+    ns.ip("link add eth1 type veth peer name eth9");
+    let net = network::setup(&ns.path()).expect("setup").expect("the pod's interface");
+    assert_eq!(net.interface.name, "eth0");
+    assert!(ns.tc("filter show dev eth0 ingress").contains("mirred"));
+    assert!(!ns.tc("qdisc show dev eth1").contains("ingress"), "the down link is left alone");
+    drop(net);
+    network::teardown(&ns.path()).expect("teardown");
 }
 
 #[test]

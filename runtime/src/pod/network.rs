@@ -95,9 +95,12 @@ fn in_netns<T: Send + 'static>(netns: &Path, f: impl FnOnce(&mut Netlink) -> Res
     on_thread_in(netns, move || f(&mut Netlink::open()?))?
 }
 
-/// The one interface CNI made (the tap of an earlier, crashed run does not count).
+/// The one interface CNI made and brought up. Not counted: the tap of an earlier, crashed run,
+/// and links that are down, such as the fallback tunnels (tunl0, sit0, gre0, ...) the kernel
+/// puts in every new namespace while their module is loaded (an IPIP network has tunl0 in
+/// every pod).
 fn pod_link(nl: &mut Netlink) -> Result<Option<Link>, NetworkError> {
-    let mut found: Vec<Link> = nl.links()?.into_iter().filter(|l| !l.loopback && l.name != TAP_NAME).collect();
+    let mut found: Vec<Link> = nl.links()?.into_iter().filter(|l| !l.loopback && l.up && l.name != TAP_NAME).collect();
     match found.len() {
         0 => Ok(None),
         1 => Ok(found.pop()),
