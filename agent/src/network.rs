@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use hull_proto::agent::{Interface, Route};
 use hull_proto::mac::Mac;
-use hull_proto::netlink::{LinkChange, NetlinkError as Netlink, NewRoute};
+use hull_proto::netlink::{LinkChange, Netlink, NetlinkError, NewRoute};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
     #[error("In the guest: {0}")]
-    Netlink(#[from] Netlink),
+    Netlink(#[from] NetlinkError),
     #[error("The interface {name} has an invalid MAC address {mac:?}.")]
     BadMac { name: String, mac: String, source: hull_proto::mac::MacError },
     #[error("No guest NIC has the MAC address {mac} of the pod's interface {name} (the VM was started without it?).")]
@@ -27,7 +27,7 @@ pub enum NetworkError {
     #[error("The route {route:?} is not valid: {why}.")]
     BadRoute { route: String, why: String },
     #[error("Cannot configure {what}: {source}.")]
-    Apply { what: String, source: Netlink },
+    Apply { what: String, source: NetlinkError },
     #[error("Interfaces can only be configured by an agent that is the VM's init, not on a host.")]
     NotInit,
 }
@@ -86,24 +86,24 @@ pub fn validate(interfaces: &[Interface], routes: &[Route]) -> Result<(), Networ
 /// Applies the pod's network in the agent's network namespace (the VM's).
 pub async fn apply(interfaces: &[Interface], routes: &[Route]) -> Result<(), NetworkError> {
     validate(interfaces, routes)?;
-    let mut nl = hull_proto::netlink::Netlink::open()?;
+    let mut nl = Netlink::open()?;
     apply_with(&mut nl, interfaces, routes).await
 }
 
 /// Sets `lo` up in the caller's network namespace (a sandbox's own on a host, the VM's).
 pub fn loopback_up() -> Result<(), NetworkError> {
-    lo_up(&mut hull_proto::netlink::Netlink::open()?)
+    lo_up(&mut Netlink::open()?)
 }
 
-fn lo_up(nl: &mut hull_proto::netlink::Netlink) -> Result<(), NetworkError> {
+fn lo_up(nl: &mut Netlink) -> Result<(), NetworkError> {
     if let Some(lo) = nl.links()?.iter().find(|l| l.name == "lo") {
         nl.set_link(lo.index, &LinkChange { up: Some(true), ..Default::default() }).map_err(|source| NetworkError::Apply { what: "lo".into(), source })?;
     }
     Ok(())
 }
 
-async fn apply_with(nl: &mut hull_proto::netlink::Netlink, interfaces: &[Interface], routes: &[Route]) -> Result<(), NetworkError> {
-    let apply_err = |what: String| move |source: Netlink| NetworkError::Apply { what, source };
+async fn apply_with(nl: &mut Netlink, interfaces: &[Interface], routes: &[Route]) -> Result<(), NetworkError> {
+    let apply_err = |what: String| move |source: NetlinkError| NetworkError::Apply { what, source };
     lo_up(nl)?;
     let mut index_of = std::collections::HashMap::new();
     for i in interfaces {
@@ -143,7 +143,7 @@ async fn apply_with(nl: &mut hull_proto::netlink::Netlink, interfaces: &[Interfa
 
 /// The index of the NIC with `mac`. virtio-net is probed before init runs, but allow a moment
 /// for a slow probe.
-async fn nic_with_mac(nl: &mut hull_proto::netlink::Netlink, mac: &[u8]) -> Result<Option<u32>, NetworkError> {
+async fn nic_with_mac(nl: &mut Netlink, mac: &[u8]) -> Result<Option<u32>, NetworkError> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         if let Some(l) = nl.links()?.iter().find(|l| l.mac == mac) {
