@@ -4,6 +4,7 @@
 //! state   -> running | paused | ended
 //! pause   -> ok (was: running)      resume -> ok (was: paused)
 //! stop    -> ok                     anything else -> error: unknown request "..."
+//! snapshot DIR -> ok (N bytes of memory) | error: ...   (the VM must be paused; it stays so)
 //! ```
 //! `hull-vmm ctl --api-socket PATH <request>` is the client.
 
@@ -21,6 +22,8 @@ pub enum ApiError {
     Connect { path: std::path::PathBuf, source: std::io::Error },
     #[error("The VMM answered: {0}")]
     Refused(String),
+    #[error("The VMM at {0:?} closed the connection without answering (did it exit?).")]
+    NoAnswer(std::path::PathBuf),
 }
 
 /// The answer to one request line.
@@ -33,7 +36,13 @@ pub fn answer(controller: &Controller, request: &str) -> String {
             controller.stop();
             "ok".to_string()
         }
-        other => format!("error: unknown request {other:?} (state, pause, resume, stop)"),
+        other => match other.strip_prefix("snapshot ") {
+            Some(dir) if !dir.trim().is_empty() => match controller.snapshot(Path::new(dir.trim())) {
+                Ok(saved) => format!("ok ({} bytes of memory, {} bytes of state)", saved.memory_bytes, saved.state_bytes),
+                Err(e) => format!("error: {e}"),
+            },
+            _ => format!("error: unknown request {other:?} (state, pause, resume, stop, snapshot DIR)"),
+        },
     }
 }
 
@@ -47,8 +56,8 @@ pub fn serve(listener: UnixListener, controller: Controller) {
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
         let mut line = String::new();
-        // Requests are a word; a client sending more gets what fits in 256 bytes.
-        let mut reader = BufReader::new(std::io::Read::take(&mut conn, 256));
+        // Requests are a word and perhaps a path; a client sending more gets what fits in 4 KiB.
+        let mut reader = BufReader::new(std::io::Read::take(&mut conn, 4096));
         if reader.read_line(&mut line).is_err() {
             continue;
         }
@@ -66,6 +75,9 @@ pub fn request(path: &Path, what: &str) -> Result<String, ApiError> {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).map_err(connect)?;
     let line = line.trim().to_string();
+    if line.is_empty() {
+        return Err(ApiError::NoAnswer(path.into()));
+    }
     if line.starts_with("error:") {
         return Err(ApiError::Refused(line));
     }

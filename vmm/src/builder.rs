@@ -20,7 +20,9 @@ use crate::arch::x86_64::{self as arch, layout};
 use crate::device_manager::{self, AttachError};
 use crate::devices::legacy::PioBus;
 use crate::devices::MmioBus;
+use crate::devices::virtio::mmio::lock;
 use crate::running_vm::{self, RunningVm};
+use crate::snapshot::{self, Machine, MachineState};
 use crate::vstate::control::VcpuControl;
 use crate::vstate::memory::IntoFreshMemory;
 use crate::vstate::vcpu::{Vcpu, VcpuError, VmExit};
@@ -59,6 +61,8 @@ pub enum BootError {
     KickHandler(#[source] vmm_sys_util::errno::Error),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("Cannot restore the VM: {0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// Loads the kernel; returns the 64-bit entry, the bzImage setup header if there is one, and
@@ -108,38 +112,72 @@ pub fn run(config: VmConfig) -> Result<VmExit, BootError> {
     Ok(start(config)?.wait()?)
 }
 
-/// Builds the VM and starts its vCPUs.
+/// Builds the VM and starts its vCPUs: booted from its kernel, or restored from the snapshot
+/// `config.restore` names (made from a VM of the same memory, vCPUs and devices).
 pub fn start(config: VmConfig) -> Result<RunningVm, BootError> {
     let started = Instant::now();
     if config.vcpus == 0 || config.vcpus == 255 {
         return Err(BootError::Vcpus(config.vcpus));
     }
     let filters = if config.seccomp { Some(crate::seccomp::VmFilters::new(config.thread_user)?) } else { None };
-    let memory = crate::vstate::memory::create(config.memory_mib)?;
-    let vm = Vm::new(memory)?;
-
-    let (entry, setup_header, kernel_end) = load_kernel(&vm, &config.kernel)?;
-    let mut mmio = MmioBus::default();
-    let announce = device_manager::attach_virtio_devices(&vm, &config.devices, &mut mmio, filters.as_ref().map(|f| &f.device))?;
-    let cmdline_len = load_kernel_cmdline(&vm, &config.cmdline, &announce)?;
-    let initramfs = match &config.initramfs {
-        Some(path) => Some(load_initramfs(&vm, path, kernel_end)?),
+    let saved = match &config.restore {
+        Some(dir) => {
+            let saved = MachineState::load(dir)?;
+            saved.check(config.memory_mib, config.vcpus, None)?;
+            Some(saved)
+        }
         None => None,
     };
-    arch::configure_system(&vm.memory, setup_header, cmdline_len, initramfs)?;
-    arch::mptable::setup(&vm.memory, config.vcpus)?;
+    let memory = match &config.restore {
+        Some(dir) => snapshot::restore_memory(dir, config.memory_mib)?,
+        None => crate::vstate::memory::create(config.memory_mib)?,
+    };
+    let vm = Vm::new(memory)?;
+
+    let mut mmio = MmioBus::default();
+    let entry = match &saved {
+        None => {
+            let (entry, setup_header, kernel_end) = load_kernel(&vm, &config.kernel)?;
+            let announce = device_manager::attach_virtio_devices(&vm, &config.devices, &mut mmio, filters.as_ref().map(|f| &f.device))?;
+            let cmdline_len = load_kernel_cmdline(&vm, &config.cmdline, &announce)?;
+            let initramfs = match &config.initramfs {
+                Some(path) => Some(load_initramfs(&vm, path, kernel_end)?),
+                None => None,
+            };
+            arch::configure_system(&vm.memory, setup_header, cmdline_len, initramfs)?;
+            arch::mptable::setup(&vm.memory, config.vcpus)?;
+            Some(entry)
+        }
+        Some(saved) => {
+            // The guest already knows its devices: they are put where it found them.
+            device_manager::attach_virtio_devices(&vm, &config.devices, &mut mmio, filters.as_ref().map(|f| &f.device))?;
+            let names: Vec<String> = mmio.devices().map(|t| lock(t).name().to_string()).collect();
+            saved.check(config.memory_mib, config.vcpus, Some(&names))?;
+            None
+        }
+    };
 
     let mut pio = PioBus::default();
-    device_manager::attach_legacy_devices(&vm, &mut pio, config.console)?;
+    let serial = device_manager::attach_legacy_devices(&vm, &mut pio, config.console, saved.as_ref().map(|s| &s.serial))?;
     let pio = Arc::new(pio);
-    let mmio = Arc::new(mmio);
 
     let mut vcpus = Vec::new();
     for id in 0..config.vcpus {
         let vcpu = Vcpu::new(&vm, id)?;
         vcpu.configure(&vm, entry, config.vcpus)?;
+        if let Some(saved) = &saved {
+            vcpu.restore_state(&saved.vcpus[usize::from(id)], vm.xsave_size)?;
+        }
         vcpus.push(vcpu);
     }
+    if let Some(saved) = &saved {
+        vm.restore_state(&saved.vm)?;
+        for (transport, state) in mmio.devices().zip(&saved.devices) {
+            lock(transport).restore(state).map_err(snapshot::SnapshotError::from)?;
+        }
+    }
+    let mmio = Arc::new(mmio);
+    let vm = Arc::new(vm);
     running_vm::install_kick_handler().map_err(BootError::KickHandler)?;
     let control = Arc::new(VcpuControl::default());
     let (tx, rx) = mpsc::channel();
@@ -147,6 +185,7 @@ pub fn start(config: VmConfig) -> Result<RunningVm, BootError> {
     for mut vcpu in vcpus {
         let (pio, mmio, control, tx) = (pio.clone(), mmio.clone(), control.clone(), tx.clone());
         let filter = filters.as_ref().map(|f| f.vcpu.clone());
+        let (msr_indices, xsave_size) = (vm.msr_indices.clone(), vm.xsave_size);
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id))
             .spawn(move || {
@@ -154,12 +193,15 @@ pub fn start(config: VmConfig) -> Result<RunningVm, BootError> {
                     let _ = tx.send(Err(VcpuError::Seccomp { id: vcpu.id, source }));
                     return;
                 }
-                let r = vcpu.run(&pio, &mmio, &control);
+                let r = vcpu.run(&pio, &mmio, &control, &msr_indices, xsave_size);
                 let _ = tx.send(r);
             })
             .map_err(BootError::Thread)?;
         threads.push(thread);
     }
-    tracing::info!(vcpus = config.vcpus, memory_mib = config.memory_mib, virtio_devices = announce.len(), seccomp = config.seccomp, setup_ms = started.elapsed().as_millis() as u64, "VM running");
-    Ok(RunningVm::new(started, control, threads, (tx, rx), vm, mmio))
+    let machine = Machine { vm: Arc::downgrade(&vm), mmio: mmio.clone(), serial, memory_mib: config.memory_mib, vcpus: usize::from(config.vcpus) };
+    let setup_ms = started.elapsed().as_millis() as u64;
+    let devices = machine.mmio.devices().count();
+    tracing::info!(vcpus = config.vcpus, memory_mib = config.memory_mib, virtio_devices = devices, seccomp = config.seccomp, restored = saved.is_some(), setup_ms, "VM running");
+    Ok(RunningVm::new(started, control, threads, (tx, rx), vm, machine))
 }

@@ -24,6 +24,10 @@ pub struct VmConfig {
     /// With seccomp: the unprivileged uid and gid every thread but the virtio-fs workers takes
     /// before its filter (a hull-vmm that runs as root only to serve a share).
     pub thread_user: Option<(u32, u32)>,
+    /// A snapshot directory (`hull-vmm ctl ... snapshot DIR`) to restore instead of booting:
+    /// the kernel, initramfs and command line are then the snapshot's (in its memory), and the
+    /// rest of this configuration must be the saved VM's but for the devices' identities.
+    pub restore: Option<PathBuf>,
 }
 
 /// The virtio devices of a VM. The guest sees disks first (vda, vdb, ... in this order), then

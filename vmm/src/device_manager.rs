@@ -19,7 +19,7 @@ use crate::arch::x86_64::layout;
 use crate::config::{Devices, DiskConfig, NicConfig, ShareConfig, ShareServer, TapSource, VsockConfig};
 use crate::devices::bus::BusError;
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
-use crate::devices::legacy::serial::{SerialConsole, COM1_BASE, COM1_IRQ};
+use crate::devices::legacy::serial::{SavedSerial, SerialConsole, COM1_BASE, COM1_IRQ};
 use crate::devices::legacy::PioBus;
 use crate::devices::virtio::{self, InterruptLine, MmioTransport, VirtioDevice};
 use crate::devices::MmioBus;
@@ -63,22 +63,31 @@ pub enum AttachError {
     Transport { name: String, source: virtio::mmio::MmioError },
     #[error("Cannot set up the virtio device {name}: {source}.")]
     Bus { name: String, source: BusError },
+    #[error("Cannot restore the serial console's state: {source}.")]
+    SerialState { source: vm_superio::serial::Error<std::io::Error> },
     #[error("A VM can have at most {max} virtio devices; {asked} were asked for.")]
     TooManyDevices { asked: usize, max: usize },
 }
 
-/// The legacy devices on the port bus: COM1 (its output to `console`) and the i8042.
-pub fn attach_legacy_devices(vm: &Vm, pio: &mut PioBus, console: Box<dyn Write + Send>) -> Result<(), AttachError> {
-    attach_serial(vm, pio, console)?;
-    attach_i8042(pio)
+/// The legacy devices on the port bus: COM1 (its output to `console`; its UART the saved one
+/// of a restored VM) and the i8042. Returns COM1, which a snapshot saves.
+pub fn attach_legacy_devices(vm: &Vm, pio: &mut PioBus, console: Box<dyn Write + Send>, saved: Option<&SavedSerial>) -> Result<Arc<Mutex<SerialConsole>>, AttachError> {
+    let com1 = attach_serial(vm, pio, console, saved)?;
+    attach_i8042(pio)?;
+    Ok(com1)
 }
 
 /// COM1, its interrupt an irqfd KVM injects as IRQ 4.
-pub fn attach_serial(vm: &Vm, pio: &mut PioBus, console: Box<dyn Write + Send>) -> Result<(), AttachError> {
+pub fn attach_serial(vm: &Vm, pio: &mut PioBus, console: Box<dyn Write + Send>, saved: Option<&SavedSerial>) -> Result<Arc<Mutex<SerialConsole>>, AttachError> {
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| AttachError::LegacyEventFd { what: "serial interrupt", source })?;
     vm.fd.register_irqfd(&irq, COM1_IRQ).map_err(|source| AttachError::LegacyIrqfd { what: "serial interrupt", source })?;
-    pio.insert(COM1_BASE.into(), 8, Arc::new(Mutex::new(SerialConsole::new(irq, console))))
-        .map_err(|source| AttachError::LegacyBus { what: "serial console", source })
+    let serial = match saved {
+        Some(saved) => SerialConsole::restored(irq, console, saved).map_err(|source| AttachError::SerialState { source })?,
+        None => SerialConsole::new(irq, console),
+    };
+    let com1 = Arc::new(Mutex::new(serial));
+    pio.insert(COM1_BASE.into(), 8, com1.clone()).map_err(|source| AttachError::LegacyBus { what: "serial console", source })?;
+    Ok(com1)
 }
 
 /// The i8042, whose reset line is how the guest reboots.

@@ -3,7 +3,7 @@
 //! `config` says what a VM is made of; `builder` puts one together from it (`arch/` lays out
 //! what the guest expects before its first instruction, `vstate/` holds the KVM VM and vCPUs,
 //! `device_manager` wires the devices) and hands back a `running_vm::RunningVm`, which `api`
-//! controls. Device logic lives in `devices/` and knows nothing of how it is wired: the same
+//! controls; `snapshot` saves a paused VM and is what `builder` restores one from. Device logic lives in `devices/` and knows nothing of how it is wired: the same
 //! devices serve the in-process VMM and, through `vhost_user`'s one generic backend, QEMU.
 
 pub mod api;
@@ -17,6 +17,7 @@ pub mod jail;
 pub mod log_limit;
 pub mod running_vm;
 pub mod seccomp;
+pub mod snapshot;
 #[cfg(test)]
 mod test_sink;
 pub mod vhost_user;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::devices::MmioBus;
+use crate::snapshot::{Machine, Saved, SnapshotError};
 use crate::vstate::control::{RunState, VcpuControl};
 use crate::vstate::vcpu::{VcpuError, VmExit};
 use crate::vstate::vm::Vm;
@@ -40,28 +40,28 @@ pub struct RunningVm {
     results: mpsc::Receiver<VcpuResult>,
     wake: mpsc::Sender<VcpuResult>,
     /// Dropped after the vCPUs: devices and memory outlive every vCPU thread.
-    vm: Option<Vm>,
-    _mmio: Arc<MmioBus>,
+    vm: Option<Arc<Vm>>,
+    machine: Arc<Machine>,
 }
 
 impl RunningVm {
     /// Takes over the vCPU `threads`, which report on `results` (`wake` is a sender of that
-    /// channel, for `Controller::stop`), and the VM and MMIO bus they run on.
+    /// channel, for `Controller::stop`), the VM they run on, and what a snapshot saves of it.
     pub(crate) fn new(
         started: Instant,
         control: Arc<VcpuControl>,
         threads: Vec<JoinHandle<()>>,
         (wake, results): (mpsc::Sender<VcpuResult>, mpsc::Receiver<VcpuResult>),
-        vm: Vm,
-        mmio: Arc<MmioBus>,
+        vm: Arc<Vm>,
+        machine: Machine,
     ) -> RunningVm {
         let pthreads = Arc::new(threads.iter().map(|t| std::os::unix::thread::JoinHandleExt::as_pthread_t(t) as libc::pthread_t).collect());
-        RunningVm { started, control, threads, pthreads, results, wake, vm: Some(vm), _mmio: mmio }
+        RunningVm { started, control, threads, pthreads, results, wake, vm: Some(vm), machine: Arc::new(machine) }
     }
 
-    /// A handle that pauses, resumes and stops the VM from other threads.
+    /// A handle that pauses, resumes, saves and stops the VM from other threads.
     pub fn controller(&self) -> Controller {
-        Controller { control: self.control.clone(), pthreads: self.pthreads.clone(), wake: self.wake.clone() }
+        Controller { control: self.control.clone(), pthreads: self.pthreads.clone(), wake: self.wake.clone(), machine: self.machine.clone() }
     }
 
     /// Waits until the guest ends the VM (or `Controller::stop`), stops every vCPU, and says
@@ -99,6 +99,7 @@ pub struct Controller {
     control: Arc<VcpuControl>,
     pthreads: Arc<Vec<libc::pthread_t>>,
     wake: mpsc::Sender<VcpuResult>,
+    machine: Arc<Machine>,
 }
 
 impl Controller {
@@ -113,16 +114,32 @@ impl Controller {
         let before = *g;
         if before == RunState::Running {
             self.control.set(&mut g, RunState::Paused);
-            // Under the lock: `wait` cannot have joined the threads while the state is not
-            // Ended.
-            for &t in self.pthreads.iter() {
-                // SAFETY: `t` is a vCPU thread that has not been joined (the state is not
-                // Ended), so its pthread_t is valid; the kick signal has a no-op handler.
-                unsafe { libc::pthread_kill(t, kick_signal()) };
-            }
+            self.kick_locked(&g);
             tracing::info!("VM paused");
         }
         before
+    }
+
+    /// Kicks every vCPU out of KVM_RUN; `state` is the held run state lock.
+    fn kick_locked(&self, state: &RunState) {
+        // Under the lock: `wait` cannot have joined the threads while the state is not Ended.
+        if *state == RunState::Ended {
+            return;
+        }
+        for &t in self.pthreads.iter() {
+            // SAFETY: `t` is a vCPU thread that has not been joined (the state is not Ended
+            // and the lock is held), so its pthread_t is valid; the kick signal has a no-op
+            // handler.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Saves the paused VM into `dir` (see `snapshot`); it stays paused.
+    pub fn snapshot(&self, dir: &std::path::Path) -> Result<Saved, SnapshotError> {
+        let started = Instant::now();
+        let saved = self.machine.save(dir, &self.control, || self.kick_locked(&self.control.lock()))?;
+        tracing::info!(dir = %dir.display(), memory_bytes = saved.memory_bytes, state_bytes = saved.state_bytes, ms = started.elapsed().as_millis() as u64, "VM saved");
+        Ok(saved)
     }
 
     pub fn resume(&self) -> RunState {

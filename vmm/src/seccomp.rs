@@ -132,26 +132,50 @@ const fn kvm_ior(nr: u64, size: usize) -> u64 {
     (2 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
 }
 
-/// The only ioctls a vCPU thread makes once it runs: KVM_RUN, and the register reads of an
-/// error report. Everything else a device model needs was set up before the filters.
-const VCPU_IOCTLS: [u64; 3] = [
+/// `_IOWR(KVMIO, nr, T)`.
+const fn kvm_iowr(nr: u64, size: usize) -> u64 {
+    kvm_ior(nr, size) | (1 << 30)
+}
+
+/// The only ioctls a vCPU thread makes once it runs: KVM_RUN, the register reads of an error
+/// report, and the reads of its state for a snapshot. Everything else a device model needs
+/// was set up before the filters; no vCPU thread sets anything.
+const VCPU_IOCTLS: [u64; 10] = [
     0xae80, // KVM_RUN = _IO(KVMIO, 0x80)
     kvm_ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>()),  // KVM_GET_REGS
     kvm_ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>()), // KVM_GET_SREGS
+    kvm_iowr(0x88, std::mem::size_of::<kvm_bindings::kvm_msrs>()), // KVM_GET_MSRS
+    kvm_ior(0x8e, std::mem::size_of::<kvm_bindings::kvm_lapic_state>()), // KVM_GET_LAPIC
+    kvm_ior(0x98, std::mem::size_of::<kvm_bindings::kvm_mp_state>()), // KVM_GET_MP_STATE
+    kvm_ior(0x9f, std::mem::size_of::<kvm_bindings::kvm_vcpu_events>()), // KVM_GET_VCPU_EVENTS
+    kvm_ior(0xa1, std::mem::size_of::<kvm_bindings::kvm_debugregs>()), // KVM_GET_DEBUGREGS
+    kvm_ior(0xa4, std::mem::size_of::<kvm_bindings::kvm_xsave>()), // KVM_GET_XSAVE
+    kvm_ior(0xa6, std::mem::size_of::<kvm_bindings::kvm_xcrs>()), // KVM_GET_XCRS
+];
+
+/// The VM ioctls of a snapshot, on the API thread: the irqchip, PIT and clock reads.
+const SNAPSHOT_VM_IOCTLS: [u64; 3] = [
+    kvm_iowr(0x62, std::mem::size_of::<kvm_bindings::kvm_irqchip>()), // KVM_GET_IRQCHIP
+    kvm_ior(0x9f, std::mem::size_of::<kvm_bindings::kvm_pit_state2>()), // KVM_GET_PIT2
+    kvm_ior(0x7c, std::mem::size_of::<kvm_bindings::kvm_clock_data>()), // KVM_GET_CLOCK
 ];
 
 /// vCPU threads: KVM_RUN and the register reads of an error report (no other ioctl), the port
 /// and MMIO devices (console writes, eventfd writes for interrupts and worker wake-ups).
 pub fn vcpu() -> Result<Filter, SeccompError> {
-    let which = "vcpu";
+    with_ioctls("vcpu", COMMON, &VCPU_IOCTLS)
+}
+
+/// A filter allowing `calls`, and ioctl with the `ioctls` requests only.
+fn with_ioctls(which: &'static str, calls: &[i64], ioctls: &[u64]) -> Result<Filter, SeccompError> {
     let err = |source| SeccompError::Build { which, source };
-    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = COMMON.iter().map(|&nr| (nr, Vec::new())).collect();
-    let mut ioctls = Vec::new();
-    for request in VCPU_IOCTLS {
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = calls.iter().map(|&nr| (nr, Vec::new())).collect();
+    let mut allowed = Vec::new();
+    for &request in ioctls {
         let condition = seccompiler::SeccompCondition::new(1, seccompiler::SeccompCmpArgLen::Dword, seccompiler::SeccompCmpOp::Eq, request).map_err(err)?;
-        ioctls.push(seccompiler::SeccompRule::new(vec![condition]).map_err(err)?);
+        allowed.push(seccompiler::SeccompRule::new(vec![condition]).map_err(err)?);
     }
-    rules.insert(libc::SYS_ioctl, ioctls);
+    rules.insert(libc::SYS_ioctl, allowed);
     let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64).map_err(err)?;
     let program = BpfProgram::try_from(filter).map_err(err)?;
     Ok(Filter { which, programs: vec![program], run_as: None })
@@ -165,11 +189,31 @@ pub fn main_thread() -> Result<Filter, SeccompError> {
     compile("main", &list, SeccompAction::KillProcess, SeccompAction::Allow)
 }
 
-/// The API thread: accepts control connections, reads a line, answers, kicks vCPUs on pause.
+/// The API thread: accepts control connections, reads a line, answers, kicks vCPUs on pause,
+/// and writes a snapshot (its directory, its files, the VM's irqchip, PIT and clock).
 pub fn api_thread() -> Result<Filter, SeccompError> {
     let mut list = COMMON.to_vec();
     list.extend([libc::SYS_accept, libc::SYS_accept4, libc::SYS_recvfrom, libc::SYS_sendto, libc::SYS_tgkill, libc::SYS_getpid, libc::SYS_gettid]);
-    compile("api", &list, SeccompAction::KillProcess, SeccompAction::Allow)
+    list.extend([
+        libc::SYS_openat,
+        libc::SYS_mkdir,
+        libc::SYS_mkdirat,
+        libc::SYS_statx,
+        libc::SYS_newfstatat,
+        libc::SYS_fstat,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+        libc::SYS_rename,
+        libc::SYS_renameat,
+        libc::SYS_renameat2,
+        libc::SYS_ftruncate,
+        libc::SYS_lseek,
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+    ]);
+    with_ioctls("api", &list, &SNAPSHOT_VM_IOCTLS)
 }
 
 /// The waiter of `hull-vmm jail` (see `jail`): it waits for the jailed process and exits as it

@@ -167,6 +167,7 @@ fn triple_fault_ends_the_vm_with_the_exit_and_registers() {
         devices: Default::default(),
         seccomp: true,
         thread_user: None,
+        restore: None,
         console: Box::new(Sink(sink.clone())),
     };
     let e = hull_vmm::builder::run(config).expect_err("a triple fault is an error").to_string();
@@ -187,6 +188,7 @@ fn missing_kernel_and_oversized_initramfs_are_named() {
         devices: Default::default(),
         seccomp: true,
         thread_user: None,
+        restore: None,
         console: Box::new(std::io::sink()),
     };
     let e = hull_vmm::builder::run(config(dir.path().join("nope"), None)).expect_err("no kernel").to_string();

@@ -35,8 +35,8 @@ enum Cmd {
     /// VM fails (exit 1, naming the exit and the vCPU registers).
     Boot {
         /// The guest kernel: an ELF vmlinux or a bzImage.
-        #[arg(long)]
-        kernel: PathBuf,
+        #[arg(long, required_unless_present = "restore")]
+        kernel: Option<PathBuf>,
         #[arg(long)]
         initramfs: Option<PathBuf>,
         /// The kernel command line. The default is what hull-vmm's machine needs (console,
@@ -93,9 +93,14 @@ enum Cmd {
         /// run as root only to serve a share keeps root on those threads alone.
         #[arg(long, value_parser = parse_ids, conflicts_with = "no_seccomp")]
         thread_user: Option<(u32, u32)>,
-        /// Serve the control API (state, pause, resume, stop) on this unix socket.
+        /// Serve the control API (state, pause, resume, stop, snapshot DIR) on this unix socket.
         #[arg(long)]
         api_socket: Option<PathBuf>,
+        /// Restore the VM saved in this snapshot directory (`ctl ... snapshot DIR`) instead of
+        /// booting a kernel. Memory, vCPUs and devices must be the saved VM's; the vsock CID and
+        /// socket, the console and the taps are this VM's own.
+        #[arg(long, conflicts_with_all = ["kernel", "initramfs"])]
+        restore: Option<PathBuf>,
     },
     /// Send a request to a running VM's control socket: state, pause, resume or stop.
     Ctl {
@@ -283,9 +288,10 @@ struct BootArgs {
     seccomp: bool,
     thread_user: Option<(u32, u32)>,
     api_socket: Option<PathBuf>,
+    restore: Option<PathBuf>,
 }
 
-fn boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp, thread_user, api_socket }: BootArgs) -> Result<(), CliError> {
+fn boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp, thread_user, api_socket, restore }: BootArgs) -> Result<(), CliError> {
     let console: Box<dyn std::io::Write + Send> = if console.as_os_str() == "-" {
         // fd 1 itself, unbuffered: std's stdout would hold a partial line (a prompt, the last
         // words before a hang) until a newline that may never come.
@@ -294,7 +300,7 @@ fn boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devic
     } else {
         Box::new(std::fs::File::create(&console).map_err(|source| CliError::Console { path: console.clone(), source })?)
     };
-    let config = VmConfig { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp, thread_user };
+    let config = VmConfig { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp, thread_user, restore };
     let listener = api_socket.as_deref().map(hull_vmm::api::bind).transpose()?;
     let vm = hull_vmm::builder::start(config)?;
     if let Some(listener) = listener {
@@ -336,12 +342,13 @@ fn main() -> ExitCode {
     // The limit first: nothing the subcommand opens comes before it.
     let mut code = ExitCode::SUCCESS;
     let result = cli.open_files.map_or(Ok(()), limit_open_files).and_then(|()| match cli.cmd {
-        Cmd::Boot { kernel, initramfs, cmdline, append, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, mut shares, vhost_user_shares, rng, pmem, free_page_reporting, no_seccomp, thread_user, api_socket } => {
+        Cmd::Boot { kernel, initramfs, cmdline, append, vcpus, memory_mib, console, disks, nics, vsock_uds, guest_cid, mut shares, vhost_user_shares, rng, pmem, free_page_reporting, no_seccomp, thread_user, api_socket, restore } => {
             shares.extend(vhost_user_shares);
             let vsock = vsock_uds.map(|uds| VsockConfig { guest_cid, uds });
             let devices = Devices { disks, nics, vsock, shares, rng, free_page_reporting, pmem };
             let cmdline = kernel_cmdline(cmdline, &append);
-            boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp: !no_seccomp, thread_user, api_socket })
+            let kernel = kernel.unwrap_or_default();
+            boot(BootArgs { kernel, initramfs, cmdline, vcpus, memory_mib, console, devices, seccomp: !no_seccomp, thread_user, api_socket, restore })
         }
         Cmd::Jail { root, binds, proc_self, user, keep_caps, fs_server, max_processes, hold_lock, command } => {
             let user = match user {

@@ -40,6 +40,11 @@ impl<D: ?Sized> Bus<D> {
         Ok(())
     }
 
+    /// Every device on the bus, in the order they were put on it.
+    pub fn devices(&self) -> impl Iterator<Item = &Arc<Mutex<D>>> {
+        self.ranges.iter().map(|r| &r.device)
+    }
+
     /// The device that claims `addr`, locked, and the offset of `addr` in its range.
     pub fn device(&self, addr: u64) -> Option<(MutexGuard<'_, D>, u64)> {
         let r = self.ranges.iter().find(|r| addr >= r.base && addr - r.base < r.len)?;

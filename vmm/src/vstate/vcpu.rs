@@ -4,11 +4,15 @@
 //! names the exit and carries the vCPU's registers.
 
 
-use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::GuestAddress;
 
-use super::control::VcpuControl;
+use super::control::{Turn, VcpuControl};
 use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, interrupts, regs};
 use crate::devices::legacy::{IoAction, PioBus};
@@ -24,6 +28,30 @@ pub enum VcpuError {
     Seccomp { id: u8, source: crate::seccomp::SeccompError },
     #[error("vCPU {id} stopped the VM on a {exit} exit; {regs}")]
     Exit { id: u8, exit: String, regs: String },
+    #[error("vCPU {id} cannot take the snapshot's MSR {index:#x} (KVM set {set} of {count}).")]
+    Msr { id: u8, index: u32, set: usize, count: usize },
+    #[error("This host's XSAVE area is {0} bytes, larger than the 4 KiB a snapshot keeps (AMX?).")]
+    XsaveSize(usize),
+}
+
+/// MSR_IA32_TSC and MSR_IA32_TSC_DEADLINE: a deadline is restored after the TSC it is measured
+/// on, or the guest's next timer interrupt may come much later than it asked.
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// What a vCPU is, saved between two KVM_RUNs: enough for a vCPU of another VM made the same
+/// way (CPUID, memory, devices) to go on where this one stopped.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    xsave: kvm_xsave,
+    xcrs: kvm_xcrs,
+    debugregs: kvm_debugregs,
+    lapic: kvm_lapic_state,
+    mp_state: kvm_mp_state,
+    events: kvm_vcpu_events,
+    msrs: Vec<kvm_msr_entry>,
 }
 
 /// How a VM ended without error.
@@ -49,8 +77,8 @@ impl Vcpu {
     }
 
     /// CPUID and LAPIC for every vCPU; registers at `entry` for the boot vCPU (the others
-    /// wait for the guest's INIT/SIPI).
-    pub fn configure(&self, vm: &Vm, entry: GuestAddress, count: u8) -> Result<(), VcpuError> {
+    /// wait for the guest's INIT/SIPI). A restored vCPU has no entry: its registers are saved.
+    pub fn configure(&self, vm: &Vm, entry: Option<GuestAddress>, count: u8) -> Result<(), VcpuError> {
         let id = self.id;
         let io = |what| move |source| VcpuError::Ioctl { id, what, source };
         let mut cpuid = vm.supported_cpuid.clone();
@@ -59,9 +87,78 @@ impl Vcpu {
         let mut lapic = self.fd.get_lapic().map_err(io("read the LAPIC of"))?;
         interrupts::set_lint(&mut lapic);
         self.fd.set_lapic(&lapic).map_err(io("set the LAPIC of"))?;
-        if id == 0 {
+        if let (0, Some(entry)) = (id, entry) {
             regs::setup_boot_vcpu(&self.fd, &vm.memory, entry).map_err(|source| VcpuError::Regs { id, source })?;
         }
+        Ok(())
+    }
+
+    /// Saves the vCPU (on its own thread, between two KVM_RUNs). `msr_indices` are the MSRs KVM
+    /// saves and restores (KVM_GET_MSR_INDEX_LIST); those this vCPU cannot read are left out.
+    pub fn save_state(&mut self, msr_indices: &[u32], xsave_size: usize) -> Result<VcpuState, VcpuError> {
+        let id = self.id;
+        let io = |what| move |source| VcpuError::Ioctl { id, what, source };
+        if xsave_size > std::mem::size_of::<kvm_xsave>() {
+            return Err(VcpuError::XsaveSize(xsave_size));
+        }
+        // A port or MMIO read that exited to hull-vmm completes only in the next KVM_RUN: one
+        // that returns at once (immediate_exit) puts its value in the registers first.
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match completed {
+            Err(e) if e.errno() != libc::EINTR => return Err(VcpuError::Ioctl { id, what: "complete the pending exit of", source: e }),
+            _ => {}
+        }
+        let mut msrs = Vec::with_capacity(msr_indices.len());
+        for &index in msr_indices {
+            let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }]).map_err(|_| VcpuError::Msr { id, index, set: 0, count: 1 })?;
+            if self.fd.get_msrs(&mut one).map_err(io("read the MSRs of"))? == 1 {
+                msrs.extend_from_slice(one.as_slice());
+            }
+        }
+        // The deadline after the TSC (see MSR_IA32_TSC_DEADLINE).
+        msrs.sort_by_key(|m| (m.index == MSR_IA32_TSC_DEADLINE, m.index != MSR_IA32_TSC));
+        Ok(VcpuState {
+            regs: self.fd.get_regs().map_err(io("read the registers of"))?,
+            sregs: self.fd.get_sregs().map_err(io("read the special registers of"))?,
+            xsave: self.fd.get_xsave().map_err(io("read the XSAVE area of"))?,
+            xcrs: self.fd.get_xcrs().map_err(io("read the XCRs of"))?,
+            debugregs: self.fd.get_debug_regs().map_err(io("read the debug registers of"))?,
+            lapic: self.fd.get_lapic().map_err(io("read the LAPIC of"))?,
+            mp_state: self.fd.get_mp_state().map_err(io("read the MP state of"))?,
+            events: self.fd.get_vcpu_events().map_err(io("read the pending events of"))?,
+            msrs,
+        })
+    }
+
+    /// Puts a saved vCPU into this new one, after its CPUID (`configure`), in the order KVM
+    /// needs: the LAPIC before the MSRs (the TSC deadline timer lives in it), the pending
+    /// events last.
+    pub fn restore_state(&self, state: &VcpuState, xsave_size: usize) -> Result<(), VcpuError> {
+        let id = self.id;
+        let io = |what| move |source| VcpuError::Ioctl { id, what, source };
+        if xsave_size > std::mem::size_of::<kvm_xsave>() {
+            return Err(VcpuError::XsaveSize(xsave_size));
+        }
+        self.fd.set_mp_state(state.mp_state).map_err(io("set the MP state of"))?;
+        self.fd.set_regs(&state.regs).map_err(io("set the registers of"))?;
+        self.fd.set_sregs(&state.sregs).map_err(io("set the special registers of"))?;
+        // SAFETY: KVM reads this host's XSAVE size from the pointer, which is no more than the
+        // kvm_xsave passed (checked above against KVM_CAP_XSAVE2).
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(io("set the XSAVE area of"))?;
+        // A host without XSAVE gives no XCRs (nr_xcrs 0) and refuses to set any.
+        if state.xcrs.nr_xcrs > 0 {
+            self.fd.set_xcrs(&state.xcrs).map_err(io("set the XCRs of"))?;
+        }
+        self.fd.set_debug_regs(&state.debugregs).map_err(io("set the debug registers of"))?;
+        self.fd.set_lapic(&state.lapic).map_err(io("set the LAPIC of"))?;
+        let msrs = Msrs::from_entries(&state.msrs).map_err(|_| VcpuError::Msr { id, index: 0, set: 0, count: state.msrs.len() })?;
+        let set = self.fd.set_msrs(&msrs).map_err(io("set the MSRs of"))?;
+        if set < state.msrs.len() {
+            return Err(VcpuError::Msr { id, index: state.msrs[set].index, set, count: state.msrs.len() });
+        }
+        self.fd.set_vcpu_events(&state.events).map_err(io("set the pending events of"))?;
         Ok(())
     }
 
@@ -84,11 +181,17 @@ impl Vcpu {
 
     /// Runs until the VM ends. `control` (with a signal to interrupt KVM_RUN) pauses it or
     /// ends it from outside.
-    pub fn run(&mut self, bus: &PioBus, mmio: &MmioBus, control: &VcpuControl) -> Result<VmExit, VcpuError> {
+    pub fn run(&mut self, bus: &PioBus, mmio: &MmioBus, control: &VcpuControl, msr_indices: &[u32], xsave_size: usize) -> Result<VmExit, VcpuError> {
         let mut first = true;
         loop {
-            if !control.may_run() {
-                return Ok(VmExit::Stopped);
+            match control.turn(self.id) {
+                Turn::Run => {}
+                Turn::End => return Ok(VmExit::Stopped),
+                Turn::Save => {
+                    let state = self.save_state(msr_indices, xsave_size);
+                    control.saved(self.id, state);
+                    continue;
+                }
             }
             if first && self.id == 0 {
                 tracing::debug!("first KVM_RUN");

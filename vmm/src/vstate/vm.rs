@@ -1,8 +1,12 @@
 //! The KVM VM: its guest memory registered as memory slots, the in-kernel irqchip (PIC, IOAPIC,
 //! LAPICs) and PIT, and the CPUID KVM supports here.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
@@ -25,6 +29,21 @@ pub struct Vm {
     pub fd: VmFd,
     pub memory: GuestMemoryMmap,
     pub supported_cpuid: CpuId,
+    /// The MSRs KVM saves and restores, for a snapshot's vCPUs.
+    pub msr_indices: Vec<u32>,
+    /// The size of this host's XSAVE area as KVM_GET_XSAVE2 gives it (0: the 4 KiB one).
+    pub xsave_size: usize,
+}
+
+/// The VM's own state besides its vCPUs and memory: the in-kernel irqchip (both PICs and the
+/// IOAPIC), the PIT, and kvmclock.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pic_master: kvm_irqchip,
+    pic_slave: kvm_irqchip,
+    ioapic: kvm_irqchip,
+    pit: kvm_pit_state2,
+    clock: kvm_clock_data,
 }
 
 impl Vm {
@@ -59,7 +78,38 @@ impl Vm {
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).map_err(io("create the in-kernel PIT"))?;
         let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(io("read the supported CPUID"))?;
-        Ok(Vm { fd, memory, supported_cpuid })
+        let msr_indices = kvm.get_msr_index_list().map_err(io("read the MSR index list"))?.as_slice().to_vec();
+        let xsave_size = usize::try_from(kvm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+        Ok(Vm { fd, memory, supported_cpuid, msr_indices, xsave_size })
+    }
+
+    /// Saves the irqchip, PIT and clock (the vCPUs are paused).
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let io = |what| move |source| VmError::Ioctl { what, source };
+        let chip = |id| {
+            let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
+            self.fd.get_irqchip(&mut c).map(|()| c)
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER).map_err(io("read the master PIC"))?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE).map_err(io("read the slave PIC"))?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC).map_err(io("read the IOAPIC"))?,
+            pit: self.fd.get_pit2().map_err(io("read the PIT"))?,
+            clock: self.fd.get_clock().map_err(io("read kvmclock"))?,
+        })
+    }
+
+    /// Puts a saved irqchip, PIT and clock into this new VM (after its vCPUs are restored).
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        let io = |what| move |source| VmError::Ioctl { what, source };
+        self.fd.set_irqchip(&state.pic_master).map_err(io("set the master PIC"))?;
+        self.fd.set_irqchip(&state.pic_slave).map_err(io("set the slave PIC"))?;
+        self.fd.set_irqchip(&state.ioapic).map_err(io("set the IOAPIC"))?;
+        self.fd.set_pit2(&state.pit).map_err(io("set the PIT"))?;
+        // The guest's clock goes on from where it was saved; only the clock value is set
+        // (the flags KVM_GET_CLOCK reported say what the old host's clock was, not asks).
+        let clock = kvm_clock_data { clock: state.clock.clock, ..Default::default() };
+        self.fd.set_clock(&clock).map_err(io("set kvmclock"))
     }
 
     /// Maps `mapping` into guest physical memory at `guest_addr` as a read-only slot (the slot

@@ -3,6 +3,8 @@
 
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -25,9 +27,58 @@ pub struct SerialConsole {
     serial: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
 }
 
+/// The UART's registers and unread input, as a snapshot keeps them (vm-superio's
+/// `SerialState` has no serde): a guest driver that enabled interrupts expects them still on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedSerial {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
 impl SerialConsole {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> SerialConsole {
         SerialConsole { serial: Serial::new(IrqTrigger(irq), out) }
+    }
+
+    /// A console whose UART is the saved one; refused if the saved input overflows its FIFO.
+    pub fn restored(irq: EventFd, out: Box<dyn Write + Send>, saved: &SavedSerial) -> Result<SerialConsole, vm_superio::serial::Error<std::io::Error>> {
+        let state = SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        Serial::from_state(&state, IrqTrigger(irq), vm_superio::serial::NoEvents, out).map(|serial| SerialConsole { serial })
+    }
+
+    pub fn save(&self) -> SavedSerial {
+        let s = self.serial.state();
+        SavedSerial {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
     }
 }
 

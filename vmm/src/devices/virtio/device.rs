@@ -51,6 +51,12 @@ pub trait VirtioDevice: Send {
     fn process(&mut self, event: DeviceEvent, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
     /// The driver reset the device: forget per-driver state.
     fn reset(&mut self) {}
+    /// The VM was restored from a snapshot, this device with it, and its queues are the driver's
+    /// again: anything the driver must learn about the change is sent now. Returns whether
+    /// buffers were used.
+    fn restored(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
+        false
+    }
     /// Whether another process serves the queues (a vhost-user backend): the worker then
     /// leaves the queues' notifications to it, and the device gets them in `activate`.
     fn queues_served_elsewhere(&self) -> bool {

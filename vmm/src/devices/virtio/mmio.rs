@@ -16,7 +16,8 @@ use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_QUEUE_USED_HIGH, VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_SHM_BASE_HIGH, VIRTIO_MMIO_SHM_BASE_LOW, VIRTIO_MMIO_SHM_LEN_HIGH, VIRTIO_MMIO_SHM_LEN_LOW,
     VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VENDOR_ID, VIRTIO_MMIO_VERSION,
 };
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -51,6 +52,86 @@ pub struct MmioTransport {
     worker: Worker,
     active: bool,
     name: String,
+}
+
+/// A queue as a snapshot keeps it (virtio-queue's `QueueState`, which has no serde).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct SavedQueue {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    event_idx_enabled: bool,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+}
+
+impl From<QueueState> for SavedQueue {
+    fn from(q: QueueState) -> SavedQueue {
+        SavedQueue {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<SavedQueue> for QueueState {
+    fn from(q: SavedQueue) -> QueueState {
+        QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// A virtio-mmio device as a snapshot keeps it: the registers the driver wrote, and the queues
+/// as the device's worker had them (their positions in the rings).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TransportState {
+    pub name: String,
+    pub device_type: u32,
+    status: u32,
+    driver_features: u64,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    queue_sel: u32,
+    config_generation: u32,
+    interrupt_status: u32,
+    active: bool,
+    /// The queue registers (frozen at DRIVER_OK).
+    queues: Vec<SavedQueue>,
+    /// The worker's queues: where it had got to in each ring (empty unless active).
+    live: Vec<SavedQueue>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportSnapshotError {
+    #[error("The virtio device {0} is served by another process (vhost-user); a snapshot cannot hold its state.")]
+    ServedElsewhere(String),
+    #[error("The snapshot's device {saved} (type {saved_type}, {saved_queues} queues) is not this VM's {name} (type {device_type}, {queues} queues).")]
+    Mismatch { saved: String, saved_type: u32, saved_queues: usize, name: String, device_type: u32, queues: usize },
+    #[error("The snapshot's queue {queue} of {name} is not valid: {source:?}.")]
+    Queue { name: String, queue: usize, source: virtio_queue::Error },
+    #[error("The device {name} cannot start from the snapshot: {source}.")]
+    Activate { name: String, source: WorkerError },
+    #[error("The device {name}'s worker is gone: {source}.")]
+    Worker { name: String, source: WorkerError },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -268,7 +349,7 @@ impl MmioTransport {
         }
         // The worker gets its own copies of the queues; the transport's stay frozen until reset.
         let queues = self.queues.iter().map(|q| Queue::try_from(q.state())).collect::<Result<Vec<_>, _>>().map_err(|_| ActivateError::InvalidQueue(usize::MAX))?;
-        self.worker.activate(queues, self.driver_features)?;
+        self.worker.activate(queues, self.driver_features, false)?;
         self.active = true;
         tracing::info!(device = %self.name, features = self.driver_features, "virtio device activated");
         Ok(())
@@ -292,6 +373,76 @@ impl MmioTransport {
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.queue_sel = 0;
+    }
+
+    /// Stops the device's worker and returns the device's state; the worker stays stopped until
+    /// `thaw`. A device another process serves is refused.
+    pub fn freeze(&mut self) -> Result<TransportState, TransportSnapshotError> {
+        let device_type = {
+            let d = lock(&self.device);
+            if d.queues_served_elsewhere() {
+                return Err(TransportSnapshotError::ServedElsewhere(self.name.clone()));
+            }
+            d.device_type()
+        };
+        let live = self.worker.freeze().map_err(|source| TransportSnapshotError::Worker { name: self.name.clone(), source })?;
+        Ok(TransportState {
+            name: self.name.clone(),
+            device_type,
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status.load(Ordering::SeqCst),
+            active: self.active,
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            live: if self.active { live.into_iter().map(SavedQueue::from).collect() } else { Vec::new() },
+        })
+    }
+
+    /// Lets the worker serve the device again after `freeze`.
+    pub fn thaw(&self) {
+        if let Err(e) = self.worker.thaw() {
+            tracing::error!(device = %self.name, error = %e, "virtio-mmio: cannot restart the device after a snapshot");
+        }
+    }
+
+    /// Makes this new device what `state` saved (a device of the same type and queues): the
+    /// registers, then, if the driver had started it, its worker on the saved queues. The
+    /// device is told it was restored (vsock resets the driver's transport).
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), TransportSnapshotError> {
+        let device_type = lock(&self.device).device_type();
+        if state.device_type != device_type || state.queues.len() != self.queues.len() || (state.active && state.live.len() != self.queues.len()) {
+            return Err(TransportSnapshotError::Mismatch {
+                saved: state.name.clone(),
+                saved_type: state.device_type,
+                saved_queues: state.queues.len(),
+                name: self.name.clone(),
+                device_type,
+                queues: self.queues.len(),
+            });
+        }
+        let queue = |queue: usize, q: &SavedQueue| Queue::try_from(QueueState::from(*q)).map_err(|source| TransportSnapshotError::Queue { name: self.name.clone(), queue, source });
+        self.queues = state.queues.iter().enumerate().map(|(i, q)| queue(i, q)).collect::<Result<_, _>>()?;
+        let live = state.live.iter().enumerate().map(|(i, q)| queue(i, q)).collect::<Result<Vec<_>, _>>()?;
+        self.status = state.status;
+        self.driver_features = state.driver_features;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.queue_sel = state.queue_sel;
+        self.config_generation = state.config_generation;
+        self.interrupt.status.store(state.interrupt_status, Ordering::SeqCst);
+        if state.active {
+            self.worker.activate(live, self.driver_features, true).map_err(|source| TransportSnapshotError::Activate { name: self.name.clone(), source })?;
+            self.active = true;
+        }
+        Ok(())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Whether the worker has stopped because the device broke (for tests and `state`).

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -39,8 +39,12 @@ pub enum WorkerError {
 }
 
 enum Command {
-    Activate { queues: Vec<Queue>, features: u64 },
+    /// `restored`: the queues are a snapshot's, in use by a driver that never saw this device.
+    Activate { queues: Vec<Queue>, features: u64, restored: bool },
     Reset,
+    /// Stop serving and answer with the queues' state, until `Thaw` (a snapshot is taken).
+    Freeze,
+    Thaw,
     Stop,
 }
 
@@ -48,6 +52,7 @@ enum Command {
 pub struct Worker {
     commands: mpsc::Sender<Command>,
     acks: mpsc::Receiver<std::io::Result<()>>,
+    frozen: mpsc::Receiver<Vec<QueueState>>,
     wake: EventFd,
     thread: Option<JoinHandle<()>>,
 }
@@ -80,17 +85,19 @@ impl Worker {
             }
         }
         let host_set = if edge { EventSet::IN | EventSet::EDGE_TRIGGERED } else { EventSet::IN };
+        let host_count = host_fds.len();
         for (i, fd) in host_fds.into_iter().enumerate() {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(host_set, HOST_BASE + i as u64)).map_err(WorkerError::Epoll)?;
         }
         let (commands, command_rx) = mpsc::channel();
         let (ack_tx, acks) = mpsc::channel();
+        let (frozen_tx, frozen) = mpsc::channel();
         let wake_fd = wake.try_clone().map_err(WorkerError::EventFd)?;
         let thread = std::thread::Builder::new()
             .name(format!("virtio-{}", setup.name))
-            .spawn(move || run(setup, epoll, wake_fd, command_rx, ack_tx))
+            .spawn(move || run(setup, epoll, wake_fd, command_rx, (ack_tx, frozen_tx), host_count))
             .map_err(WorkerError::Thread)?;
-        Ok(Worker { commands, acks, wake, thread: Some(thread) })
+        Ok(Worker { commands, acks, frozen, wake, thread: Some(thread) })
     }
 
     fn send(&self, c: Command) -> Result<(), WorkerError> {
@@ -100,9 +107,20 @@ impl Worker {
 
     /// Hands the worker the queues and the features the driver accepted; it serves them (or
     /// the device hands them to its backend) from now on.
-    pub fn activate(&self, queues: Vec<Queue>, features: u64) -> Result<(), WorkerError> {
-        self.send(Command::Activate { queues, features })?;
+    pub fn activate(&self, queues: Vec<Queue>, features: u64, restored: bool) -> Result<(), WorkerError> {
+        self.send(Command::Activate { queues, features, restored })?;
         self.acks.recv().map_err(|_| WorkerError::Gone)?.map_err(WorkerError::Activate)
+    }
+
+    /// Stops serving the device (between two requests) and returns its queues' state as the
+    /// worker has them; nothing touches guest memory or the device until `thaw`.
+    pub fn freeze(&self) -> Result<Vec<QueueState>, WorkerError> {
+        self.send(Command::Freeze)?;
+        self.frozen.recv().map_err(|_| WorkerError::Gone)
+    }
+
+    pub fn thaw(&self) -> Result<(), WorkerError> {
+        self.send(Command::Thaw)
     }
 
     /// Takes the queues back and resets the device; when this returns the worker no longer
@@ -122,7 +140,9 @@ impl Drop for Worker {
     }
 }
 
-fn run(setup: WorkerSetup, epoll: Epoll, wake: EventFd, commands: mpsc::Receiver<Command>, acks: mpsc::Sender<std::io::Result<()>>) {
+type Replies = (mpsc::Sender<std::io::Result<()>>, mpsc::Sender<Vec<QueueState>>);
+
+fn run(setup: WorkerSetup, epoll: Epoll, wake: EventFd, commands: mpsc::Receiver<Command>, (acks, frozen): Replies, host_count: usize) {
     let WorkerSetup { name, device, queue_evts, mem, interrupt, seccomp } = setup;
     if let Some(filter) = seccomp {
         if let Err(e) = filter.apply() {
@@ -145,12 +165,16 @@ fn run(setup: WorkerSetup, epoll: Epoll, wake: EventFd, commands: mpsc::Receiver
             let event = match ev.data() {
                 WAKE => {
                     let _ = wake.read();
-                    while let Ok(c) = commands.try_recv() {
+                    let mut next = commands.try_recv().ok();
+                    while let Some(c) = next.take() {
                         match c {
-                            Command::Activate { queues: q, features } => {
+                            Command::Activate { queues: q, features, restored } => {
                                 let started = lock(&device).activate(features, &q, &queue_evts, &mem);
                                 if started.is_ok() {
                                     queues = q;
+                                    if restored && lock(&device).restored(&mut queues, &mem) {
+                                        interrupt.signal(VIRTIO_MMIO_INT_VRING);
+                                    }
                                     // Buffers queued before DRIVER_OK (vsock RX, say) are served now.
                                     for i in 0..queues.len() {
                                         serve(&name, &device, DeviceEvent::Queue(i), &mut queues, &mem, &interrupt);
@@ -163,7 +187,27 @@ fn run(setup: WorkerSetup, epoll: Epoll, wake: EventFd, commands: mpsc::Receiver
                                 lock(&device).reset();
                                 let _ = acks.send(Ok(()));
                             }
+                            Command::Freeze => {
+                                let _ = frozen.send(queues.iter().map(|q| q.state()).collect());
+                                // Nothing is served until the snapshot is taken: the next
+                                // command is waited for here, not in epoll.
+                                match commands.recv() {
+                                    Ok(Command::Thaw) => {
+                                        // Host fds watched edge-triggered may have become
+                                        // readable meanwhile without another edge to come.
+                                        for i in 0..host_count {
+                                            serve(&name, &device, DeviceEvent::Host(i), &mut queues, &mem, &interrupt);
+                                        }
+                                    }
+                                    Ok(other) => next = Some(other),
+                                    Err(_) => return,
+                                }
+                            }
+                            Command::Thaw => {}
                             Command::Stop => return,
+                        }
+                        if next.is_none() {
+                            next = commands.try_recv().ok();
                         }
                     }
                     continue;

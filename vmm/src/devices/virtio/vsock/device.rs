@@ -109,6 +109,32 @@ impl crate::devices::virtio::device::VirtioDevice for VsockDevice {
         vec![self.muxer.epoll_fd()]
     }
 
+    /// The guest's connections were the snapshot's VM's and its CID may not be this VM's: a
+    /// transport reset event (virtio 1.2, 5.10.6.6) makes the driver close every connection
+    /// and read its CID again from the config space, before it sends anything with the old one.
+    fn restored(&mut self, queues: &mut [Queue], mem: &vm_memory::GuestMemoryMmap) -> bool {
+        use vm_memory::Bytes;
+        let Some(events) = queues.get_mut(super::EVENT_QUEUE).filter(|q| q.ready()) else { return false };
+        let Some(chain) = events.pop_descriptor_chain(mem) else {
+            tracing::warn!("vsock: no event buffer for the transport reset after a restore");
+            return false;
+        };
+        let head = chain.head_index();
+        let mut written = 0;
+        if let Some(desc) = chain.into_iter().find(|d| d.is_write_only() && d.len() >= 4) {
+            // struct virtio_vsock_event { le32 id }: VIRTIO_VSOCK_EVENT_TRANSPORT_RESET is 0.
+            if mem.write_obj(0u32.to_le(), desc.addr()).is_ok() {
+                written = 4;
+            }
+        }
+        if let Err(e) = events.add_used(mem, head, written) {
+            tracing::error!(error = %e, "vsock: cannot return the transport reset event");
+            return false;
+        }
+        tracing::info!(guest_cid = self.guest_cid(), "vsock: transport reset sent after a restore");
+        true
+    }
+
     fn process(&mut self, event: crate::devices::virtio::device::DeviceEvent, queues: &mut [Queue], mem: &vm_memory::GuestMemoryMmap) -> bool {
         use crate::devices::virtio::device::DeviceEvent;
         let mut used = false;

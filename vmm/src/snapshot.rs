@@ -1,0 +1,301 @@
+//! Snapshots of a paused VM, and VMs restored from them (the builtin engine's answer to QEMU's
+//! migration): a directory with the guest's memory (`memory`, the pages that hold data, at
+//! their offsets; holes elsewhere) and everything else (`vm.json`): each vCPU as KVM gives it
+//! (registers, XSAVE, LAPIC, MSRs, pending events), the irqchip, PIT and kvmclock, COM1's
+//! UART, and each virtio-mmio device's registers and the positions its worker had reached in
+//! its rings.
+//!
+//! A restored VM is built from the same configuration as the one saved (the same memory size,
+//! vCPUs and devices in the same order; `builder::start` checks), except its identity: the
+//! vsock CID and host socket are the new VM's, and its vsock device sends the guest a transport
+//! reset so that the driver drops the saved VM's connections and reads its new CID. Its memory
+//! is its own copy of `memory`: nothing writable is shared with the snapshot or another VM.
+//!
+//! Devices another process serves (vhost-user) have state hull-vmm cannot read: a VM with one
+//! is not saved.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::devices::legacy::serial::{SavedSerial, SerialConsole};
+use crate::devices::virtio::mmio::{lock, TransportSnapshotError, TransportState};
+use crate::devices::MmioBus;
+use crate::vstate::control::{SaveError, VcpuControl};
+use crate::vstate::vcpu::VcpuState;
+use crate::vstate::vm::{Vm, VmError, VmState};
+
+/// Bumped when what `vm.json` holds changes.
+const FORMAT: u32 = 1;
+pub const STATE_FILE: &str = "vm.json";
+pub const MEMORY_FILE: &str = "memory";
+/// A VM's state besides its memory is tens of KiB; a larger file is not one of hull-vmm's.
+const MAX_STATE: u64 = 16 << 20;
+const PAGE: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("Cannot {what} {path:?}: {source}.")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("The VM has ended; there is nothing to save.")]
+    Ended,
+    #[error(transparent)]
+    Vcpus(#[from] SaveError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Device(#[from] TransportSnapshotError),
+    #[error("{path:?} is not a hull-vmm snapshot: {source}.")]
+    Format { path: PathBuf, source: serde_json::Error },
+    #[error("{path:?} is larger than any hull-vmm snapshot's state ({size} bytes).")]
+    TooBig { path: PathBuf, size: u64 },
+    #[error("The snapshot is of format {found}; this hull-vmm reads format {FORMAT}.")]
+    Version { found: u32 },
+    #[error("The snapshot was made {saved}; this VM has {asked}.")]
+    Mismatch { saved: String, asked: String },
+    #[error("Cannot set up the restored VM's memory: {0}")]
+    Memory(#[from] crate::vstate::memory::MemoryError),
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let path = path.to_path_buf();
+    move |source| SnapshotError::Io { what, path, source }
+}
+
+/// Everything in `vm.json`.
+#[derive(Serialize, Deserialize)]
+pub struct MachineState {
+    format: u32,
+    pub memory_mib: u64,
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub serial: SavedSerial,
+    pub devices: Vec<TransportState>,
+}
+
+impl MachineState {
+    /// Reads `dir`'s `vm.json`.
+    pub fn load(dir: &Path) -> Result<MachineState, SnapshotError> {
+        let path = dir.join(STATE_FILE);
+        let file = File::open(&path).map_err(io("open", &path))?;
+        let size = file.metadata().map_err(io("read", &path))?.len();
+        if size > MAX_STATE {
+            return Err(SnapshotError::TooBig { path, size });
+        }
+        let state: MachineState = serde_json::from_reader(std::io::BufReader::new(file)).map_err(|source| SnapshotError::Format { path: path.clone(), source })?;
+        if state.format != FORMAT {
+            return Err(SnapshotError::Version { found: state.format });
+        }
+        Ok(state)
+    }
+
+    /// Refuses a VM made differently from the saved one (its devices once they exist).
+    pub fn check(&self, memory_mib: u64, vcpus: u8, devices: Option<&[String]>) -> Result<(), SnapshotError> {
+        let saved_devices: Vec<&str> = self.devices.iter().map(|d| d.name.as_str()).collect();
+        let mismatch = |saved: String, asked: String| Err(SnapshotError::Mismatch { saved, asked });
+        if self.memory_mib != memory_mib {
+            return mismatch(format!("with {} MiB of memory", self.memory_mib), format!("{memory_mib} MiB"));
+        }
+        if self.vcpus.len() != usize::from(vcpus) {
+            return mismatch(format!("with {} vCPUs", self.vcpus.len()), format!("{vcpus}"));
+        }
+        match devices {
+            Some(devices) if saved_devices != devices.iter().map(String::as_str).collect::<Vec<_>>() => {
+                mismatch(format!("with the devices [{}]", saved_devices.join(", ")), format!("[{}]", devices.join(", ")))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What a running VM's snapshot is taken from.
+pub struct Machine {
+    /// Weak: the VM is freed when its vCPUs are joined, whoever still holds a controller.
+    pub vm: Weak<Vm>,
+    pub mmio: Arc<MmioBus>,
+    pub serial: Arc<Mutex<SerialConsole>>,
+    pub memory_mib: u64,
+    pub vcpus: usize,
+}
+
+/// What a snapshot took.
+#[derive(Debug)]
+pub struct Saved {
+    pub memory_bytes: u64,
+    pub state_bytes: u64,
+}
+
+impl Machine {
+    /// Saves the paused VM into `dir` (created if missing; a snapshot there is replaced).
+    /// `kick` kicks the vCPUs out of KVM_RUN. The VM can be resumed afterwards.
+    pub fn save(&self, dir: &Path, control: &VcpuControl, kick: impl Fn()) -> Result<Saved, SnapshotError> {
+        let vm = self.vm.upgrade().ok_or(SnapshotError::Ended)?;
+        let vcpus = control.save_all(self.vcpus, Duration::from_secs(10), kick)?;
+        let transports: Vec<_> = self.mmio.devices().cloned().collect();
+        let mut devices = Vec::new();
+        let mut frozen = Vec::new();
+        let mut result = Ok(());
+        for t in &transports {
+            match lock(t).freeze() {
+                Ok(state) => {
+                    devices.push(state);
+                    frozen.push(t.clone());
+                }
+                Err(e) => {
+                    result = Err(SnapshotError::from(e));
+                    break;
+                }
+            }
+        }
+        // The devices stay still (nothing writes guest memory) until the memory is saved.
+        let saved = result.and_then(|()| {
+            let state = MachineState { format: FORMAT, memory_mib: self.memory_mib, vcpus, vm: vm.save_state()?, serial: lock(&self.serial).save(), devices };
+            write_snapshot(dir, &state, &vm.memory)
+        });
+        for t in &frozen {
+            lock(t).thaw();
+        }
+        saved
+    }
+}
+
+fn write_snapshot(dir: &Path, state: &MachineState, memory: &GuestMemoryMmap) -> Result<Saved, SnapshotError> {
+    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    let memory_path = dir.join(MEMORY_FILE);
+    let memory_bytes = save_memory(memory, &memory_path).map_err(io("write", &memory_path))?;
+    let json = serde_json::to_vec(state).map_err(|source| SnapshotError::Format { path: dir.join(STATE_FILE), source })?;
+    // The state last, and whole: a directory with a vm.json holds a complete snapshot.
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
+    f.write_all(&json).and_then(|()| f.sync_all()).map_err(io("write", &tmp))?;
+    std::fs::rename(&tmp, dir.join(STATE_FILE)).map_err(io("rename", &tmp))?;
+    Ok(Saved { memory_bytes, state_bytes: json.len() as u64 })
+}
+
+/// The guest memory file (a memfd) and where each region starts in it.
+fn memory_file(memory: &GuestMemoryMmap) -> std::io::Result<(&File, u64)> {
+    let mut file = None;
+    let mut len = 0u64;
+    for region in memory.iter() {
+        let fo = region.file_offset().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::Unsupported, "guest memory without a file"))?;
+        file.get_or_insert(fo.file());
+        len = len.max(fo.start() + region.len());
+    }
+    Ok((file.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no guest memory"))?, len))
+}
+
+/// The extents of `file` below `end` that hold data (SEEK_DATA/SEEK_HOLE: pages never written
+/// are holes).
+fn data_extents(file: &File, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut extents = Vec::new();
+    let mut at = 0i64;
+    while (at as u64) < end {
+        // SAFETY: lseek on a descriptor `file` owns; no memory is passed.
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let hole = (hole as u64).min(end);
+        if data as u64 >= end {
+            break;
+        }
+        extents.push((data as u64, hole));
+        at = hole as i64;
+    }
+    Ok(extents)
+}
+
+/// Copies the pages of `from` (below `end`) that hold data into `to` at the same offsets,
+/// leaving out pages of zeros if `skip_zeros` (a snapshot's file has none); returns the bytes
+/// written.
+fn copy_data_pages(from: &File, to: &File, end: u64, skip_zeros: bool) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut written = 0;
+    for (start, stop) in data_extents(from, end)? {
+        let mut at = start;
+        while at < stop {
+            let n = (buf.len() as u64).min(stop - at) as usize;
+            from.read_exact_at(&mut buf[..n], at)?;
+            if !skip_zeros {
+                to.write_all_at(&buf[..n], at)?;
+                written += n as u64;
+                at += n as u64;
+                continue;
+            }
+            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    to.write_all_at(page, at + (i * PAGE) as u64)?;
+                    written += page.len() as u64;
+                }
+            }
+            at += n as u64;
+        }
+    }
+    Ok(written)
+}
+
+/// Writes the guest's memory to a new sparse file at `path`: only the pages with data.
+fn save_memory(memory: &GuestMemoryMmap, path: &Path) -> std::io::Result<u64> {
+    let (from, len) = memory_file(memory)?;
+    let _ = std::fs::remove_file(path);
+    let to = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+    to.set_len(len)?;
+    copy_data_pages(from, &to, len, true)
+}
+
+/// New guest memory of `mib` MiB holding a copy of the snapshot's memory in `dir`.
+pub fn restore_memory(dir: &Path, mib: u64) -> Result<GuestMemoryMmap, SnapshotError> {
+    let path = dir.join(MEMORY_FILE);
+    let from = File::open(&path).map_err(io("open", &path))?;
+    let len = from.metadata().map_err(io("read", &path))?.len();
+    if len != mib << 20 {
+        return Err(SnapshotError::Mismatch { saved: format!("with a memory file of {len} bytes"), asked: format!("{mib} MiB") });
+    }
+    let memory = crate::vstate::memory::create(mib)?;
+    let (to, _) = memory_file(&memory).map_err(io("set up guest memory for", &path))?;
+    copy_data_pages(&from, to, len, false).map_err(io("read", &path))?;
+    Ok(memory)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn memory_round_trips_through_a_sparse_file_of_its_data_pages() {
+        let mem = crate::vstate::memory::create(4).expect("memory");
+        mem.write_slice(&[0xaa; 3 * PAGE], GuestAddress(0x1000)).expect("write");
+        mem.write_obj(0x1234_5678u32, GuestAddress((3 << 20) + 8)).expect("write");
+        // A page written with zeros only is left out.
+        mem.write_slice(&[0; PAGE], GuestAddress(0x20_0000)).expect("write");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(MEMORY_FILE);
+        let written = save_memory(&mem, &path).expect("save");
+        assert_eq!(written, 4 * PAGE as u64, "three pages of 0xaa and one with the word");
+        let restored = restore_memory(dir.path(), 4).expect("restore");
+        let mut a = vec![0u8; 4 << 20];
+        let mut b = vec![1u8; 4 << 20];
+        mem.read_slice(&mut a, GuestAddress(0)).expect("read");
+        restored.read_slice(&mut b, GuestAddress(0)).expect("read");
+        assert!(a == b, "the restored memory is the saved memory");
+        assert!(matches!(restore_memory(dir.path(), 8), Err(SnapshotError::Mismatch { .. })), "another memory size is refused");
+    }
+}
