@@ -183,6 +183,7 @@ fn a_vm_saved_at_agent_ready_restores_twice_each_with_its_own_cid() {
         let log = vm.log();
         assert!(log.contains("restored=true"), "{log}");
         assert!(log.contains("transport reset sent"), "the vsock device told the guest: {log}");
+        assert!(log.contains("the guest took the transport reset"), "{log}");
         // The agent's own view of its CID, as it logged CreateSandbox (colours stripped).
         let plain = strip_colours(&std::fs::read_to_string(vm.dir.join("console.log")).unwrap_or_default());
         assert!(plain.contains(&format!("vsock_cid={cid}")), "the guest took CID {cid}: {log}");

@@ -12,11 +12,16 @@ use super::{VsockError, MAX_PKT_DATA};
 
 pub struct VsockDevice {
     pub muxer: VsockMuxer,
+    /// A transport reset was sent (the VM was restored) and the guest has not yet taken it:
+    /// nothing goes to the guest until it has, or it would answer with the CID it had. Holds
+    /// the event queue's available index when the reset was sent: the driver adds a buffer
+    /// back once it has handled the event (read its new CID, reset its connections).
+    reset_pending: Option<std::num::Wrapping<u16>>,
 }
 
 impl VsockDevice {
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<VsockDevice, VsockError> {
-        Ok(VsockDevice { muxer: VsockMuxer::new(guest_cid, uds_path)? })
+        Ok(VsockDevice { muxer: VsockMuxer::new(guest_cid, uds_path)?, reset_pending: None })
     }
 
     pub fn guest_cid(&self) -> u64 {
@@ -120,6 +125,7 @@ impl crate::devices::virtio::device::VirtioDevice for VsockDevice {
             return false;
         };
         let head = chain.head_index();
+        let posted = events.avail_idx(mem, std::sync::atomic::Ordering::Acquire).ok();
         let mut written = 0;
         if let Some(desc) = chain.into_iter().find(|d| d.is_write_only() && d.len() >= 4) {
             // struct virtio_vsock_event { le32 id }: VIRTIO_VSOCK_EVENT_TRANSPORT_RESET is 0.
@@ -132,6 +138,7 @@ impl crate::devices::virtio::device::VirtioDevice for VsockDevice {
             return false;
         }
         tracing::info!(guest_cid = self.guest_cid(), "vsock: transport reset sent after a restore");
+        self.reset_pending = posted;
         true
     }
 
@@ -147,8 +154,17 @@ impl crate::devices::virtio::device::VirtioDevice for VsockDevice {
             DeviceEvent::Host(_) => {
                 self.muxer.process_host_events();
             }
-            // RX buffers arrived (served below); the event queue carries nothing hull sends.
+            // RX buffers arrived (served below), or event buffers.
             DeviceEvent::Queue(_) => {}
+        }
+        if let Some(posted) = self.reset_pending {
+            let now = queues.get(super::EVENT_QUEUE).and_then(|q| q.avail_idx(mem, std::sync::atomic::Ordering::Acquire).ok());
+            if now.is_some_and(|now| now != posted) {
+                self.reset_pending = None;
+                tracing::info!(guest_cid = self.guest_cid(), "vsock: the guest took the transport reset");
+            } else {
+                return used;
+            }
         }
         if let Some(rx) = queues.get_mut(super::RX_QUEUE).filter(|q| q.ready()) {
             if self.muxer.has_rx() {
