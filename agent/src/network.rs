@@ -108,11 +108,14 @@ async fn apply_with(nl: &mut Netlink, interfaces: &[Interface], routes: &[Route]
     let mut index_of = std::collections::HashMap::new();
     for i in interfaces {
         let mac = parse_mac(&i.name, &i.mac)?;
-        let index = nic_with_mac(nl, &mac).await?.ok_or_else(|| NetworkError::NoNic { name: i.name.clone(), mac: i.mac.clone() })?;
+        let (index, adopt) = nic_for(nl, &mac, interfaces.len()).await?.ok_or_else(|| NetworkError::NoNic { name: i.name.clone(), mac: i.mac.clone() })?;
         let what = |s: &str| format!("{} ({s})", i.name);
         // A link is renamed only while down.
         nl.set_link(index, &LinkChange { up: Some(false), ..Default::default() }).map_err(apply_err(what("down")))?;
-        let change = LinkChange { name: Some(&i.name), mtu: (i.mtu > 0).then_some(i.mtu), ..Default::default() };
+        if adopt {
+            tracing::info!(interface = %i.name, mac = %i.mac, "the VM's one NIC takes the pod interface's MAC (a VM restored from a snapshot)");
+        }
+        let change = LinkChange { name: Some(&i.name), mtu: (i.mtu > 0).then_some(i.mtu), mac: adopt.then_some(&mac[..]), ..Default::default() };
         nl.set_link(index, &change).map_err(apply_err(what("name and mtu")))?;
         for a in &i.addresses {
             let text = format!("{}/{}", a.address, a.prefix_len);
@@ -141,13 +144,21 @@ async fn apply_with(nl: &mut Netlink, interfaces: &[Interface], routes: &[Route]
     Ok(())
 }
 
-/// The index of the NIC with `mac`. virtio-net is probed before init runs, but allow a moment
-/// for a slow probe.
-async fn nic_with_mac(nl: &mut Netlink, mac: &[u8]) -> Result<Option<u32>, NetworkError> {
+/// The index of the NIC for the pod interface with `mac`, and whether it must take that MAC:
+/// the NIC with the MAC, or, in a pod of one interface whose VM has one NIC with another MAC,
+/// that NIC. A VM restored from a snapshot has the NIC of the VM the snapshot was made of, with
+/// that VM's MAC; the pod's CNI set up its interface (and perhaps the neighbours' entries) with
+/// its own. virtio-net is probed before init runs, but allow a moment for a slow probe.
+async fn nic_for(nl: &mut Netlink, mac: &[u8], interfaces: usize) -> Result<Option<(u32, bool)>, NetworkError> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        if let Some(l) = nl.links()?.iter().find(|l| l.mac == mac) {
-            return Ok(Some(l.index));
+        let links = nl.links()?;
+        if let Some(l) = links.iter().find(|l| l.mac == mac) {
+            return Ok(Some((l.index, false)));
+        }
+        let nics: Vec<_> = links.iter().filter(|l| !l.loopback && l.mac.len() == mac.len()).collect();
+        if let ([nic], 1) = (nics.as_slice(), interfaces) {
+            return Ok(Some((nic.index, true)));
         }
         if Instant::now() > deadline {
             return Ok(None);

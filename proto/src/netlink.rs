@@ -154,6 +154,8 @@ pub struct LinkChange<'a> {
     pub up: Option<bool>,
     pub mtu: Option<u32>,
     pub name: Option<&'a str>,
+    /// The link's hardware address.
+    pub mac: Option<&'a [u8]>,
 }
 
 /// A request being written: the netlink header, the family's fixed header, then attributes.
@@ -421,6 +423,9 @@ impl Netlink {
         if let Some(mtu) = change.mtu {
             req.attr(IFLA_MTU, &mtu.to_ne_bytes());
         }
+        if let Some(mac) = change.mac {
+            req.attr(IFLA_ADDRESS, mac);
+        }
         self.exchange("change a network interface", req).map(drop)
     }
 
@@ -610,8 +615,8 @@ mod tests {
             let a2 = nl.links().unwrap().into_iter().find(|l| l.index == a.index).unwrap();
             assert_eq!(a2.mtu, 1400);
             assert!(a2.up);
-            nl.set_link(b.index, &LinkChange { name: Some("renamed0"), ..Default::default() }).unwrap();
-            assert!(nl.links().unwrap().iter().any(|l| l.index == b.index && l.name == "renamed0"));
+            nl.set_link(b.index, &LinkChange { name: Some("renamed0"), mac: Some(&[2, 0, 0, 0, 0, 0x42]), ..Default::default() }).unwrap();
+            assert!(nl.links().unwrap().iter().any(|l| l.index == b.index && l.name == "renamed0" && l.mac == [2, 0, 0, 0, 0, 0x42]), "renamed, with the new MAC");
 
             nl.add_address(a.index, "198.18.0.5".parse().unwrap(), 24).unwrap();
             nl.add_address(a.index, "198.18.0.5".parse().unwrap(), 24).unwrap();

@@ -10,7 +10,7 @@
 //!   are in;
 //! - a pod through containerd: `ctr run --rm IMAGE ID sh -c 'echo ready'` with the shim on
 //!   each engine (`--runtime-config-path`), and runc as the baseline, median of `ROUNDS`; and
-//!   QEMU/KVM pods restored from a snapshot against booted ones.
+//!   pods restored from a snapshot against booted ones, on each engine.
 //!
 //! Run with `scripts/bench` (root, containerd, QEMU, the guest image, and a real KVM or what
 //! the L1 KVM host needs).
@@ -169,9 +169,10 @@ async fn bench() {
 
     let c = Containerd::start("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]").expect("containerd starts");
     c.import_busybox().expect("image");
-    // The third: QEMU/KVM pods restored from a snapshot (the warm-up run makes it).
+    // The third and fourth: pods restored from a snapshot on each engine (the warm-up run
+    // makes it).
     let snapshots = format!("snapshots = true\nsnapshot_dir = \"{}\"\n", dir.path().join("snapshots").display());
-    let configs: Vec<_> = [("builtin", "builtin", ""), ("qemu", "qemu", ""), ("qemu-restored", "qemu", snapshots.as_str())]
+    let configs: Vec<_> = [("builtin", "builtin", ""), ("qemu", "qemu", ""), ("qemu-restored", "qemu", snapshots.as_str()), ("builtin-restored", "builtin", snapshots.as_str())]
         .iter()
         .map(|(name, h, extra)| {
             let p = dir.path().join(format!("{name}.toml"));
@@ -180,7 +181,13 @@ async fn bench() {
         })
         .collect();
     let hull = "io.containerd.hull.v2";
-    let runs = [("io.containerd.runc.v2", None), (hull, Some(configs[0].as_path())), (hull, Some(configs[1].as_path())), (hull, Some(configs[2].as_path()))];
+    let runs = [
+        ("io.containerd.runc.v2", None),
+        (hull, Some(configs[0].as_path())),
+        (hull, Some(configs[1].as_path())),
+        (hull, Some(configs[2].as_path())),
+        (hull, Some(configs[3].as_path())),
+    ];
     // Warm the page cache and each path once.
     for (i, (runtime, config)) in runs.iter().enumerate() {
         ctr_run(&c, runtime, *config, &format!("warm-{i}"));
@@ -191,7 +198,7 @@ async fn bench() {
             times[i].push(ctr_run(&c, runtime, *config, &format!("run-{i}-{round}")));
         }
     }
-    let [runc, builtin, qemu, restored]: [Duration; 4] = times.into_iter().map(median).collect::<Vec<_>>().try_into().expect("four");
+    let [runc, builtin, qemu, restored, builtin_restored]: [Duration; 5] = times.into_iter().map(median).collect::<Vec<_>>().try_into().expect("five");
     println!(
         "ctr run --rm (echo), median of {ROUNDS}: hull builtin {:.0} ms, hull QEMU/KVM {:.0} ms, runc {:.0} ms; builtin/QEMU = {:.2}, builtin/runc = {:.1}, QEMU/runc = {:.1}",
         ms(builtin),
@@ -207,6 +214,13 @@ async fn bench() {
         ms(qemu),
         ms(restored) / ms(qemu),
         ms(restored) / ms(runc)
+    );
+    println!(
+        "ctr run --rm (echo), median of {ROUNDS}: hull builtin restored from a snapshot {:.0} ms, booted {:.0} ms; restored/booted = {:.2}, restored/runc = {:.1}",
+        ms(builtin_restored),
+        ms(builtin),
+        ms(builtin_restored) / ms(builtin),
+        ms(builtin_restored) / ms(runc)
     );
 }
 

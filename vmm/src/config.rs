@@ -58,6 +58,9 @@ pub enum TapSource {
     Name(String),
     /// An open tap fd this process owns (the shim hands it over as a child's fd).
     Fd(i32),
+    /// No tap: a NIC with no cable, for a VM a snapshot is made of (each VM restored from it
+    /// gets a tap of its own).
+    None,
 }
 
 #[derive(Debug, Clone)]

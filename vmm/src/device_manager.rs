@@ -137,10 +137,12 @@ pub fn attach_block(pending: &mut PendingVirtio, index: usize, disk: &DiskConfig
 pub fn attach_net(pending: &mut PendingVirtio, index: usize, nic: &NicConfig) -> Result<(), AttachError> {
     let name = format!("net{index}");
     let tap = match &nic.tap {
-        TapSource::Name(t) => virtio::net::Tap::open(t),
+        TapSource::Name(t) => Some(virtio::net::Tap::open(t)),
         // SAFETY: the configuration says this process owns the fd (CLI `--net fd=N`).
-        TapSource::Fd(fd) => unsafe { virtio::net::Tap::from_raw_fd(*fd) },
+        TapSource::Fd(fd) => Some(unsafe { virtio::net::Tap::from_raw_fd(*fd) }),
+        TapSource::None => None,
     }
+    .transpose()
     .map_err(|source| AttachError::Net { name: name.clone(), source })?;
     pending.add(name, virtio::net::NetDevice::new(tap, nic.mac));
     Ok(())

@@ -11,8 +11,10 @@
 //! reset so that the driver drops the saved VM's connections and reads its new CID. Its memory
 //! is its own copy of `memory`: nothing writable is shared with the snapshot or another VM.
 //!
-//! Devices another process serves (vhost-user) have state hull-vmm cannot read: a VM with one
-//! is not saved.
+//! A device another process serves (vhost-user) is saved as its queues' positions, which its
+//! backend gives back (GET_VRING_BASE); a restored VM hands those queues to its own backend.
+//! What the backend itself holds (a FUSE session) is not saved: a VM is saved before its guest
+//! has used such a device (hull's template VMs mount no share).
 
 use std::fs::File;
 use std::io::Write;

@@ -15,7 +15,7 @@ pub const VHOST_FS: &str = "vhost-fs.sock";
 
 /// Starts one `hull-vmm vhost-user ...` backend whose messages go to `log` in the VM directory,
 /// and waits until it serves its vhost-user socket `socket` (in the VM's socket directory).
-async fn start(at: &Placement<'_>, what: &'static str, args: Vec<OsString>, needs: Needs, socket: &str, log: &str) -> Result<Watched, HypervisorError> {
+async fn start(at: &Placement<'_>, what: &'static str, args: Vec<OsString>, needs: Needs<'_>, socket: &str, log: &str) -> Result<Watched, HypervisorError> {
     let (spec, dir) = (at.spec, at.dir);
     let host_socket = dir.run().join(socket);
     let mut all: Vec<OsString> = ["--log-level", "warn", "--open-files", &spec.open_files.to_string(), "vhost-user"].iter().map(OsString::from).collect();

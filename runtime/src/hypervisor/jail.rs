@@ -93,7 +93,7 @@ pub fn kill_jailed(waiter: u32) -> bool {
 
 /// What a VM process needs from the host.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Needs {
+pub struct Needs<'a> {
     /// The guest kernel and initramfs (a VMM).
     pub kernel: bool,
     /// /dev/kvm.
@@ -103,7 +103,12 @@ pub struct Needs {
     pub share: bool,
     /// The VM's memory directory (`prepare_memory`), writable at `/memory`.
     pub memory: bool,
+    /// A snapshot to restore (a directory), read-only at `/snapshot`.
+    pub snapshot: Option<&'a Path>,
 }
+
+/// Where a jailed VM process sees the snapshot it restores (`Needs::snapshot`).
+pub const SNAPSHOT_IN_JAIL: &str = "/snapshot";
 
 /// Read-only system directories a dynamically linked program needs (the jail binds the ones
 /// this host has; on a merged-/usr host /lib and /lib64 are links into /usr). A static program
@@ -177,6 +182,16 @@ impl Placement<'_> {
         self.spec.share.as_ref().map(|s| self.seen("/share", &s.dir))
     }
 
+    /// The VM's memory directory (`prepare_memory`), as a VM process sees it.
+    pub fn memory_dir(&self) -> PathBuf {
+        self.seen("/memory", &self.dir.memory())
+    }
+
+    /// A snapshot directory on the host, as the VM process restoring it sees it.
+    pub fn snapshot(&self, host: &Path) -> PathBuf {
+        self.seen(SNAPSHOT_IN_JAIL, host)
+    }
+
     /// The guest RAM file (`prepare_memory`), as a VM process sees it.
     pub fn memory_file(&self) -> PathBuf {
         if self.jailed() { Path::new("/memory").join(RAM_FILE) } else { self.dir.memory().join(RAM_FILE) }
@@ -191,7 +206,7 @@ impl Placement<'_> {
     /// `args`, jailed for `needs` unless the VM runs unjailed. `role` names the process's own
     /// jail root (`<vm dir>/root/<role>/`): no process sees even the mount points of another's
     /// binds.
-    pub fn command(&self, role: &str, program: &Path, args: Vec<OsString>, needs: Needs) -> Result<Command, HypervisorError> {
+    pub fn command(&self, role: &str, program: &Path, args: Vec<OsString>, needs: Needs<'_>) -> Result<Command, HypervisorError> {
         let Some(jail) = self.spec.jail else {
             let mut cmd = Command::new(program);
             cmd.args(args);
@@ -235,6 +250,9 @@ impl Placement<'_> {
         }
         if needs.memory {
             bind(&self.dir.memory(), Path::new("/memory"), false);
+        }
+        if let Some(snapshot) = needs.snapshot {
+            bind(snapshot, Path::new(SNAPSHOT_IN_JAIL), true);
         }
         if needs.kvm {
             // A node of the process's own in a /dev private to the jail (hull-vmm's `jail`).

@@ -81,7 +81,7 @@ impl Engine {
     pub fn hypervisor(self, binaries: &Binaries) -> Box<dyn Hypervisor> {
         match self {
             Engine::Qemu(accel) => Box::new(qemu::Qemu { qemu: binaries.qemu.clone(), vmm: binaries.vmm.clone(), accel, mode: qemu::Mode::Boot }),
-            Engine::Builtin => Box::new(builtin::Builtin { vmm: binaries.vmm.clone() }),
+            Engine::Builtin => Box::new(builtin::Builtin { vmm: binaries.vmm.clone(), mode: builtin::Mode::Boot }),
         }
     }
 }

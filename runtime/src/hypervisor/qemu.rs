@@ -194,7 +194,7 @@ impl Qemu {
         }
         args.extend(spec.vmm_extra.iter().map(OsString::from));
         // QEMU serves no share itself: it runs unprivileged.
-        let needs = Needs { kernel: true, kvm: self.accel == Accel::Kvm, share: false, memory: file_backed };
+        let needs = Needs { kernel: true, kvm: self.accel == Accel::Kvm, share: false, memory: file_backed, snapshot: None };
         let mut cmd = at.command("qemu", &self.qemu, args, needs)?;
         if let Some(nic) = &spec.nic {
             pass_tap(&mut cmd, nic.tap_fd);

@@ -1,6 +1,14 @@
-//! Pods restored from a snapshot instead of booted (`Config::snapshots`, QEMU engine).
+//! Pods restored from a snapshot instead of booted (`Config::snapshots`), on either engine.
 //!
-//! A snapshot is a VM booted from hull's kernel and root (image or initramfs) to agent ready, saved: no tenant
+//! The builtin engine: hull-vmm saves its template itself (`hull-vmm ctl ... snapshot`, see
+//! hull-vmm's `snapshot`) with the pod's devices in place (its NIC without a tap, its share on
+//! a backend of its own serving an empty directory; the guest has mounted neither), into the
+//! template's memory directory, and the runtime keeps `vm.json` and `memory` from there. A pod
+//! restored from it is `hull-vmm boot --restore` with the pod's own tap, share backend and
+//! vsock CID (the guest takes its new CID from a transport reset, and its agent gives the NIC
+//! the pod's MAC); then CreateSandbox gives it the wall clock and fresh entropy.
+//!
+//! QEMU: a snapshot is a VM booted from hull's kernel and root (image or initramfs) to agent ready, saved: no tenant
 //! has run anything in it, and it has no pod's devices (QEMU 7.2 cannot migrate vhost-user ones;
 //! its vsock is ejected before the save). Its guest RAM lives in a file (`jail::prepare_memory`),
 //! kept as `memory` (the pages with data only), and QEMU's migration stream, `state`, holds the
@@ -26,14 +34,16 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::builtin::{self, Builtin, API_SOCKET};
 use super::jail::Placement;
 use super::qemu::{self, Mode, Qemu, INCOMING_SOCKET};
 use super::qmp::{Qmp, QmpError, QMP_SOCKET};
-use super::{Accel, GuestRoot, HypervisorError, Vm, VmDir, VmSpec};
+use super::{Accel, Engine, GuestRoot, HypervisorError, Share, Vm, VmDir, VmSpec};
 
 /// Bumped when what a snapshot holds changes in a way `Made` does not see.
 /// 2: the root is recorded as what it is (image or initramfs) with its content's hash.
-const FORMAT: u32 = 2;
+/// 3: the VMM program is recorded as `vmm` (QEMU, or hull-vmm for the builtin engine).
+const FORMAT: u32 = 3;
 /// The socket QEMU saves a template to.
 const SAVE_SOCKET: &str = "snapshot.sock";
 const STATE: &str = "state";
@@ -61,6 +71,14 @@ pub enum SnapshotError {
     Timeout { what: &'static str, secs: u64 },
     #[error("QEMU stopped while {what}; its log: {log}")]
     QemuExited { what: &'static str, log: String },
+    #[error("hull-vmm refused {request:?}: {reply}")]
+    VmmRefused { request: String, reply: String },
+    #[error("hull-vmm did not answer {request:?} within {secs} s.")]
+    VmmTimeout { request: String, secs: u64 },
+    #[error("The restored hull-vmm stopped before its agent answered: {0}")]
+    VmmExited(#[source] HypervisorError),
+    #[error("The template's {what} is not a regular file: {path:?}.")]
+    NotAFile { what: &'static str, path: PathBuf },
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
@@ -152,8 +170,9 @@ pub struct Made {
     /// `image` or `initramfs`, and the SHA-256 of its content.
     root: String,
     root_sha256: String,
-    /// QEMU's path, size and modification time: a QEMU upgrade changes its machine.
-    qemu: String,
+    /// The VMM program's path, size and modification time (QEMU, or hull-vmm for the builtin
+    /// engine): an upgrade changes its machine, or its snapshot format.
+    vmm: String,
     vcpus: u32,
     memory_mib: u32,
     cmdline_extra: Vec<String>,
@@ -167,8 +186,8 @@ fn sha256_of(path: &Path) -> Result<String, SnapshotError> {
 }
 
 impl Made {
-    fn of(engine: &str, qemu: &Path, spec: &VmSpec) -> Result<Made, SnapshotError> {
-        let resolved = super::jail::resolve(qemu).map_err(SnapshotError::Restore)?;
+    fn of(engine: &str, vmm: &Path, spec: &VmSpec) -> Result<Made, SnapshotError> {
+        let resolved = super::jail::resolve(vmm).map_err(SnapshotError::Restore)?;
         let meta = std::fs::metadata(&resolved).map_err(io("read", &resolved))?;
         let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default();
         Ok(Made {
@@ -180,7 +199,7 @@ impl Made {
                 GuestRoot::Initramfs(_) => "initramfs".into(),
             },
             root_sha256: sha256_of(spec.root.path())?,
-            qemu: format!("{} {} bytes, modified {}.{:09}", resolved.display(), meta.len(), mtime.as_secs(), mtime.subsec_nanos()),
+            vmm: format!("{} {} bytes, modified {}.{:09}", resolved.display(), meta.len(), mtime.as_secs(), mtime.subsec_nanos()),
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
             cmdline_extra: spec.cmdline_extra.clone(),
@@ -205,7 +224,7 @@ impl Made {
             ("format", self.format != other.format),
             ("kernel", self.kernel_sha256 != other.kernel_sha256),
             ("root", self.root != other.root || self.root_sha256 != other.root_sha256),
-            ("qemu", self.qemu != other.qemu),
+            ("vmm", self.vmm != other.vmm),
             ("kernel_params", self.cmdline_extra != other.cmdline_extra),
         ] {
             if differs {
@@ -221,20 +240,39 @@ pub struct Snapshots {
     pub dir: PathBuf,
     pub qemu: PathBuf,
     pub vmm: PathBuf,
-    pub accel: Accel,
+    pub engine: Engine,
     /// For the template's boot.
     pub boot_timeout: Duration,
 }
 
+/// The files of a builtin snapshot, as hull-vmm writes and reads them.
+const BUILTIN_STATE: &str = "vm.json";
+
 impl Snapshots {
     fn engine(&self, mode: Mode) -> Qemu {
-        Qemu { qemu: self.qemu.clone(), vmm: self.vmm.clone(), accel: self.accel, mode }
+        let accel = match self.engine {
+            Engine::Qemu(accel) => accel,
+            Engine::Builtin => Accel::Kvm,
+        };
+        Qemu { qemu: self.qemu.clone(), vmm: self.vmm.clone(), accel, mode }
     }
 
-    fn engine_name(&self) -> &'static str {
-        match self.accel {
-            Accel::Kvm => "qemu-kvm",
-            Accel::Tcg => "qemu-tcg",
+    /// The engine as a snapshot's family names it. A builtin snapshot holds the pod's devices,
+    /// so a pod with a NIC and one without have snapshots of their own.
+    fn engine_name(&self, spec: &VmSpec) -> &'static str {
+        match (self.engine, spec.nic.is_some()) {
+            (Engine::Qemu(Accel::Kvm), _) => "qemu-kvm",
+            (Engine::Qemu(Accel::Tcg), _) => "qemu-tcg",
+            (Engine::Builtin, false) => "builtin",
+            (Engine::Builtin, true) => "builtin-nic",
+        }
+    }
+
+    /// The program whose upgrade makes a snapshot stale.
+    fn vmm_program(&self) -> PathBuf {
+        match self.engine {
+            Engine::Qemu(_) => self.qemu.clone(),
+            Engine::Builtin => self.vmm.clone(),
         }
     }
 
@@ -243,8 +281,8 @@ impl Snapshots {
     /// plugged in; its agent is waited for as a booted one's. On failure nothing is left
     /// running.
     pub async fn restore(&self, spec: &VmSpec, dir: VmDir, template_dir: VmDir) -> Result<Vm, SnapshotError> {
-        let (engine, qemu, want) = (self.engine_name(), self.qemu.clone(), spec.clone());
-        let made = tokio::task::spawn_blocking(move || Made::of(engine, &qemu, &want)).await.map_err(|e| SnapshotError::Io {
+        let (engine, program, want) = (self.engine_name(spec), self.vmm_program(), spec.clone());
+        let made = tokio::task::spawn_blocking(move || Made::of(engine, &program, &want)).await.map_err(|e| SnapshotError::Io {
             what: "hash the guest image for",
             path: spec.kernel.clone(),
             source: std::io::Error::other(e),
@@ -260,6 +298,9 @@ impl Snapshots {
             let _ = std::fs::remove_dir_all(&at);
             return Err(SnapshotError::Io { what: "use", path: at, source: std::io::Error::other(format!("made by another {}", made.changed_from(&theirs).join(", "))) });
         }
+        if self.engine == Engine::Builtin {
+            return self.start_builtin(spec, &at, dir).await;
+        }
         let state = tokio::fs::File::open(at.join(STATE)).await.map_err(io("open", &at.join(STATE)))?;
         // The VM's RAM, its own copy, in place before QEMU maps it.
         std::fs::create_dir_all(dir.path()).map_err(io("create", dir.path()))?;
@@ -269,13 +310,36 @@ impl Snapshots {
             // The pod boots instead, with memory of its own: the copy would hold its pages
             // until the pod ends.
             let _ = std::fs::remove_file(&ram);
-            if matches!(e, SnapshotError::QemuExited { .. }) {
+            if matches!(e, SnapshotError::QemuExited { .. } | SnapshotError::VmmExited(_)) {
                 // QEMU refused the snapshot itself: the next pod makes a new one.
                 tracing::warn!(snapshot = ?at, error = %e, "snapshot QEMU cannot load: removed");
                 let _ = std::fs::remove_dir_all(&at);
             }
         }
         result
+    }
+
+    /// `hull-vmm boot --restore` on the snapshot at `at` with the pod's devices, until its
+    /// agent answers (the VM's own copy of the memory is made by hull-vmm). A hull-vmm that
+    /// refuses the snapshot removes it: the next pod makes a new one.
+    async fn start_builtin(&self, spec: &VmSpec, at: &Path, dir: VmDir) -> Result<Vm, SnapshotError> {
+        std::fs::create_dir_all(dir.path()).map_err(io("create", dir.path()))?;
+        let restore = Builtin { vmm: self.vmm.clone(), mode: builtin::Mode::Restore(at.to_path_buf()) };
+        let vm = Vm::start(&restore, spec, dir).await.map_err(SnapshotError::Restore)?;
+        match vm.wait_for_agent(self.boot_timeout).await {
+            Ok(conn) => {
+                drop(conn);
+                Ok(vm)
+            }
+            Err(e) => {
+                vm.kill().await;
+                if matches!(e, HypervisorError::VmmExited { .. }) {
+                    tracing::warn!(snapshot = ?at, error = %e, "snapshot hull-vmm cannot restore: removed");
+                    let _ = std::fs::remove_dir_all(at);
+                }
+                Err(SnapshotError::VmmExited(e))
+            }
+        }
     }
 
     /// Copies the snapshot's memory to `ram`, starts QEMU on it and loads `state` into it.
@@ -415,6 +479,9 @@ impl Snapshots {
     /// ejected; the stopped machine is saved in the directory `out`. Returns the snapshot's
     /// size (state and the memory pages with data).
     async fn save_template(&self, spec: &VmSpec, out: &Path, dir: VmDir) -> Result<u64, SnapshotError> {
+        if self.engine == Engine::Builtin {
+            return self.save_builtin_template(spec, out, dir).await;
+        }
         let template = VmSpec { share: None, nic: None, ..spec.clone() };
         std::fs::create_dir_all(dir.path()).map_err(io("create", dir.path()))?;
         super::jail::prepare_memory(&template, &dir).map_err(SnapshotError::Template)?;
@@ -424,6 +491,52 @@ impl Snapshots {
         crate::pod::share::umount_tree(dir.path());
         crate::pod::share::remove_tree(dir.path());
         result
+    }
+
+    /// The builtin template: booted with the pod's devices (the share on a backend of its own
+    /// serving an empty directory, the NIC without a tap), saved by hull-vmm into its memory
+    /// directory at agent ready, then stopped; the snapshot's files go to `out`. Returns the
+    /// snapshot's size (state and the memory pages with data).
+    async fn save_builtin_template(&self, spec: &VmSpec, out: &Path, dir: VmDir) -> Result<u64, SnapshotError> {
+        let share_dir = dir.path().join("share");
+        std::fs::create_dir_all(&share_dir).map_err(io("create", &share_dir))?;
+        let template = VmSpec { share: spec.share.as_ref().map(|s| Share { tag: s.tag.clone(), dir: share_dir.clone() }), ..spec.clone() };
+        super::jail::prepare_memory(&template, &dir).map_err(SnapshotError::Template)?;
+        let hypervisor = Builtin { vmm: self.vmm.clone(), mode: builtin::Mode::Template };
+        let vm = Vm::start(&hypervisor, &template, dir.clone()).await.map_err(SnapshotError::Template)?;
+        let result = self.save_builtin(&vm, &template, &dir, out).await;
+        vm.kill().await;
+        crate::pod::share::umount_tree(dir.path());
+        crate::pod::share::remove_tree(dir.path());
+        result
+    }
+
+    async fn save_builtin(&self, vm: &Vm, spec: &VmSpec, dir: &VmDir, out: &Path) -> Result<u64, SnapshotError> {
+        drop(vm.wait_for_agent(self.boot_timeout).await.map_err(SnapshotError::Template)?);
+        let api = dir.run().join(API_SOCKET);
+        vmm_request(&api, "pause").await?;
+        let inside = Placement { spec, dir, vmm: &self.vmm }.memory_dir();
+        vmm_request(&api, &format!("snapshot {}", inside.display())).await?;
+        // The template's memory directory is its VMM's to write: its files are taken as files,
+        // never through a link, and its state no larger than a VM's state is.
+        let memory = dir.memory();
+        let state_from = memory.join(BUILTIN_STATE);
+        let state = read_regular(&state_from, MAX_STATE)?;
+        let state_to = out.join(BUILTIN_STATE);
+        let mut f = std::fs::File::create(&state_to).map_err(io("create", &state_to))?;
+        f.write_all(&state).and_then(|()| f.sync_all()).map_err(io("write", &state_to))?;
+        let (from, to, size) = (memory.join(MEMORY), out.join(MEMORY), u64::from(spec.memory_mib) << 20);
+        let kept = tokio::task::spawn_blocking(move || copy_pages(&from, &to, size, None).and_then(|n| std::fs::File::open(&to)?.sync_all().map(|()| n)))
+            .await
+            .map_err(|e| SnapshotError::Io { what: "save the template's memory in", path: out.into(), source: std::io::Error::other(e) })?
+            .map_err(io("save the template's memory in", out))?;
+        // The restored VMM, unprivileged in its jail, reads them through its bind of `out`
+        // (the snapshot directory above stays root's alone: no one else reaches them).
+        use std::os::unix::fs::PermissionsExt;
+        for (path, mode) in [(out.to_path_buf(), 0o755), (state_to, 0o644), (out.join(MEMORY), 0o644)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(io("open up", &path))?;
+        }
+        Ok(state.len() as u64 + kept)
     }
 
     async fn save(&self, vm: &Vm, spec: &VmSpec, dir: &VmDir, out: &Path) -> Result<u64, SnapshotError> {
@@ -463,6 +576,41 @@ impl Snapshots {
     }
 }
 
+/// The content of the regular file `path` (not a link), at most `limit` bytes.
+fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, SnapshotError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(io("open", path))?;
+    if !file.metadata().map_err(io("read", path))?.is_file() {
+        return Err(SnapshotError::NotAFile { what: "state", path: path.into() });
+    }
+    let mut data = Vec::new();
+    file.take(limit + 1).read_to_end(&mut data).map_err(io("read", path))?;
+    if data.len() as u64 > limit {
+        return Err(SnapshotError::TooBig);
+    }
+    Ok(data)
+}
+
+/// One request on hull-vmm's control socket (a line each way; hull-vmm's `api`), answered
+/// within 60 s (a snapshot writes the guest's memory).
+async fn vmm_request(socket: &Path, request: &str) -> Result<String, SnapshotError> {
+    use tokio::io::AsyncBufReadExt;
+    let limit = Duration::from_secs(60);
+    let exchange = async {
+        let mut stream = tokio::net::UnixStream::connect(socket).await?;
+        stream.write_all(format!("{request}\n").as_bytes()).await?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(stream).take(4096).read_line(&mut line).await?;
+        Ok::<_, std::io::Error>(line.trim().to_string())
+    };
+    let reply = tokio::time::timeout(limit, exchange).await.map_err(|_| SnapshotError::VmmTimeout { request: request.into(), secs: limit.as_secs() })?.map_err(io("talk to hull-vmm at", socket))?;
+    if !reply.starts_with("ok") {
+        return Err(SnapshotError::VmmRefused { request: request.into(), reply });
+    }
+    Ok(reply)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,7 +622,7 @@ mod tests {
             kernel_sha256: "k".into(),
             root: "image".into(),
             root_sha256: "i".into(),
-            qemu: "/usr/bin/qemu-system-x86_64 1 bytes, modified 1.0".into(),
+            vmm: "/usr/bin/qemu-system-x86_64 1 bytes, modified 1.0".into(),
             vcpus: 1,
             memory_mib: 256,
             cmdline_extra: vec![],

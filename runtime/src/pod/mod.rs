@@ -204,11 +204,7 @@ impl Pod {
         if !config.snapshots {
             return None;
         }
-        let Engine::Qemu(accel) = engine else {
-            tracing::info!(engine = ?engine, "snapshots are not available on this engine: booting");
-            return None;
-        };
-        let snapshots = Snapshots { dir: config.snapshot_dir.clone(), qemu: config.qemu.clone(), vmm: config.vmm.clone(), accel, boot_timeout: Duration::from_secs(config.boot_timeout_secs) };
+        let snapshots = Snapshots { dir: config.snapshot_dir.clone(), qemu: config.qemu.clone(), vmm: config.vmm.clone(), engine, boot_timeout: Duration::from_secs(config.boot_timeout_secs) };
         let template = VmDir::new(dir.path().join("template"));
         match snapshots.restore(vm_spec, dir.vm(), template).await {
             Ok(vm) => Some(vm),

@@ -76,3 +76,38 @@ fn ctr_pods_restored_from_a_snapshot_on_qemu_with_kvm() {
     assert!(log.contains("engine=Qemu(Kvm)"), "QEMU with KVM ran them: {log}");
     assert!(c.pod_processes().is_empty(), "left behind: {:?}", c.pod_processes());
 }
+
+/// The builtin engine restores pods from its own snapshot (`hull-vmm ctl ... snapshot` of a
+/// template booted with the pod's devices, `hull-vmm boot --restore` per pod, each with its own
+/// vsock CID and share backend): two `ctr run`s, the first making the snapshot, both restored,
+/// each with its own output, exit code, hostname and random numbers, and its container's
+/// rootfs served by its own virtio-fs backend (the share is first mounted after the restore).
+#[test]
+fn ctr_pods_restored_from_a_snapshot_on_the_builtin_engine() {
+    require_containerd!();
+    hull_tests::on_real_kvm!("pod::ctr_pods_restored_from_a_snapshot_on_the_builtin_engine");
+    let c = scenario::containerd();
+    let config = c.dir.path().join("hull.toml");
+    std::fs::write(&config, format!("hypervisor = \"builtin\"\nsnapshots = true\nsnapshot_dir = \"{}\"\n", c.dir.path().join("snapshots").display())).expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let mut random = Vec::new();
+    for (id, code) in [("restored-1", 4), ("restored-2", 5)] {
+        scenario::step(id);
+        let script = format!("echo hello from $(hostname); head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; exit {code}");
+        let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, "--runtime-config-path", &config, IMAGE, id, "sh", "-c", &script]).expect("ctr runs");
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(code), "stdout: {stdout}\nstderr: {}\ncontainerd log:\n{}", text(&out.stderr), c.log());
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.first(), Some(&format!("hello from {id}").as_str()), "{stdout}");
+        random.push(lines.get(1).map(|l| l.to_string()).unwrap_or_default());
+    }
+    assert_eq!(random[0].len(), 32, "{random:?}");
+    assert_ne!(random[0], random[1], "two pods restored from one snapshot draw different random numbers");
+    let log = c.log();
+    let ready: Vec<&str> = log.lines().filter(|l| l.contains("pod VM ready")).collect();
+    assert_eq!(ready.len(), 2, "{log}");
+    assert!(ready.iter().all(|l| l.contains("restored=true")), "both pods restored, not booted: {ready:?}\n{log}");
+    assert!(log.contains("engine=Builtin"), "the builtin engine ran them: {log}");
+    assert!(log.contains("snapshot made"), "{log}");
+    assert!(c.pod_processes().is_empty(), "left behind: {:?}", c.pod_processes());
+}

@@ -59,7 +59,7 @@ enum Cmd {
         #[arg(long = "disk", value_parser = parse_disk)]
         disks: Vec<DiskConfig>,
         /// A virtio-net device on a tap: tap=NAME,mac=MAC or fd=N,mac=MAC (an inherited tap fd
-        /// opened with IFF_VNET_HDR).
+        /// opened with IFF_VNET_HDR), or none,mac=MAC (no tap: for a VM to save as a snapshot).
         #[arg(long = "net", value_parser = parse_nic)]
         nics: Vec<NicConfig>,
         /// A hybrid vsock device whose host side is this unix socket.
@@ -227,10 +227,11 @@ fn parse_nic(s: &str) -> Result<NicConfig, Box<dyn std::error::Error + Send + Sy
             Some(("tap", name)) => tap = Some(TapSource::Name(name.into())),
             Some(("fd", n)) => tap = Some(TapSource::Fd(n.parse().map_err(|_| format!("{n:?} is not an fd number"))?)),
             Some(("mac", m)) => mac = Some(hull_vmm::devices::virtio::net::parse_mac(m)?),
-            _ => return Err(format!("unknown net option {opt:?} (tap=NAME or fd=N, mac=MAC)").into()),
+            None if opt == "none" => tap = Some(TapSource::None),
+            _ => return Err(format!("unknown net option {opt:?} (tap=NAME, fd=N or none, mac=MAC)").into()),
         }
     }
-    let tap = tap.ok_or("a net device needs tap=NAME or fd=N")?;
+    let tap = tap.ok_or("a net device needs tap=NAME, fd=N or none")?;
     // A locally administered address when none is given.
     let mac = mac.unwrap_or([0x02, 0x68, 0x75, 0x6c, 0x6c, 0x00]);
     Ok(NicConfig { tap, mac })

@@ -158,6 +158,35 @@ impl VirtioDevice for FrontendDevice {
         Ok(())
     }
 
+    /// Takes the queues back from the backend (GET_VRING_BASE stops a vring and says where the
+    /// backend got to in its available ring; it has used all it took, as hull's backends
+    /// answer each request before the next) for a snapshot.
+    fn freeze(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> std::io::Result<()> {
+        let fail = |step: &'static str, socket: &Path| {
+            let socket = socket.to_path_buf();
+            move |source| std::io::Error::other(FrontendError::Handshake { socket, step, source })
+        };
+        for &index in &self.started {
+            self.frontend.set_vring_enable(index, false).map_err(fail("to stop a queue", &self.socket))?;
+            let base = self.frontend.get_vring_base(index).map_err(fail("GET_VRING_BASE", &self.socket))?;
+            if let Some(q) = queues.get_mut(index) {
+                let used = q.used_idx(mem, std::sync::atomic::Ordering::Acquire).map_err(std::io::Error::other)?;
+                q.set_next_avail(base as u16);
+                q.set_next_used(used.0);
+            }
+        }
+        Ok(())
+    }
+
+    fn thaw(&mut self, queues: &[Queue], kicks: &[EventFd], mem: &GuestMemoryMmap) -> std::io::Result<()> {
+        for index in self.started.clone() {
+            if let (Some(queue), Some(kick)) = (queues.get(index), kicks.get(index)) {
+                self.start_queue(index, queue, kick, mem).map_err(|source| std::io::Error::other(FrontendError::Handshake { socket: self.socket.clone(), step: "to restart a queue", source }))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Takes the queues back (GET_VRING_BASE stops a vring): from here on the backend no
     /// longer touches the rings the driver set up.
     fn reset(&mut self) {

@@ -57,6 +57,16 @@ pub trait VirtioDevice: Send {
     fn restored(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
         false
     }
+    /// A snapshot is taken: `queues` (the worker's) are brought up to where the device is in
+    /// each ring, and the device serves nothing until `thaw`. A device whose queues another
+    /// process serves takes them back from it here.
+    fn freeze(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// The snapshot is taken: serve `queues` again (`kicks` as in `activate`).
+    fn thaw(&mut self, _queues: &[Queue], _kicks: &[EventFd], _mem: &GuestMemoryMmap) -> std::io::Result<()> {
+        Ok(())
+    }
     /// Whether another process serves the queues (a vhost-user backend): the worker then
     /// leaves the queues' notifications to it, and the device gets them in `activate`.
     fn queues_served_elsewhere(&self) -> bool {

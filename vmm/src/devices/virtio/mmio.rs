@@ -122,8 +122,6 @@ pub struct TransportState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportSnapshotError {
-    #[error("The virtio device {0} is served by another process (vhost-user); a snapshot cannot hold its state.")]
-    ServedElsewhere(String),
     #[error("The snapshot's device {saved} (type {saved_type}, {saved_queues} queues) is not this VM's {name} (type {device_type}, {queues} queues).")]
     Mismatch { saved: String, saved_type: u32, saved_queues: usize, name: String, device_type: u32, queues: usize },
     #[error("The snapshot's queue {queue} of {name} is not valid: {source:?}.")]
@@ -375,16 +373,10 @@ impl MmioTransport {
         self.queue_sel = 0;
     }
 
-    /// Stops the device's worker and returns the device's state; the worker stays stopped until
-    /// `thaw`. A device another process serves is refused.
+    /// Stops the device's worker (and a vhost-user backend's queues) and returns the device's
+    /// state; the worker stays stopped until `thaw`.
     pub fn freeze(&mut self) -> Result<TransportState, TransportSnapshotError> {
-        let device_type = {
-            let d = lock(&self.device);
-            if d.queues_served_elsewhere() {
-                return Err(TransportSnapshotError::ServedElsewhere(self.name.clone()));
-            }
-            d.device_type()
-        };
+        let device_type = lock(&self.device).device_type();
         let live = self.worker.freeze().map_err(|source| TransportSnapshotError::Worker { name: self.name.clone(), source })?;
         Ok(TransportState {
             name: self.name.clone(),

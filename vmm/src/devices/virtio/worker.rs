@@ -36,6 +36,8 @@ pub enum WorkerError {
     Activate(#[source] std::io::Error),
     #[error("the device cannot reset: {0}")]
     Reset(#[source] std::io::Error),
+    #[error("the device cannot stop for a snapshot: {0}")]
+    Freeze(#[source] std::io::Error),
 }
 
 enum Command {
@@ -52,7 +54,7 @@ enum Command {
 pub struct Worker {
     commands: mpsc::Sender<Command>,
     acks: mpsc::Receiver<std::io::Result<()>>,
-    frozen: mpsc::Receiver<Vec<QueueState>>,
+    frozen: mpsc::Receiver<std::io::Result<Vec<QueueState>>>,
     wake: EventFd,
     thread: Option<JoinHandle<()>>,
 }
@@ -116,7 +118,7 @@ impl Worker {
     /// worker has them; nothing touches guest memory or the device until `thaw`.
     pub fn freeze(&self) -> Result<Vec<QueueState>, WorkerError> {
         self.send(Command::Freeze)?;
-        self.frozen.recv().map_err(|_| WorkerError::Gone)
+        self.frozen.recv().map_err(|_| WorkerError::Gone)?.map_err(WorkerError::Freeze)
     }
 
     pub fn thaw(&self) -> Result<(), WorkerError> {
@@ -140,7 +142,7 @@ impl Drop for Worker {
     }
 }
 
-type Replies = (mpsc::Sender<std::io::Result<()>>, mpsc::Sender<Vec<QueueState>>);
+type Replies = (mpsc::Sender<std::io::Result<()>>, mpsc::Sender<std::io::Result<Vec<QueueState>>>);
 
 fn run(setup: WorkerSetup, epoll: Epoll, wake: EventFd, commands: mpsc::Receiver<Command>, (acks, frozen): Replies, host_count: usize) {
     let WorkerSetup { name, device, queue_evts, mem, interrupt, seccomp } = setup;
@@ -188,11 +190,15 @@ fn run(setup: WorkerSetup, epoll: Epoll, wake: EventFd, commands: mpsc::Receiver
                                 let _ = acks.send(Ok(()));
                             }
                             Command::Freeze => {
-                                let _ = frozen.send(queues.iter().map(|q| q.state()).collect());
+                                let stopped = lock(&device).freeze(&mut queues, &mem);
+                                let _ = frozen.send(stopped.map(|()| queues.iter().map(|q| q.state()).collect()));
                                 // Nothing is served until the snapshot is taken: the next
                                 // command is waited for here, not in epoll.
                                 match commands.recv() {
                                     Ok(Command::Thaw) => {
+                                        if let Err(e) = lock(&device).thaw(&queues, &queue_evts, &mem) {
+                                            tracing::error!(device = %name, error = %e, "virtio worker: the device cannot go on after a snapshot");
+                                        }
                                         // Host fds watched edge-triggered may have become
                                         // readable meanwhile without another edge to come.
                                         for i in 0..host_count {

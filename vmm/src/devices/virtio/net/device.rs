@@ -11,7 +11,8 @@ use super::*;
 use crate::devices::virtio::device::{read_config_bytes, DeviceEvent, VirtioDevice};
 
 pub struct NetDevice {
-    tap: Tap,
+    /// None: a NIC with no cable (a snapshot's template VM): frames sent are dropped, none come.
+    tap: Option<Tap>,
     mac: [u8; 6],
     /// A frame read from the tap that waits for an RX buffer (its length in `frame`).
     pending: Option<usize>,
@@ -21,7 +22,7 @@ pub struct NetDevice {
 }
 
 impl NetDevice {
-    pub fn new(tap: Tap, mac: [u8; 6]) -> NetDevice {
+    pub fn new(tap: Option<Tap>, mac: [u8; 6]) -> NetDevice {
         NetDevice { tap, mac, pending: None, frame: vec![0; HDR_LEN + MAX_FRAME], dropped: 0 }
     }
 
@@ -35,12 +36,15 @@ impl NetDevice {
                 Ok(mut r) if (HDR_LEN..=HDR_LEN + MAX_FRAME).contains(&r.available_bytes()) => {
                     let n = r.available_bytes();
                     match r.read_exact(&mut self.frame[..n]) {
-                        Ok(()) => {
-                            if let Err(e) = self.tap.write_frame(&self.frame[..n]) {
-                                self.dropped += 1;
-                                tracing::debug!(error = %e, "virtio-net: tap write failed; frame dropped");
+                        Ok(()) => match &mut self.tap {
+                            Some(tap) => {
+                                if let Err(e) = tap.write_frame(&self.frame[..n]) {
+                                    self.dropped += 1;
+                                    tracing::debug!(error = %e, "virtio-net: tap write failed; frame dropped");
+                                }
                             }
-                        }
+                            None => self.dropped += 1,
+                        },
                         Err(e) => {
                             self.dropped += 1;
                             tracing::warn!(error = %e, "virtio-net: unreadable TX chain dropped");
@@ -69,10 +73,11 @@ impl NetDevice {
     /// watched edge-triggered, so it is drained here whenever there are buffers.
     pub fn process_rx<M: GuestMemory>(&mut self, queue: &mut Queue, mem: &M) -> bool {
         let mut used = false;
+        let Some(tap) = &mut self.tap else { return false };
         loop {
             let n = match self.pending {
                 Some(n) => n,
-                None => match self.tap.read_frame(&mut self.frame) {
+                None => match tap.read_frame(&mut self.frame) {
                     Ok(n) if n >= HDR_LEN => n,
                     Ok(_) => continue,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => return used,
@@ -137,7 +142,7 @@ impl VirtioDevice for NetDevice {
     }
 
     fn host_fds(&self) -> Vec<RawFd> {
-        vec![self.tap.as_raw_fd()]
+        self.tap.iter().map(AsRawFd::as_raw_fd).collect()
     }
 
     fn host_fds_edge_triggered(&self) -> bool {

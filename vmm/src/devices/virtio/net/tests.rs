@@ -45,7 +45,7 @@ fn frames_flow_between_a_real_tap_and_the_queues() {
         let text = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).expect("mac");
         parse_mac(text.trim()).expect("host mac")
     };
-    let mut dev = NetDevice::new(tap, GUEST_MAC);
+    let mut dev = NetDevice::new(Some(tap), GUEST_MAC);
     let mut cfg = [0u8; 6];
     crate::devices::virtio::VirtioDevice::read_config(&dev, 0, &mut cfg);
     assert_eq!(cfg, GUEST_MAC);
