@@ -49,9 +49,9 @@
 //! # tracing filter for the shim's log.
 //! log_level = "info"
 //! # Start pods from a snapshot of a pod VM booted once to agent ready, instead of booting each
-//! # (QEMU engine; the builtin engine boots). One snapshot per engine and VM size is kept in
+//! # (either engine). One snapshot per engine and VM size is kept in
 //! # snapshot_dir, made by the first pod that needs it from a VM no tenant has touched, and
-//! # remade when the kernel, initramfs, QEMU or kernel_params that made it change. Every
+//! # remade when the kernel, initramfs, VMM or kernel_params that made it change. Every
 //! # restored pod gets a private copy of the snapshot's memory (README, "Snapshots").
 //! snapshots = false
 //! snapshot_dir = "/var/lib/hull/snapshots"

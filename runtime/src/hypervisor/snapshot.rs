@@ -598,7 +598,9 @@ async fn vmm_request(socket: &Path, request: &str) -> Result<String, SnapshotErr
     use tokio::io::AsyncBufReadExt;
     let limit = Duration::from_secs(60);
     let exchange = async {
-        let mut stream = tokio::net::UnixStream::connect(socket).await?;
+        // Through its descriptor: a pod's socket directory is longer than a socket address
+        // takes, and the directory is the VMM's to write (no link is followed).
+        let mut stream = crate::agent::client::connect_socket_file(socket).await?;
         stream.write_all(format!("{request}\n").as_bytes()).await?;
         let mut line = String::new();
         tokio::io::BufReader::new(stream).take(4096).read_line(&mut line).await?;

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use hull_tests::cri::{container_config, fetch, Cri, HTTPD, HULL, RUNC};
+use hull_tests::cri::{container_config, fetch, Cri, HTTPD, HULL, HULL_SNAPSHOTS, RUNC};
 use hull_tests::scenario::step;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -55,4 +55,57 @@ async fn a_cri_pod_of_two_containers_on_the_builtin_virtio_net_and_a_runc_pod_re
     assert!(left.is_ok(), "processes left after the pods were removed: {left:?}");
     let links = cri.in_containerd_netns("ip -o link show");
     assert!(!links.contains("veth"), "{links}");
+}
+
+/// Builtin-engine pods restored from a snapshot through CRI, with the CNI bridge: the template
+/// VM was saved with a NIC of its own MAC and no tap; each restored pod gets its tap, and its
+/// agent gives the NIC the MAC CNI chose. Two restored pods: their own hostnames, MACs, CIDs,
+/// random numbers and a clock set from the host's, and each serves the other over the bridge.
+#[tokio::test(flavor = "multi_thread")]
+async fn restored_cri_pods_on_the_builtin_engine_have_their_own_mac_and_reach_each_other() {
+    hull_tests::require_containerd!();
+    hull_tests::on_real_kvm!("cri::restored_cri_pods_on_the_builtin_engine_have_their_own_mac_and_reach_each_other");
+    let mut cri = Cri::start().await.expect("containerd with CRI starts");
+    let store = cri.snapshot_config("hypervisor = \"builtin\"").expect("hull config");
+    let mut seen = Vec::new();
+    let mut pods = Vec::new();
+    for name in ["snap-a", "snap-b"] {
+        step(&format!("cri: {name}, restored from the builtin snapshot"));
+        let pod = cri.run_pod(name, HULL_SNAPSHOTS).await;
+        let web = cri.start_container(&pod, container_config(&format!("{name}-web"), HTTPD, 0)).await;
+        let (hostname, _) = cri.exec(&web, &["hostname"]).await;
+        let (mac, _) = cri.exec(&web, &["cat", "/sys/class/net/eth0/address"]).await;
+        let (random, _) = cri.exec(&web, &["sh", "-c", "head -c 16 /dev/urandom | od -An -tx1"]).await;
+        let (guest_now, _) = cri.exec(&web, &["date", "+%s"]).await;
+        let host_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+        let skew = guest_now.trim().parse::<i64>().unwrap_or(i64::MAX) - host_now;
+        assert_eq!(hostname.trim(), name);
+        assert!(skew.abs() <= 2, "{name}'s clock is {skew} s off the host's after the restore");
+        let ip = cri.pod_ip(&pod).await;
+        seen.push((web, mac.trim().to_string(), random.trim().to_string(), ip));
+        pods.push(pod);
+    }
+    let (a, b) = (&seen[0], &seen[1]);
+    assert_ne!(a.1, b.1, "two restored pods have different MACs");
+    assert!(![&a.1, &b.1].contains(&&hull_runtime::hypervisor::builtin::TEMPLATE_MAC.to_string()), "each NIC took its pod's MAC: {} {}", a.1, b.1);
+    assert_ne!(a.2, b.2, "two restored pods draw different random numbers");
+    assert_eq!(fetch(&mut cri, &a.0, &b.3).await.trim(), "hello from snap-b");
+    assert_eq!(fetch(&mut cri, &b.0, &a.3).await.trim(), "hello from snap-a");
+
+    let log = cri.containerd.log();
+    for pod in &pods {
+        let ready: String = log.lines().find(|l| l.contains("pod VM ready") && l.contains(&pod.id)).unwrap_or_default().replace(|c: char| c == '\u{1b}', "");
+        // Without colours: what is left of an escape sequence is "[..m" around the words.
+        let plain = ready.replace("[3m", "").replace("[0m", "").replace("[2m", "");
+        assert!(plain.contains("restored=true"), "pod {} was not restored: {plain}\n{log}", pod.id);
+    }
+    let made: Vec<_> = std::fs::read_dir(&store).expect("snapshot store").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect();
+    assert!(made.iter().any(|n| n.starts_with("builtin-nic-")), "a builtin snapshot with a NIC: {made:?}");
+
+    step("cri: removing both pods leaves nothing");
+    for pod in &pods {
+        cri.remove_pod(pod).await;
+    }
+    let left = cri.wait_no_pod_processes(Duration::from_secs(30)).await;
+    assert!(left.is_ok(), "processes left after the pods were removed: {left:?}");
 }

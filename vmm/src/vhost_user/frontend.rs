@@ -246,6 +246,22 @@ mod tests {
         assert_eq!(d.take_used(&mut q), vec![(head, 32)], "the backend filled the buffer through the memfd");
         assert_ne!(d.read(buf, 32), vec![0; 32]);
 
+        // A snapshot: the backend gives the queue back with where it got to (one request), and
+        // serves it again from there after the thaw.
+        let mut queues = [Queue::try_from(q.queue.state()).unwrap()];
+        device.freeze(&mut queues, &mem).unwrap();
+        assert_eq!((queues[0].next_avail(), queues[0].next_used()), (1, 1), "the backend took and used one buffer");
+        device.thaw(&queues, std::slice::from_ref(&kick), &mem).unwrap();
+        let buf = d.buffer(&[], 16);
+        let head = d.post(&mut q, &[(buf, 16, true)]);
+        kick.write(1).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !device.process(DeviceEvent::Host(0), &mut [], &mem) {
+            assert!(std::time::Instant::now() < deadline, "no call from the backend after the thaw");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(d.take_used(&mut q), vec![(head, 16)], "the thawed backend served the next buffer, not the first again");
+
         // Stops the queue: GET_VRING_BASE needs the backend's answer.
         device.reset();
         assert!(device.started.is_empty());
