@@ -133,6 +133,9 @@ pub fn start(config: VmConfig) -> Result<RunningVm, BootError> {
         None => crate::vstate::memory::create(config.memory_mib)?,
     };
     let vm = Vm::new(memory)?;
+    if let Some(saved) = &saved {
+        saved.check_cpu(vm.supported_cpuid.as_slice())?;
+    }
 
     let mut mmio = MmioBus::default();
     let entry = match &saved {

@@ -140,7 +140,7 @@ const fn kvm_iowr(nr: u64, size: usize) -> u64 {
 /// The only ioctls a vCPU thread makes once it runs: KVM_RUN, the register reads of an error
 /// report, and the reads of its state for a snapshot. Everything else a device model needs
 /// was set up before the filters; no vCPU thread sets anything.
-const VCPU_IOCTLS: [u64; 10] = [
+const VCPU_IOCTLS: [u64; 11] = [
     0xae80, // KVM_RUN = _IO(KVMIO, 0x80)
     kvm_ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>()),  // KVM_GET_REGS
     kvm_ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>()), // KVM_GET_SREGS
@@ -151,6 +151,7 @@ const VCPU_IOCTLS: [u64; 10] = [
     kvm_ior(0xa1, std::mem::size_of::<kvm_bindings::kvm_debugregs>()), // KVM_GET_DEBUGREGS
     kvm_ior(0xa4, std::mem::size_of::<kvm_bindings::kvm_xsave>()), // KVM_GET_XSAVE
     kvm_ior(0xa6, std::mem::size_of::<kvm_bindings::kvm_xcrs>()), // KVM_GET_XCRS
+    0xaea3, // KVM_GET_TSC_KHZ = _IO(KVMIO, 0xa3)
 ];
 
 /// The VM ioctls of a snapshot, on the API thread: the irqchip, PIT and clock reads.

@@ -35,7 +35,8 @@ use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vm::{Vm, VmError, VmState};
 
 /// Bumped when what `vm.json` holds changes.
-const FORMAT: u32 = 1;
+/// 2: the CPUID and each vCPU's TSC frequency.
+const FORMAT: u32 = 2;
 pub const STATE_FILE: &str = "vm.json";
 pub const MEMORY_FILE: &str = "memory";
 /// A VM's state besides its memory is tens of KiB; a larger file is not one of hull-vmm's.
@@ -76,6 +77,9 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Snapsho
 pub struct MachineState {
     format: u32,
     pub memory_mib: u64,
+    /// The CPUID KVM offered the saved VM (what its guest booted on): a host that offers
+    /// another CPU cannot restore it.
+    pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub serial: SavedSerial,
@@ -96,6 +100,27 @@ impl MachineState {
             return Err(SnapshotError::Version { found: state.format });
         }
         Ok(state)
+    }
+
+    /// Refuses a host whose KVM offers another CPU than the one the saved guest booted on.
+    pub fn check_cpu(&self, offered: &[kvm_bindings::kvm_cpuid_entry2]) -> Result<(), SnapshotError> {
+        // What KVM reports of the CPU it runs the ioctl on (APIC ids, topology), which differs
+        // from one host CPU to the next and which every vCPU gets its own of, is left out.
+        let key = |e: &kvm_bindings::kvm_cpuid_entry2| match e.function {
+            0x1 => Some((e.function, e.index, e.flags, e.eax, 0, e.ecx, e.edx)),
+            0xb | 0x1f => Some((e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, 0)),
+            0x8000_001e => None,
+            _ => Some((e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)),
+        };
+        let sorted = |entries: &[kvm_bindings::kvm_cpuid_entry2]| {
+            let mut keys: Vec<_> = entries.iter().filter_map(key).collect();
+            keys.sort_unstable();
+            keys
+        };
+        if sorted(&self.cpuid) != sorted(offered) {
+            return Err(SnapshotError::Mismatch { saved: "on a host whose KVM offers another CPU (CPUID)".into(), asked: "this host's".into() });
+        }
+        Ok(())
     }
 
     /// Refuses a VM made differently from the saved one (its devices once they exist).
@@ -139,29 +164,34 @@ impl Machine {
     /// `kick` kicks the vCPUs out of KVM_RUN. The VM can be resumed afterwards.
     pub fn save(&self, dir: &Path, control: &VcpuControl, kick: impl Fn()) -> Result<Saved, SnapshotError> {
         let vm = self.vm.upgrade().ok_or(SnapshotError::Ended)?;
-        let vcpus = control.save_all(self.vcpus, Duration::from_secs(10), kick)?;
+        if !control.paused() {
+            return Err(SnapshotError::Vcpus(SaveError::NotPaused("running")));
+        }
+        // The devices first: once they are still, no interrupt reaches a vCPU whose LAPIC was
+        // already read (an edge would be lost in between).
         let transports: Vec<_> = self.mmio.devices().cloned().collect();
         let mut devices = Vec::new();
-        let mut frozen = Vec::new();
+        let mut asked = Vec::new();
         let mut result = Ok(());
         for t in &transports {
+            // Thawed afterwards whatever freeze answered: a worker that failed waits too.
+            asked.push(t.clone());
             match lock(t).freeze() {
-                Ok(state) => {
-                    devices.push(state);
-                    frozen.push(t.clone());
-                }
+                Ok(state) => devices.push(state),
                 Err(e) => {
                     result = Err(SnapshotError::from(e));
                     break;
                 }
             }
         }
-        // The devices stay still (nothing writes guest memory) until the memory is saved.
+        // Nothing writes guest memory now until the memory is saved.
         let saved = result.and_then(|()| {
-            let state = MachineState { format: FORMAT, memory_mib: self.memory_mib, vcpus, vm: vm.save_state()?, serial: lock(&self.serial).save(), devices };
+            let vcpus = control.save_all(self.vcpus, Duration::from_secs(10), kick)?;
+            let state =
+                MachineState { format: FORMAT, memory_mib: self.memory_mib, cpuid: vm.supported_cpuid.as_slice().to_vec(), vcpus, vm: vm.save_state()?, serial: lock(&self.serial).save(), devices };
             write_snapshot(dir, &state, &vm.memory)
         });
-        for t in &frozen {
+        for t in &asked {
             lock(t).thaw();
         }
         saved
@@ -224,10 +254,9 @@ fn data_extents(file: &File, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
     Ok(extents)
 }
 
-/// Copies the pages of `from` (below `end`) that hold data into `to` at the same offsets,
-/// leaving out pages of zeros if `skip_zeros` (a snapshot's file has none); returns the bytes
-/// written.
-fn copy_data_pages(from: &File, to: &File, end: u64, skip_zeros: bool) -> std::io::Result<u64> {
+/// Copies the pages of `from` (below `end`) that hold anything but zeros into `to` at the
+/// same offsets; returns the bytes written.
+fn copy_data_pages(from: &File, to: &File, end: u64) -> std::io::Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let mut written = 0;
     for (start, stop) in data_extents(from, end)? {
@@ -235,12 +264,6 @@ fn copy_data_pages(from: &File, to: &File, end: u64, skip_zeros: bool) -> std::i
         while at < stop {
             let n = (buf.len() as u64).min(stop - at) as usize;
             from.read_exact_at(&mut buf[..n], at)?;
-            if !skip_zeros {
-                to.write_all_at(&buf[..n], at)?;
-                written += n as u64;
-                at += n as u64;
-                continue;
-            }
             for (i, page) in buf[..n].chunks(PAGE).enumerate() {
                 if page.iter().any(|&b| b != 0) {
                     to.write_all_at(page, at + (i * PAGE) as u64)?;
@@ -259,7 +282,7 @@ fn save_memory(memory: &GuestMemoryMmap, path: &Path) -> std::io::Result<u64> {
     let _ = std::fs::remove_file(path);
     let to = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
     to.set_len(len)?;
-    copy_data_pages(from, &to, len, true)
+    copy_data_pages(from, &to, len)
 }
 
 /// New guest memory of `mib` MiB holding a copy of the snapshot's memory in `dir`.
@@ -272,7 +295,9 @@ pub fn restore_memory(dir: &Path, mib: u64) -> Result<GuestMemoryMmap, SnapshotE
     }
     let memory = crate::vstate::memory::create(mib)?;
     let (to, _) = memory_file(&memory).map_err(io("set up guest memory for", &path))?;
-    copy_data_pages(&from, to, len, false).map_err(io("read", &path))?;
+    // Zero pages are checked for here too: a file system without SEEK_DATA reports the whole
+    // file as data, and writing its zeros would back every page of the new VM's memory.
+    copy_data_pages(&from, to, len).map_err(io("read", &path))?;
     Ok(memory)
 }
 
@@ -280,6 +305,49 @@ pub fn restore_memory(dir: &Path, mib: u64) -> Result<GuestMemoryMmap, SnapshotE
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
+
+    /// KVM's supported CPUID read on each host CPU in turn: the check must take them as one
+    /// CPU (they differ in the APIC ids of the CPU the ioctl ran on), or a restore fails on
+    /// whichever CPU its hull-vmm happens to start.
+    #[test]
+    fn the_cpu_check_takes_every_host_cpu_as_the_same_cpu() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("SKIP the_cpu_check_takes_every_host_cpu_as_the_same_cpu: no /dev/kvm");
+            return;
+        };
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| {
+                // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it for this thread.
+                let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+                // SAFETY: as above; CPU_ISSET reads the set.
+                unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 && libc::CPU_ISSET(c, &set) }
+            })
+            .collect();
+        let on = |cpu: usize| {
+            std::thread::spawn(move || {
+                // SAFETY: a zeroed set with one CPU, for this thread alone.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
+                }
+                kvm_ioctls::Kvm::new().unwrap().get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap().as_slice().to_vec()
+            })
+            .join()
+            .unwrap()
+        };
+        drop(kvm);
+        let first = on(cpus[0]);
+        let saved = MachineState { format: FORMAT, memory_mib: 0, cpuid: first, vcpus: Vec::new(), vm: VmState::default(), serial: SavedSerial::default(), devices: Vec::new() };
+        for &cpu in &cpus {
+            saved.check_cpu(&on(cpu)).unwrap_or_else(|e| panic!("CPU {cpu}: {e}"));
+        }
+        let mut other = on(cpus[0]);
+        if let Some(e) = other.iter_mut().find(|e| e.function == 0x7 && e.index == 0) {
+            e.ebx ^= 1 << 5; // AVX2
+            assert!(saved.check_cpu(&other).is_err(), "a CPU with another feature is refused");
+        }
+    }
 
     #[test]
     fn memory_round_trips_through_a_sparse_file_of_its_data_pages() {

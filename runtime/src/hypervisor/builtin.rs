@@ -88,7 +88,11 @@ impl Builtin {
             }
             GuestRoot::Initramfs(_) => "--initramfs",
         };
-        let mut paths = vec![(root_flag, at.root()), ("--vsock-uds", at.socket("vsock.sock"))];
+        let mut paths = vec![("--vsock-uds", at.socket("vsock.sock"))];
+        // A restored guest has its initramfs (in its memory) already; an image stays mapped.
+        if !(matches!(self.mode, Mode::Restore(_)) && root_flag == "--initramfs") {
+            paths.push((root_flag, at.root()));
+        }
         match &self.mode {
             Mode::Restore(snapshot) => paths.push(("--restore", at.snapshot(snapshot))),
             Mode::Template => paths.extend([("--kernel", at.kernel()), ("--api-socket", at.socket(API_SOCKET))]),

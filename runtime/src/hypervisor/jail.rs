@@ -320,7 +320,9 @@ pub(crate) fn prepare_memory(spec: &VmSpec, dir: &VmDir) -> Result<PathBuf, Hype
     let memory = dir.memory();
     ensure_dir(&memory, 0o700)?;
     let (uid, gid) = spec.jail.map(|j| (j.uid, j.gid)).unwrap_or((0, 0));
-    mount_own_tmpfs(&memory, &format!("size={}m,nr_inodes=4", spec.memory_mib), uid, gid)?;
+    // Guest RAM, or a builtin template's snapshot: its memory (at most the guest's RAM) and
+    // its state (at most 16 MiB).
+    mount_own_tmpfs(&memory, &format!("size={}m,nr_inodes=4", spec.memory_mib + 16), uid, gid)?;
     Ok(memory.join(RAM_FILE))
 }
 

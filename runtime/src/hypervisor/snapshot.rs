@@ -112,7 +112,8 @@ fn copy_pages(src: &Path, dst: &Path, len: u64, owner: Option<(u32, u32)>) -> st
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     // The source may be a VM's RAM file, in a directory its QEMU can write: the file itself,
     // never where a link there points.
-    let from = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(src)?;
+    // Not blocking either: a FIFO planted there would hold the open forever.
+    let from = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(src)?;
     if !from.metadata()?.is_file() {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} is not a regular file", src.display())));
     }
@@ -247,6 +248,8 @@ pub struct Snapshots {
 
 /// The files of a builtin snapshot, as hull-vmm writes and reads them.
 const BUILTIN_STATE: &str = "vm.json";
+/// The largest `vm.json` hull-vmm reads (its `snapshot::MAX_STATE`).
+const BUILTIN_MAX_STATE: u64 = 16 << 20;
 
 impl Snapshots {
     fn engine(&self, mode: Mode) -> Qemu {
@@ -332,11 +335,11 @@ impl Snapshots {
                 Ok(vm)
             }
             Err(e) => {
+                // A VMM that refused the snapshot, or a restored guest that never answered: the
+                // next pod makes a new one rather than wait on this one again.
                 vm.kill().await;
-                if matches!(e, HypervisorError::VmmExited { .. }) {
-                    tracing::warn!(snapshot = ?at, error = %e, "snapshot hull-vmm cannot restore: removed");
-                    let _ = std::fs::remove_dir_all(at);
-                }
+                tracing::warn!(snapshot = ?at, error = %e, "hull-vmm cannot restore the snapshot: removed");
+                let _ = std::fs::remove_dir_all(at);
                 Err(SnapshotError::VmmExited(e))
             }
         }
@@ -501,11 +504,19 @@ impl Snapshots {
         let share_dir = dir.path().join("share");
         std::fs::create_dir_all(&share_dir).map_err(io("create", &share_dir))?;
         let template = VmSpec { share: spec.share.as_ref().map(|s| Share { tag: s.tag.clone(), dir: share_dir.clone() }), ..spec.clone() };
-        super::jail::prepare_memory(&template, &dir).map_err(SnapshotError::Template)?;
         let hypervisor = Builtin { vmm: self.vmm.clone(), mode: builtin::Mode::Template };
-        let vm = Vm::start(&hypervisor, &template, dir.clone()).await.map_err(SnapshotError::Template)?;
-        let result = self.save_builtin(&vm, &template, &dir, out).await;
-        vm.kill().await;
+        let result = match super::jail::prepare_memory(&template, &dir) {
+            Ok(_) => match Vm::start(&hypervisor, &template, dir.clone()).await {
+                Ok(vm) => {
+                    let saved = self.save_builtin(&vm, &template, &dir, out).await;
+                    vm.kill().await;
+                    saved
+                }
+                Err(e) => Err(SnapshotError::Template(e)),
+            },
+            Err(e) => Err(SnapshotError::Template(e)),
+        };
+        // Whatever happened: the template's memory tmpfs and directory go.
         crate::pod::share::umount_tree(dir.path());
         crate::pod::share::remove_tree(dir.path());
         result
@@ -521,7 +532,7 @@ impl Snapshots {
         // never through a link, and its state no larger than a VM's state is.
         let memory = dir.memory();
         let state_from = memory.join(BUILTIN_STATE);
-        let state = read_regular(&state_from, MAX_STATE)?;
+        let state = read_regular(&state_from, BUILTIN_MAX_STATE)?;
         let state_to = out.join(BUILTIN_STATE);
         let mut f = std::fs::File::create(&state_to).map_err(io("create", &state_to))?;
         f.write_all(&state).and_then(|()| f.sync_all()).map_err(io("write", &state_to))?;
@@ -580,7 +591,8 @@ impl Snapshots {
 fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, SnapshotError> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(io("open", path))?;
+    // Not blocking: a FIFO planted there would hold the open forever.
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(io("open", path))?;
     if !file.metadata().map_err(io("read", path))?.is_file() {
         return Err(SnapshotError::NotAFile { what: "state", path: path.into() });
     }

@@ -94,7 +94,9 @@ fn ctr_pods_restored_from_a_snapshot_on_the_builtin_engine() {
     for (id, code) in [("restored-1", 4), ("restored-2", 5)] {
         scenario::step(id);
         let script = format!("echo hello from $(hostname); head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; exit {code}");
+        let started = std::time::Instant::now();
         let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, "--runtime-config-path", &config, IMAGE, id, "sh", "-c", &script]).expect("ctr runs");
+        eprintln!("{id}: ctr run --rm took {:?}", started.elapsed());
         let stdout = text(&out.stdout);
         assert_eq!(out.status.code(), Some(code), "stdout: {stdout}\nstderr: {}\ncontainerd log:\n{}", text(&out.stderr), c.log());
         let lines: Vec<&str> = stdout.lines().collect();
@@ -109,5 +111,8 @@ fn ctr_pods_restored_from_a_snapshot_on_the_builtin_engine() {
     assert!(ready.iter().all(|l| l.contains("restored=true")), "both pods restored, not booted: {ready:?}\n{log}");
     assert!(log.contains("engine=Builtin"), "the builtin engine ran them: {log}");
     assert!(log.contains("snapshot made"), "{log}");
+    for line in log.lines().filter(|l| ["pod VM ready", "snapshot made", "sandbox created in the pod VM", "VM running", "booting the pod VM"].iter().any(|w| l.contains(w))) {
+        eprintln!("{line}");
+    }
     assert!(c.pod_processes().is_empty(), "left behind: {:?}", c.pod_processes());
 }

@@ -70,6 +70,10 @@ impl VcpuControl {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub fn paused(&self) -> bool {
+        *self.lock() == RunState::Paused
+    }
+
     fn saves(&self) -> MutexGuard<'_, Saves> {
         self.saves.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -52,6 +52,8 @@ pub struct VcpuState {
     mp_state: kvm_mp_state,
     events: kvm_vcpu_events,
     msrs: Vec<kvm_msr_entry>,
+    /// The guest's TSC frequency (None: KVM could not say).
+    tsc_khz: Option<u32>,
 }
 
 /// How a VM ended without error.
@@ -93,23 +95,51 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Saves the vCPU (on its own thread, between two KVM_RUNs). `msr_indices` are the MSRs KVM
-    /// saves and restores (KVM_GET_MSR_INDEX_LIST); those this vCPU cannot read are left out.
+    /// A port or MMIO read that exited to hull-vmm completes only in the next KVM_RUN: one that
+    /// returns at once (immediate_exit) puts its value in the registers first. A string or
+    /// page-crossing access may exit again on the way; those exits are served as `run` does.
+    fn complete_pending(&mut self, bus: &PioBus, mmio: &MmioBus) -> Result<(), VcpuError> {
+        let id = self.id;
+        self.fd.set_kvm_immediate_exit(1);
+        let result = loop {
+            let unexpected = match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => break Ok(()),
+                Err(source) => break Err(VcpuError::Ioctl { id, what: "complete the pending exit of", source }),
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    bus.read(port, data);
+                    continue;
+                }
+                Ok(VcpuExit::IoOut(port, data)) => match bus.write(port, data) {
+                    Some(IoAction::Reset) => "a reset".to_string(),
+                    _ => continue,
+                },
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    mmio.read(addr, data);
+                    continue;
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    mmio.write(addr, data);
+                    continue;
+                }
+                Ok(other) => format!("{other:?}"),
+            };
+            break Err(self.fail(format!("{unexpected} exit while it was being saved")));
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        result
+    }
+
+    /// Saves the vCPU (on its own thread, between two KVM_RUNs, its pending exit completed).
+    /// `msr_indices` are the MSRs KVM saves and restores (KVM_GET_MSR_INDEX_LIST); those this
+    /// vCPU cannot read are left out. The MP state is read first (reading it takes a pending
+    /// INIT or SIPI, which changes the registers), the pending events last.
     pub fn save_state(&mut self, msr_indices: &[u32], xsave_size: usize) -> Result<VcpuState, VcpuError> {
         let id = self.id;
         let io = |what| move |source| VcpuError::Ioctl { id, what, source };
         if xsave_size > std::mem::size_of::<kvm_xsave>() {
             return Err(VcpuError::XsaveSize(xsave_size));
         }
-        // A port or MMIO read that exited to hull-vmm completes only in the next KVM_RUN: one
-        // that returns at once (immediate_exit) puts its value in the registers first.
-        self.fd.set_kvm_immediate_exit(1);
-        let completed = self.fd.run().map(|_| ());
-        self.fd.set_kvm_immediate_exit(0);
-        match completed {
-            Err(e) if e.errno() != libc::EINTR => return Err(VcpuError::Ioctl { id, what: "complete the pending exit of", source: e }),
-            _ => {}
-        }
+        let mp_state = self.fd.get_mp_state().map_err(io("read the MP state of"))?;
         let mut msrs = Vec::with_capacity(msr_indices.len());
         for &index in msr_indices {
             let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }]).map_err(|_| VcpuError::Msr { id, index, set: 0, count: 1 })?;
@@ -120,15 +150,16 @@ impl Vcpu {
         // The deadline after the TSC (see MSR_IA32_TSC_DEADLINE).
         msrs.sort_by_key(|m| (m.index == MSR_IA32_TSC_DEADLINE, m.index != MSR_IA32_TSC));
         Ok(VcpuState {
+            mp_state,
             regs: self.fd.get_regs().map_err(io("read the registers of"))?,
             sregs: self.fd.get_sregs().map_err(io("read the special registers of"))?,
             xsave: self.fd.get_xsave().map_err(io("read the XSAVE area of"))?,
             xcrs: self.fd.get_xcrs().map_err(io("read the XCRs of"))?,
             debugregs: self.fd.get_debug_regs().map_err(io("read the debug registers of"))?,
             lapic: self.fd.get_lapic().map_err(io("read the LAPIC of"))?,
-            mp_state: self.fd.get_mp_state().map_err(io("read the MP state of"))?,
-            events: self.fd.get_vcpu_events().map_err(io("read the pending events of"))?,
             msrs,
+            tsc_khz: self.fd.get_tsc_khz().ok(),
+            events: self.fd.get_vcpu_events().map_err(io("read the pending events of"))?,
         })
     }
 
@@ -140,6 +171,14 @@ impl Vcpu {
         let io = |what| move |source| VcpuError::Ioctl { id, what, source };
         if xsave_size > std::mem::size_of::<kvm_xsave>() {
             return Err(VcpuError::XsaveSize(xsave_size));
+        }
+        // The guest's TSC runs at the rate it booted with, or the restore is refused: its clock
+        // would run fast or slow (KVM scales it where the host can; 250 ppm is NTP's tolerance).
+        if let Some(saved) = state.tsc_khz {
+            let here = self.fd.get_tsc_khz().map_err(io("read the TSC frequency of"))?;
+            if u64::from(saved.abs_diff(here)) * 1_000_000 > u64::from(saved) * 250 {
+                self.fd.set_tsc_khz(saved).map_err(io("set the saved TSC frequency of"))?;
+            }
         }
         self.fd.set_mp_state(state.mp_state).map_err(io("set the MP state of"))?;
         self.fd.set_regs(&state.regs).map_err(io("set the registers of"))?;
@@ -188,7 +227,7 @@ impl Vcpu {
                 Turn::Run => {}
                 Turn::End => return Ok(VmExit::Stopped),
                 Turn::Save => {
-                    let state = self.save_state(msr_indices, xsave_size);
+                    let state = self.complete_pending(bus, mmio).and_then(|()| self.save_state(msr_indices, xsave_size));
                     control.saved(self.id, state);
                     continue;
                 }

@@ -37,7 +37,7 @@ pub struct Vm {
 
 /// The VM's own state besides its vCPUs and memory: the in-kernel irqchip (both PICs and the
 /// IOAPIC), the PIT, and kvmclock.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct VmState {
     pic_master: kvm_irqchip,
     pic_slave: kvm_irqchip,

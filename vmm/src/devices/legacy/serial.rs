@@ -29,7 +29,7 @@ pub struct SerialConsole {
 
 /// The UART's registers and unread input, as a snapshot keeps them (vm-superio's
 /// `SerialState` has no serde): a guest driver that enabled interrupts expects them still on.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SavedSerial {
     baud_divisor_low: u8,
     baud_divisor_high: u8,

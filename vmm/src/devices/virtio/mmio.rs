@@ -126,6 +126,8 @@ pub enum TransportSnapshotError {
     Mismatch { saved: String, saved_type: u32, saved_queues: usize, name: String, device_type: u32, queues: usize },
     #[error("The snapshot's queue {queue} of {name} is not valid: {source:?}.")]
     Queue { name: String, queue: usize, source: virtio_queue::Error },
+    #[error("The snapshot's queue {queue} of {name} has rings outside guest memory.")]
+    QueueOutside { name: String, queue: usize },
     #[error("The device {name} cannot start from the snapshot: {source}.")]
     Activate { name: String, source: WorkerError },
     #[error("The device {name}'s worker is gone: {source}.")]
@@ -405,8 +407,19 @@ impl MmioTransport {
     /// registers, then, if the driver had started it, its worker on the saved queues. The
     /// device is told it was restored (vsock resets the driver's transport).
     pub fn restore(&mut self, state: &TransportState) -> Result<(), TransportSnapshotError> {
-        let device_type = lock(&self.device).device_type();
-        if state.device_type != device_type || state.queues.len() != self.queues.len() || (state.active && state.live.len() != self.queues.len()) {
+        let (device_type, max_sizes) = {
+            let d = lock(&self.device);
+            (d.device_type(), d.queue_max_sizes())
+        };
+        // Each queue as this device offers it: its largest size, a size within it.
+        let fits = |qs: &[SavedQueue]| qs.iter().zip(&max_sizes).all(|(q, &max)| q.max_size == max && q.size <= max);
+        if state.device_type != device_type
+            || state.queues.len() != self.queues.len()
+            || (state.active && state.live.len() != self.queues.len())
+            || !fits(&state.queues)
+            || !fits(&state.live)
+            || (state.active && state.status & VIRTIO_CONFIG_S_DRIVER_OK == 0)
+        {
             return Err(TransportSnapshotError::Mismatch {
                 saved: state.name.clone(),
                 saved_type: state.device_type,
@@ -419,6 +432,10 @@ impl MmioTransport {
         let queue = |queue: usize, q: &SavedQueue| Queue::try_from(QueueState::from(*q)).map_err(|source| TransportSnapshotError::Queue { name: self.name.clone(), queue, source });
         self.queues = state.queues.iter().enumerate().map(|(i, q)| queue(i, q)).collect::<Result<_, _>>()?;
         let live = state.live.iter().enumerate().map(|(i, q)| queue(i, q)).collect::<Result<Vec<_>, _>>()?;
+        // As at DRIVER_OK: a ready queue's rings must lie in guest memory.
+        if let Some(bad) = live.iter().position(|q| q.ready() && !q.is_valid(&self.mem)) {
+            return Err(TransportSnapshotError::QueueOutside { name: self.name.clone(), queue: bad });
+        }
         self.status = state.status;
         self.driver_features = state.driver_features;
         self.device_features_sel = state.device_features_sel;
@@ -429,6 +446,12 @@ impl MmioTransport {
         if state.active {
             self.worker.activate(live, self.driver_features, true).map_err(|source| TransportSnapshotError::Activate { name: self.name.clone(), source })?;
             self.active = true;
+            // An interrupt raised just before the save may not have reached a vCPU: raised
+            // again (a virtio-mmio interrupt with nothing new is harmless).
+            let pending = state.interrupt_status;
+            if pending != 0 {
+                self.interrupt.signal(pending);
+            }
         }
         Ok(())
     }

@@ -142,6 +142,11 @@ impl crate::devices::virtio::device::VirtioDevice for VsockDevice {
         true
     }
 
+    fn reset(&mut self) {
+        // A driver that resets the device starts its event ring over: nothing to wait for.
+        self.reset_pending = None;
+    }
+
     fn process(&mut self, event: crate::devices::virtio::device::DeviceEvent, queues: &mut [Queue], mem: &vm_memory::GuestMemoryMmap) -> bool {
         use crate::devices::virtio::device::DeviceEvent;
         let mut used = false;
