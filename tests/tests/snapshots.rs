@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use hull_tests::cri::{container_config, fetch, Cri, Pod, HTTPD, HULL_SNAPSHOTS};
-use hull_tests::require_containerd;
+use hull_tests::{require_containerd, strip_ansi};
 
 /// The snapshot directories in `store` (one per snapshot; names start with the family).
 fn snapshots_in(store: &Path) -> Vec<PathBuf> {
@@ -32,23 +32,6 @@ fn guest_cid(pod: &Pod) -> u32 {
     let at = plain.find("vsock_cid=").unwrap_or_else(|| panic!("no vsock_cid in {plain}"));
     let digits: String = plain[at + 10..].chars().take_while(char::is_ascii_digit).collect();
     digits.parse().unwrap_or_else(|_| panic!("no CID in {plain}"))
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 struct Seen {

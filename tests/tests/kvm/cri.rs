@@ -94,9 +94,7 @@ async fn restored_cri_pods_on_the_builtin_engine_have_their_own_mac_and_reach_ea
 
     let log = cri.containerd.log();
     for pod in &pods {
-        let ready: String = log.lines().find(|l| l.contains("pod VM ready") && l.contains(&pod.id)).unwrap_or_default().replace(|c: char| c == '\u{1b}', "");
-        // Without colours: what is left of an escape sequence is "[..m" around the words.
-        let plain = ready.replace("[3m", "").replace("[0m", "").replace("[2m", "");
+        let plain = hull_tests::strip_ansi(log.lines().find(|l| l.contains("pod VM ready") && l.contains(&pod.id)).unwrap_or_default());
         assert!(plain.contains("restored=true"), "pod {} was not restored: {plain}\n{log}", pod.id);
     }
     let made: Vec<_> = std::fs::read_dir(&store).expect("snapshot store").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect();

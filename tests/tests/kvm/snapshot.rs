@@ -118,24 +118,6 @@ impl Drop for Vmm {
     }
 }
 
-/// `text` without its ANSI colour sequences (the agent logs to a console in colour).
-fn strip_colours(text: &str) -> String {
-    let mut out = String::new();
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 #[test]
 fn a_vm_saved_at_agent_ready_restores_twice_each_with_its_own_cid() {
     require!();
@@ -185,7 +167,7 @@ fn a_vm_saved_at_agent_ready_restores_twice_each_with_its_own_cid() {
         assert!(log.contains("transport reset sent"), "the vsock device told the guest: {log}");
         assert!(log.contains("the guest took the transport reset"), "{log}");
         // The agent's own view of its CID, as it logged CreateSandbox (colours stripped).
-        let plain = strip_colours(&std::fs::read_to_string(vm.dir.join("console.log")).unwrap_or_default());
+        let plain = hull_tests::strip_ansi(&std::fs::read_to_string(vm.dir.join("console.log")).unwrap_or_default());
         assert!(plain.contains(&format!("vsock_cid={cid}")), "the guest took CID {cid}: {log}");
         vm.ctl("stop");
         assert!(vm.wait_exit(Duration::from_secs(30)).success(), "{log}");
