@@ -27,18 +27,6 @@ fn missing() -> Option<String> {
     probe::missing_rustc()
 }
 
-macro_rules! require {
-    () => {
-        if let Some(why) = missing() {
-            if std::env::var_os("HULL_REQUIRE_ALL").is_some() {
-                panic!("prerequisite missing under HULL_REQUIRE_ALL: {why}");
-            }
-            eprintln!("SKIP {}: {why}", module_path!());
-            return;
-        }
-    };
-}
-
 /// hull-vmm as the probe's host driver sees it.
 struct Vmm {
     child: std::process::Child,
@@ -63,7 +51,7 @@ impl probe::ProbeVm for Vmm {
 
 #[test]
 fn linux_guest_uses_every_virtio_mmio_device_and_reboots() {
-    require!();
+    hull_tests::skip_if_missing!(missing());
     // Built here, where rustc runs at full speed: the L1 host finds it in target/probe.
     probe::init_binary();
     hull_tests::on_real_kvm!("probe::linux_guest_uses_every_virtio_mmio_device_and_reboots");

@@ -20,18 +20,6 @@ fn missing() -> Option<String> {
     missing_guest_image()
 }
 
-macro_rules! require {
-    () => {
-        if let Some(why) = missing() {
-            if std::env::var_os("HULL_REQUIRE_ALL").is_some() {
-                panic!("prerequisite missing under HULL_REQUIRE_ALL: {why}");
-            }
-            eprintln!("SKIP {}: {why}", module_path!());
-            return;
-        }
-    };
-}
-
 const MEMORY_MIB: &str = "256";
 
 /// One hull-vmm: its directory holds its vsock socket, API socket, console and log.
@@ -120,7 +108,7 @@ impl Drop for Vmm {
 
 #[test]
 fn a_vm_saved_at_agent_ready_restores_twice_each_with_its_own_cid() {
-    require!();
+    hull_tests::skip_if_missing!(missing());
     hull_tests::on_real_kvm!("snapshot::a_vm_saved_at_agent_ready_restores_twice_each_with_its_own_cid");
     let rt = tokio::runtime::Runtime::new().expect("tokio");
     let dir = tempfile::tempdir().expect("tempdir");
