@@ -177,6 +177,10 @@ impl Agent {
     }
 
     /// Stops and removes every container, then the sandbox, then asks the agent to exit.
+    ///
+    /// As the guest's init it syncs the guest's filesystems before it returns: the reply tells
+    /// the host that nothing of the pod is left to write, and the host ends the VM on it
+    /// instead of waiting for the guest to power off.
     pub async fn destroy_sandbox(&self, grace: Duration) -> Result<(), AgentError> {
         let ids: Vec<String> = self.containers.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
         let mut first_err = None;
@@ -190,6 +194,9 @@ impl Agent {
         if let Some(sandbox) = sandbox {
             sandbox.destroy(&self.reaper).await;
             tracing::info!(sandbox_id = %sandbox.id, "sandbox destroyed");
+        }
+        if self.cfg.init_mode {
+            let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
         }
         self.shutdown.notify_one();
         first_err.map_or(Ok(()), Err)

@@ -43,6 +43,12 @@ fn main() {
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let c = Containerd::start("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]").expect("containerd starts");
     c.import_busybox().expect("image");
+    // `-- timeline`: where one restored and one booted pod spend their time (the shim's log
+    // and the restored guest's console), no ratios.
+    if only.iter().any(|a| a == "timeline") {
+        timeline(&c);
+        return;
+    }
     if only.is_empty() || only.iter().any(|a| a != "idle") {
         start_rows(&c);
     }
@@ -84,6 +90,26 @@ fn start_rows(c: &Containerd) {
         s.as_secs_f64() / r.as_secs_f64()
     );
 
+}
+
+/// One pod restored from a snapshot and one booted, each with the lines its shim logged, and the
+/// restored guest's console (kept by `debug_console`).
+fn timeline(c: &Containerd) {
+    let config = c.dir.path().join("hull-timeline.toml");
+    std::fs::write(&config, format!("debug_console = true\nsnapshots = true\nsnapshot_dir = \"{}\"\n", c.dir.path().join("snapshots").display())).expect("hull config");
+    let config = config.to_string_lossy().into_owned();
+    let snap = ["--runtime-config-path", config.as_str()];
+    run_with(c, "io.containerd.hull.v2", &snap, "warm-restored");
+    let before = c.log().len();
+    let took = run_with(c, "io.containerd.hull.v2", &snap, "timeline-restored");
+    let log = hull_tests::strip_ansi(&c.log()[before..]);
+    println!("restored, ctr run --rm took {took:?}:\n{log}");
+    if let Some(path) = log.split("console=\"").nth(1).and_then(|r| r.split('"').next()) {
+        println!("the restored guest's console:\n{}", std::fs::read_to_string(path).map(|t| hull_tests::strip_ansi(&t)).unwrap_or_default());
+    }
+    let before = c.log().len();
+    let took = run(c, "io.containerd.hull.v2", "timeline-booted");
+    println!("booted, ctr run --rm took {took:?}:\n{}", hull_tests::strip_ansi(&c.log()[before..]));
 }
 
 /// One idle pod: what it costs in host memory.

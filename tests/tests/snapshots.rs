@@ -155,8 +155,8 @@ async fn restored_pods_are_machines_of_their_own() {
     }
     let left = cri.wait_no_pod_processes(Duration::from_secs(20)).await;
     assert!(left.is_ok(), "VMs left after the pods were removed: {left:?}\n{}", cri.containerd.log());
-    // Each guest ended its VM itself when its pod was removed: none had to be killed (a restored
-    // guest's orderly reboot waited forever on its root device's flush).
+    // Each restored guest ended in order when its pod was removed: it answered DestroySandbox
+    // (or powered off), and none had to be killed without.
     let log = cri.containerd.log();
     let killed: Vec<String> = log.lines().filter(|l| l.contains("did not power off")).map(strip_ansi).collect();
     assert!(killed.is_empty(), "pod VMs that did not power off when their pods were removed: {killed:?}");

@@ -101,7 +101,7 @@ pub enum CliError {
     Pod(#[from] hull_runtime::pod::PodError),
     #[error(transparent)]
     Config(#[from] hull_runtime::config::ConfigError),
-    #[error("The VM did not power off after DestroySandbox.")]
+    #[error("The VM neither answered DestroySandbox nor powered off.")]
     NoPowerOff,
     #[error(transparent)]
     Image(#[from] hull_runtime::image::ImageError),

@@ -39,6 +39,7 @@ use super::jail::Placement;
 use super::qemu::{self, Mode, Qemu, INCOMING_SOCKET};
 use super::qmp::{Qmp, QmpError, QMP_SOCKET};
 use super::{Accel, Engine, GuestRoot, HypervisorError, Share, Vm, VmDir, VmSpec};
+use crate::agent::client::AgentConn;
 
 /// Bumped when what a snapshot holds changes in a way `Made` does not see.
 /// 2: the root is recorded as what it is (image or initramfs) with its content's hash.
@@ -52,6 +53,8 @@ const MEMORY: &str = "memory";
 /// below this.
 const MAX_STATE: u64 = 64 << 20;
 const MADE: &str = "made.json";
+/// The kernel's and root's digests, by file identity (`sha256_of`).
+const DIGESTS: &str = ".digests";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -179,27 +182,54 @@ pub struct Made {
     cmdline_extra: Vec<String>,
 }
 
-fn sha256_of(path: &Path) -> Result<String, SnapshotError> {
+/// The SHA-256 of the file at `path`, remembered in `digests` under the file's identity
+/// (device, inode, size, modification and change times). Every restored pod checks the kernel
+/// and root it would boot against its snapshot's; hashing them again each time (24 MB) cost
+/// each pod's start tens of milliseconds. Nothing rewrites a file without a new change time
+/// (ctime cannot be set from user space), and a file that changes while it is hashed is not
+/// remembered. `digests` is under `snapshot_dir`, the host's own, which no guest writes.
+fn sha256_of(path: &Path, digests: &Path) -> Result<String, SnapshotError> {
+    use std::os::unix::fs::MetadataExt;
+    let identity = |m: &std::fs::Metadata| {
+        format!("{}\0{}\0{}\0{}\0{}.{}\0{}.{}", path.display(), m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec())
+    };
     let mut file = std::fs::File::open(path).map_err(io("read", path))?;
+    let before = file.metadata().map_err(io("read", path))?;
+    let key = digests.join(format!("{:x}", Sha256::digest(identity(&before).as_bytes())));
+    if let Ok(known) = std::fs::read_to_string(&key) {
+        if known.len() == 64 && known.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(known);
+        }
+    }
     let mut hash = Sha256::new();
     std::io::copy(&mut file, &mut hash).map_err(io("read", path))?;
-    Ok(format!("{:x}", hash.finalize()))
+    let digest = format!("{:x}", hash.finalize());
+    let after = std::fs::metadata(path).map_err(io("read", path))?;
+    if identity(&after) == identity(&before) {
+        // Best effort: a digest not remembered is computed again next time.
+        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(digests);
+        let partial = key.with_extension(format!("{}.partial", std::process::id()));
+        if std::fs::write(&partial, &digest).is_ok() && std::fs::rename(&partial, &key).is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+    }
+    Ok(digest)
 }
 
 impl Made {
-    fn of(engine: &str, vmm: &Path, spec: &VmSpec) -> Result<Made, SnapshotError> {
+    fn of(engine: &str, vmm: &Path, spec: &VmSpec, digests: &Path) -> Result<Made, SnapshotError> {
         let resolved = super::jail::resolve(vmm).map_err(SnapshotError::Restore)?;
         let meta = std::fs::metadata(&resolved).map_err(io("read", &resolved))?;
         let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default();
         Ok(Made {
             format: FORMAT,
             engine: engine.into(),
-            kernel_sha256: sha256_of(&spec.kernel)?,
+            kernel_sha256: sha256_of(&spec.kernel, digests)?,
             root: match spec.root {
                 GuestRoot::Image(_) => "image".into(),
                 GuestRoot::Initramfs(_) => "initramfs".into(),
             },
-            root_sha256: sha256_of(spec.root.path())?,
+            root_sha256: sha256_of(spec.root.path(), digests)?,
             vmm: format!("{} {} bytes, modified {}.{:09}", resolved.display(), meta.len(), mtime.as_secs(), mtime.subsec_nanos()),
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
@@ -281,11 +311,13 @@ impl Snapshots {
 
     /// Starts the pod VM of `spec` in `dir` from its snapshot, making the snapshot first (in a
     /// template VM in `template_dir`) if there is none. Returns the VM with the pod's devices
-    /// plugged in; its agent is waited for as a booted one's. On failure nothing is left
-    /// running.
-    pub async fn restore(&self, spec: &VmSpec, dir: VmDir, template_dir: VmDir) -> Result<Vm, SnapshotError> {
-        let (engine, program, want) = (self.engine_name(spec), self.vmm_program(), spec.clone());
-        let made = tokio::task::spawn_blocking(move || Made::of(engine, &program, &want)).await.map_err(|e| SnapshotError::Io {
+    /// plugged in, and its agent's connection if the restore already waited for it (the
+    /// builtin engine); otherwise its agent is waited for as a booted one's. `started` sees the
+    /// VM as soon as its processes run (the pod records their pids). On failure nothing is
+    /// left running.
+    pub async fn restore(&self, spec: &VmSpec, dir: VmDir, template_dir: VmDir, started: &(dyn Fn(&Vm) + Sync)) -> Result<(Vm, Option<AgentConn>), SnapshotError> {
+        let (engine, program, want, digests) = (self.engine_name(spec), self.vmm_program(), spec.clone(), self.dir.join(DIGESTS));
+        let made = tokio::task::spawn_blocking(move || Made::of(engine, &program, &want, &digests)).await.map_err(|e| SnapshotError::Io {
             what: "hash the guest image for",
             path: spec.kernel.clone(),
             source: std::io::Error::other(e),
@@ -302,13 +334,13 @@ impl Snapshots {
             return Err(SnapshotError::Io { what: "use", path: at, source: std::io::Error::other(format!("made by another {}", made.changed_from(&theirs).join(", "))) });
         }
         if self.engine == Engine::Builtin {
-            return self.start_builtin(spec, &at, dir).await;
+            return self.start_builtin(spec, &at, dir, started).await.map(|(vm, conn)| (vm, Some(conn)));
         }
         let state = tokio::fs::File::open(at.join(STATE)).await.map_err(io("open", &at.join(STATE)))?;
         // The VM's RAM, its own copy, in place before QEMU maps it.
         std::fs::create_dir_all(dir.path()).map_err(io("create", dir.path()))?;
         let ram = super::jail::prepare_memory(spec, &dir).map_err(SnapshotError::Restore)?;
-        let result = self.start_from(spec, &at, &ram, state, dir).await;
+        let result = self.start_from(spec, &at, &ram, state, dir, started).await.map(|vm| (vm, None));
         if let Err(e) = &result {
             // The pod boots instead, with memory of its own: the copy would hold its pages
             // until the pod ends.
@@ -325,15 +357,13 @@ impl Snapshots {
     /// `hull-vmm boot --restore` on the snapshot at `at` with the pod's devices, until its
     /// agent answers (the VM's own copy of the memory is made by hull-vmm). A hull-vmm that
     /// refuses the snapshot removes it: the next pod makes a new one.
-    async fn start_builtin(&self, spec: &VmSpec, at: &Path, dir: VmDir) -> Result<Vm, SnapshotError> {
+    async fn start_builtin(&self, spec: &VmSpec, at: &Path, dir: VmDir, started: &(dyn Fn(&Vm) + Sync)) -> Result<(Vm, AgentConn), SnapshotError> {
         std::fs::create_dir_all(dir.path()).map_err(io("create", dir.path()))?;
         let restore = Builtin { vmm: self.vmm.clone(), mode: builtin::Mode::Restore(at.to_path_buf()) };
         let vm = Vm::start(&restore, spec, dir).await.map_err(SnapshotError::Restore)?;
+        started(&vm);
         match vm.wait_for_agent(self.boot_timeout).await {
-            Ok(conn) => {
-                drop(conn);
-                Ok(vm)
-            }
+            Ok(conn) => Ok((vm, conn)),
             Err(e) => {
                 // A VMM that refused the snapshot, or a restored guest that never answered: the
                 // next pod makes a new one rather than wait on this one again.
@@ -346,7 +376,7 @@ impl Snapshots {
     }
 
     /// Copies the snapshot's memory to `ram`, starts QEMU on it and loads `state` into it.
-    async fn start_from(&self, spec: &VmSpec, at: &Path, ram: &Path, state: tokio::fs::File, dir: VmDir) -> Result<Vm, SnapshotError> {
+    async fn start_from(&self, spec: &VmSpec, at: &Path, ram: &Path, state: tokio::fs::File, dir: VmDir, started: &(dyn Fn(&Vm) + Sync)) -> Result<Vm, SnapshotError> {
         let (from, to, size, owner) = (at.join(MEMORY), ram.to_path_buf(), u64::from(spec.memory_mib) << 20, spec.jail.map(|j| (j.uid, j.gid)));
         tokio::task::spawn_blocking(move || copy_pages(&from, &to, size, owner))
             .await
@@ -354,6 +384,7 @@ impl Snapshots {
             .map_err(io("copy the snapshot's memory to", ram))?;
         let incoming = format!("unix:{}", Placement { spec, dir: &dir, vmm: &self.vmm }.socket(INCOMING_SOCKET).display());
         let vm = Vm::start(&self.engine(Mode::Restore), spec, dir).await.map_err(SnapshotError::Restore)?;
+        started(&vm);
         match Self::load_and_plug(&vm, spec, state, &incoming).await {
             Ok(()) => Ok(vm),
             Err(e) => {
@@ -453,6 +484,8 @@ impl Snapshots {
             tracing::info!(snapshot = ?stale.path(), changed, "snapshot made by another kernel, root, QEMU or config: removed, not loaded");
             let _ = std::fs::remove_dir_all(stale.path());
         }
+        // Digests of files since replaced would pile up: they are remembered again as used.
+        let _ = std::fs::remove_dir_all(self.dir.join(DIGESTS));
         let building = self.dir.join(format!(".{}.building", made.dir_name()));
         let _ = std::fs::remove_dir_all(&building);
         std::fs::DirBuilder::new().mode(0o700).create(&building).map_err(io("create", &building))?;
@@ -685,16 +718,28 @@ mod tests {
         assert!(copy_pages(&link, &dir.path().join("copy2"), 64 * PAGE as u64, None).is_err(), "a symlink is refused");
     }
 
-    /// A snapshot is hashed from the files' content, not their names.
+    /// A snapshot is hashed from the files' content, not their names; a digest is remembered
+    /// until the file changes, and a forged one is not believed.
     #[test]
     fn a_file_is_known_by_its_content() {
         let dir = tempfile::tempdir().unwrap();
+        let digests = dir.path().join("digests");
         let (x, y) = (dir.path().join("x"), dir.path().join("y"));
         std::fs::write(&x, b"kernel").unwrap();
         std::fs::write(&y, b"kernel").unwrap();
-        assert_eq!(sha256_of(&x).unwrap(), sha256_of(&y).unwrap());
-        std::fs::write(&y, b"kernel!").unwrap();
-        assert_ne!(sha256_of(&x).unwrap(), sha256_of(&y).unwrap());
-        assert!(matches!(sha256_of(&dir.path().join("none")), Err(SnapshotError::Io { what: "read", .. })));
+        let kernel = format!("{:x}", Sha256::digest(b"kernel"));
+        assert_eq!(sha256_of(&x, &digests).unwrap(), kernel);
+        assert_eq!(sha256_of(&y, &digests).unwrap(), kernel);
+        assert_eq!(std::fs::read_dir(&digests).unwrap().count(), 2, "each file's digest is remembered");
+        // Rewritten in place, same size: the change time moves, the old digest is not used.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&y, b"kernal").unwrap();
+        assert_eq!(sha256_of(&y, &digests).unwrap(), format!("{:x}", Sha256::digest(b"kernal")));
+        // A remembered digest that is not one is hashed again.
+        for entry in std::fs::read_dir(&digests).unwrap() {
+            std::fs::write(entry.unwrap().path(), b"not a digest").unwrap();
+        }
+        assert_eq!(sha256_of(&x, &digests).unwrap(), kernel);
+        assert!(matches!(sha256_of(&dir.path().join("none"), &digests), Err(SnapshotError::Io { what: "read", .. })));
     }
 }

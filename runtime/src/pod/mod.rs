@@ -168,11 +168,11 @@ impl Pod {
             jail,
         };
         let binaries = Binaries { qemu: config.qemu.clone(), vmm: config.vmm.clone() };
-        let (vm, restored) = match Self::restore(config, engine, dir, &vm_spec).await {
-            Some(vm) => (vm, true),
-            None => (Vm::start(engine.hypervisor(&binaries).as_ref(), &vm_spec, dir.vm()).await?, false),
+        let (vm, restored, conn) = match Self::restore(config, engine, dir, &vm_spec).await {
+            Some((vm, conn)) => (vm, true, conn),
+            None => (Vm::start(engine.hypervisor(&binaries).as_ref(), &vm_spec, dir.vm()).await?, false, None),
         };
-        match Self::ready(config, dir, spec, &vm, net).await {
+        match Self::ready(config, dir, spec, &vm, conn, net).await {
             Ok(conn) => {
                 tracing::info!(sandbox_id = %id, ready_ms = started.elapsed().as_millis() as u64, restored, guest_cid = vm_spec.guest_cid, "pod VM ready");
                 let conn = Arc::new(conn);
@@ -200,14 +200,20 @@ impl Pod {
     /// The pod's VM restored from its snapshot (made first if there is none), if snapshots are
     /// on and the engine has them; None: boot it. A snapshot that cannot be made or loaded
     /// costs the pod a boot, not its start.
-    async fn restore(config: &Config, engine: Engine, dir: &PodDir, vm_spec: &VmSpec) -> Option<Vm> {
+    async fn restore(config: &Config, engine: Engine, dir: &PodDir, vm_spec: &VmSpec) -> Option<(Vm, Option<AgentConn>)> {
         if !config.snapshots {
             return None;
         }
         let snapshots = Snapshots { dir: config.snapshot_dir.clone(), qemu: config.qemu.clone(), vmm: config.vmm.clone(), engine, boot_timeout: Duration::from_secs(config.boot_timeout_secs) };
         let template = VmDir::new(dir.path().join("template"));
-        match snapshots.restore(vm_spec, dir.vm(), template).await {
-            Ok(vm) => Some(vm),
+        // Recorded as soon as they run: a shim killed mid-restore still leaves pids `delete` can end.
+        let record = |vm: &Vm| {
+            if let Err(e) = dir.write_pids(&vm.pids()) {
+                tracing::warn!(error = %e, "cannot record the restored VM's pids");
+            }
+        };
+        match snapshots.restore(vm_spec, dir.vm(), template, &record).await {
+            Ok(restored) => Some(restored),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot restore the pod VM from a snapshot: booting it");
                 None
@@ -215,13 +221,16 @@ impl Pod {
         }
     }
 
-    /// From a started VM to a sandbox in its agent: pids recorded, agent answering, sandbox
-    /// created with the pod's network.
-    async fn ready(config: &Config, dir: &PodDir, spec: &PodSpec<'_>, vm: &Vm, net: Option<PodNetwork>) -> Result<AgentConn, PodError> {
+    /// From a started VM to a sandbox in its agent: pids recorded, agent answering (`conn`, if
+    /// the restore already waited for it), sandbox created with the pod's network.
+    async fn ready(config: &Config, dir: &PodDir, spec: &PodSpec<'_>, vm: &Vm, conn: Option<AgentConn>, net: Option<PodNetwork>) -> Result<AgentConn, PodError> {
         // Recorded before the wait: a shim killed mid-boot still leaves pids `delete` can end.
         dir.write_pids(&vm.pids())?;
         let waited = Instant::now();
-        let conn = vm.wait_for_agent(Duration::from_secs(config.boot_timeout_secs)).await?;
+        let conn = match conn {
+            Some(conn) => conn,
+            None => vm.wait_for_agent(Duration::from_secs(config.boot_timeout_secs)).await?,
+        };
         let answered = Instant::now();
         let mut req = hull_proto::agent::CreateSandboxRequest::new();
         req.sandbox_id = spec.id.into();
@@ -262,9 +271,12 @@ impl Pod {
         self.vm.ended().await.map(|s| s.to_string())
     }
 
-    /// Ends the VM: DestroySandbox (the guest powers off within `power_off`), then whatever is
-    /// left is killed; the share and state directory go. Says whether the guest powered off by
-    /// itself.
+    /// Ends the VM: DestroySandbox, then the VM is killed; the share and state directory go.
+    /// An agent that answers has removed its containers and synced the guest's filesystems,
+    /// so nothing is left that the guest's own power-off would save, and waiting for it costs
+    /// every pod's end about half a second under TCG. An agent that does not answer (it
+    /// powered off first, or never will) gets `power_off` for the VM to exit. Says whether
+    /// the guest ended in order: it answered, or powered off by itself.
     pub async fn destroy(&self, power_off: Duration) -> bool {
         self.ending.store(true, std::sync::atomic::Ordering::SeqCst);
         *self.destroyed.get_or_init(|| self.destroy_once(power_off)).await
@@ -272,17 +284,22 @@ impl Pod {
 
     async fn destroy_once(&self, power_off: Duration) -> bool {
         let started = Instant::now();
-        // The agent may power off before its reply leaves: do not wait for the reply, wait
-        // for the VM to exit.
-        let conn = self.conn.clone();
-        let ask = tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(3), conn.destroy_sandbox(1)).await;
-        });
-        let powered_off = self.vm.wait_exit(power_off).await.is_some();
-        if !powered_off {
-            tracing::warn!(sandbox_id = %self.id, "the pod VM did not power off; killing it");
+        // The agent may power off before its reply leaves: the VM's exit answers too.
+        let answered = tokio::select! {
+            reply = tokio::time::timeout(Duration::from_secs(3), self.conn.destroy_sandbox(1)) => match reply {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    tracing::warn!(sandbox_id = %self.id, error = %e, "DestroySandbox failed");
+                    false
+                }
+                Err(_) => false,
+            },
+            _ = self.vm.wait_exit(Duration::from_secs(3)) => false,
+        };
+        let in_order = answered || self.vm.wait_exit(power_off).await.is_some();
+        if !in_order {
+            tracing::warn!(sandbox_id = %self.id, "the pod VM did not answer DestroySandbox and did not power off; killing it");
         }
-        ask.abort();
         drop(self.forwarder.lock().unwrap_or_else(|p| p.into_inner()).take());
         self.vm.kill().await;
         if let Some(mut c) = self.cgroup.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -294,8 +311,8 @@ impl Pod {
             tracing::info!(sandbox_id = %self.id, console = ?kept, "guest console kept");
         }
         remove_state(&self.dir);
-        tracing::info!(sandbox_id = %self.id, took_ms = started.elapsed().as_millis() as u64, "pod VM destroyed");
-        powered_off
+        tracing::info!(sandbox_id = %self.id, took_ms = started.elapsed().as_millis() as u64, answered, "pod VM destroyed");
+        in_order
     }
 }
 
