@@ -230,7 +230,7 @@ impl KvmHost {
         // The command, run by /init chrooted, in /run/kvm-host (a 9p share of `out`) with its output.
         let mut cmd = format!("cd {}\n", quote(cwd.as_os_str().as_bytes()));
         cmd += &format!("export {INNER_ENV}=1 HOME=/root\n");
-        for var in ["PATH", "HULL_REQUIRE_ALL", "RUST_BACKTRACE", "RUST_LOG"] {
+        for var in ["PATH", "HULL_REQUIRE_ALL", "RUST_BACKTRACE", "RUST_LOG", "HULL_BENCH_KVM"] {
             if let Some(v) = std::env::var_os(var) {
                 cmd += &format!("export {var}={}\n", quote(v.as_bytes()));
             }

@@ -216,6 +216,15 @@ fn sha256_of(path: &Path, digests: &Path) -> Result<String, SnapshotError> {
     Ok(digest)
 }
 
+/// Removes every remembered digest but `keep` (a digest's file holds the digest).
+fn forget_digests_but(digests: &Path, keep: &[&str]) {
+    for entry in std::fs::read_dir(digests).into_iter().flatten().flatten() {
+        if !std::fs::read_to_string(entry.path()).is_ok_and(|d| keep.contains(&d.as_str())) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 impl Made {
     fn of(engine: &str, vmm: &Path, spec: &VmSpec, digests: &Path) -> Result<Made, SnapshotError> {
         let resolved = super::jail::resolve(vmm).map_err(SnapshotError::Restore)?;
@@ -317,6 +326,7 @@ impl Snapshots {
     /// left running.
     pub async fn restore(&self, spec: &VmSpec, dir: VmDir, template_dir: VmDir, started: &(dyn Fn(&Vm) + Sync)) -> Result<(Vm, Option<AgentConn>), SnapshotError> {
         let (engine, program, want, digests) = (self.engine_name(spec), self.vmm_program(), spec.clone(), self.dir.join(DIGESTS));
+        let checking = Instant::now();
         let made = tokio::task::spawn_blocking(move || Made::of(engine, &program, &want, &digests)).await.map_err(|e| SnapshotError::Io {
             what: "hash the guest image for",
             path: spec.kernel.clone(),
@@ -333,8 +343,9 @@ impl Snapshots {
             let _ = std::fs::remove_dir_all(&at);
             return Err(SnapshotError::Io { what: "use", path: at, source: std::io::Error::other(format!("made by another {}", made.changed_from(&theirs).join(", "))) });
         }
+        let check_ms = checking.elapsed().as_millis() as u64;
         if self.engine == Engine::Builtin {
-            return self.start_builtin(spec, &at, dir, started).await.map(|(vm, conn)| (vm, Some(conn)));
+            return self.start_builtin(spec, &at, dir, started, check_ms).await.map(|(vm, conn)| (vm, Some(conn)));
         }
         let state = tokio::fs::File::open(at.join(STATE)).await.map_err(io("open", &at.join(STATE)))?;
         // The VM's RAM, its own copy, in place before QEMU maps it.
@@ -357,13 +368,18 @@ impl Snapshots {
     /// `hull-vmm boot --restore` on the snapshot at `at` with the pod's devices, until its
     /// agent answers (the VM's own copy of the memory is made by hull-vmm). A hull-vmm that
     /// refuses the snapshot removes it: the next pod makes a new one.
-    async fn start_builtin(&self, spec: &VmSpec, at: &Path, dir: VmDir, started: &(dyn Fn(&Vm) + Sync)) -> Result<(Vm, AgentConn), SnapshotError> {
+    async fn start_builtin(&self, spec: &VmSpec, at: &Path, dir: VmDir, started: &(dyn Fn(&Vm) + Sync), check_ms: u64) -> Result<(Vm, AgentConn), SnapshotError> {
+        let starting = Instant::now();
         std::fs::create_dir_all(dir.path()).map_err(io("create", dir.path()))?;
         let restore = Builtin { vmm: self.vmm.clone(), mode: builtin::Mode::Restore(at.to_path_buf()) };
         let vm = Vm::start(&restore, spec, dir).await.map_err(SnapshotError::Restore)?;
         started(&vm);
+        let start_ms = starting.elapsed().as_millis() as u64;
         match vm.wait_for_agent(self.boot_timeout).await {
-            Ok(conn) => Ok((vm, conn)),
+            Ok(conn) => {
+                tracing::info!(check_ms, start_ms, agent_ms = starting.elapsed().as_millis() as u64 - start_ms, "pod VM restored, its agent answering");
+                Ok((vm, conn))
+            }
             Err(e) => {
                 // A VMM that refused the snapshot, or a restored guest that never answered: the
                 // next pod makes a new one rather than wait on this one again.
@@ -484,8 +500,8 @@ impl Snapshots {
             tracing::info!(snapshot = ?stale.path(), changed, "snapshot made by another kernel, root, QEMU or config: removed, not loaded");
             let _ = std::fs::remove_dir_all(stale.path());
         }
-        // Digests of files since replaced would pile up: they are remembered again as used.
-        let _ = std::fs::remove_dir_all(self.dir.join(DIGESTS));
+        // Digests of files since replaced would pile up: only this snapshot's are kept.
+        forget_digests_but(&self.dir.join(DIGESTS), &[&made.kernel_sha256, &made.root_sha256]);
         let building = self.dir.join(format!(".{}.building", made.dir_name()));
         let _ = std::fs::remove_dir_all(&building);
         std::fs::DirBuilder::new().mode(0o700).create(&building).map_err(io("create", &building))?;
@@ -735,6 +751,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&y, b"kernal").unwrap();
         assert_eq!(sha256_of(&y, &digests).unwrap(), format!("{:x}", Sha256::digest(b"kernal")));
+        // A new snapshot keeps only its own files' digests.
+        forget_digests_but(&digests, &[&kernel]);
+        let kept: Vec<String> = std::fs::read_dir(&digests).unwrap().map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect();
+        assert_eq!(kept, vec![kernel.clone(), kernel.clone()], "x's digest and y's first, both of \"kernel\"");
         // A remembered digest that is not one is hashed again.
         for entry in std::fs::read_dir(&digests).unwrap() {
             std::fs::write(entry.unwrap().path(), b"not a digest").unwrap();
