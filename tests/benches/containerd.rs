@@ -93,7 +93,7 @@ fn start_rows(c: &Containerd) {
 }
 
 /// One pod restored from a snapshot and one booted, each with the lines its shim logged, and the
-/// restored guest's console (kept by `debug_console`).
+/// restored pod's console and VMM log (kept by `debug_console`).
 fn timeline(c: &Containerd) {
     let config = c.dir.path().join("hull-timeline.toml");
     std::fs::write(&config, format!("debug_console = true\nsnapshots = true\nsnapshot_dir = \"{}\"\n", c.dir.path().join("snapshots").display())).expect("hull config");
@@ -104,8 +104,10 @@ fn timeline(c: &Containerd) {
     let took = run_with(c, "io.containerd.hull.v2", &snap, "timeline-restored");
     let log = hull_tests::strip_ansi(&c.log()[before..]);
     println!("restored, ctr run --rm took {took:?}:\n{log}");
-    if let Some(path) = log.split("console=\"").nth(1).and_then(|r| r.split('"').next()) {
-        println!("the restored guest's console:\n{}", std::fs::read_to_string(path).map(|t| hull_tests::strip_ansi(&t)).unwrap_or_default());
+    for file in ["console", "vmm_log"] {
+        if let Some(path) = log.split(&format!("{file}=\"")).nth(1).and_then(|r| r.split('"').next()) {
+            println!("--- the restored pod's {file} ---\n{}", std::fs::read_to_string(path).map(|t| hull_tests::strip_ansi(&t)).unwrap_or_default());
+        }
     }
     let before = c.log().len();
     let took = run(c, "io.containerd.hull.v2", "timeline-booted");

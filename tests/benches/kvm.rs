@@ -191,12 +191,21 @@ async fn bench() {
         .collect();
     let hull = "io.containerd.hull.v2";
     if std::env::var("HULL_BENCH_KVM").is_ok_and(|v| v == "timeline") {
-        // Where a builtin pod's time goes, restored and booted: the shims' log lines.
-        ctr_run(&c, hull, Some(configs[3].as_path()), "warm-restored");
-        for (name, config) in [("restored", &configs[3]), ("booted", &configs[0])] {
+        // Where a builtin pod's time goes, restored and booted: the shims' log lines, and the
+        // restored pod's console and hull-vmm log (kept by debug_console).
+        let kept = dir.path().join("timeline.toml");
+        std::fs::write(&kept, format!("hypervisor = \"builtin\"\nvcpus = 2\nmemory_mib = {MEMORY_MIB}\ndebug_console = true\n{snapshots}")).expect("config");
+        ctr_run(&c, hull, Some(kept.as_path()), "warm-restored");
+        for (name, config) in [("restored", &kept), ("booted", &configs[0]), ("restored-after-booted", &kept)] {
             let before = c.log().len();
             let took = ctr_run(&c, hull, Some(config.as_path()), &format!("timeline-{name}"));
-            println!("builtin {name}, ctr run --rm took {took:?}:\n{}", strip_ansi(&c.log()[before..]));
+            let log = strip_ansi(&c.log()[before..]);
+            println!("builtin {name}, ctr run --rm took {took:?}:\n{log}");
+            for file in ["console", "vmm_log"] {
+                if let Some(path) = log.split(&format!("{file}=\"")).nth(1).and_then(|r| r.split('"').next()) {
+                    println!("--- {file} ---\n{}", std::fs::read_to_string(path).map(|t| strip_ansi(&t)).unwrap_or_default());
+                }
+            }
         }
         return;
     }
@@ -222,6 +231,13 @@ async fn bench() {
             eprintln!("{name}, round {round}: {:.0} ms", ms(took));
             times[i].push(took);
         }
+    }
+    // A restore that fails boots the pod instead: say how many were restored, and why not.
+    let log = strip_ansi(&c.log());
+    let restored = log.lines().filter(|l| l.contains("pod VM ready") && l.contains("restored=true")).count();
+    println!("pods restored from a snapshot: {restored}");
+    for line in log.lines().filter(|l| (l.contains("snapshot") && (l.contains("WARN") || l.contains("made"))) || (l.contains("pod VM ready") && l.contains("run-builtin")) || l.contains("its agent answering")) {
+        println!("{line}");
     }
     let medians: std::collections::HashMap<&str, Duration> = runs.iter().map(|r| r.0).zip(times.into_iter().map(median)).collect();
     let (runc, builtin, builtin_restored) = (medians["runc"], medians["builtin"], medians["builtin-restored"]);

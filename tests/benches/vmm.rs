@@ -10,6 +10,10 @@
 //!   p50 of 5 each, as a ratio, and the guest RAM each had touched at agent ready;
 //! - the same for this build's guest image against an earlier build's (`guest`: the directory
 //!   `HULL_BENCH_BASELINE_GUEST` names, a copy of that build's target/guest);
+//! - a whole earlier build against this one (`stack`: the checkout `HULL_BENCH_BASELINE_HULL`
+//!   names, built with its release `hull` and its target/guest): `hull run --verbose` of
+//!   `/bin/true` in a busybox rootfs under QEMU, each build with its own runtime, kernel command
+//!   line and guest, alternating, p50 of 5 of the "microVM ready in" it reports;
 //! - vsock throughput through the vhost-user backend under QEMU: 256 MiB each way between a
 //!   host process and a container's stdio in the guest, MB/s.
 //!
@@ -289,6 +293,52 @@ async fn image_vs_initramfs(dir: &std::path::Path) -> [Boots; 2] {
     alternating(dir, "root", [config(), initramfs]).await
 }
 
+/// `hull run --verbose` of `/bin/true` under QEMU: the "microVM ready in" seconds it reports,
+/// and the whole run's.
+fn hull_run(hull: &std::path::Path, guest: &std::path::Path, rootfs: &std::path::Path, config: &std::path::Path) -> (f64, f64) {
+    let t = Instant::now();
+    let out = Command::new(hull)
+        .args(["run", "--hypervisor", "qemu", "--verbose", "--guest"])
+        .arg(guest)
+        .arg("--rootfs")
+        .arg(rootfs)
+        .args(["--", "/bin/true"])
+        .env("HULL_CONFIG", config)
+        .output()
+        .expect("hull runs");
+    let took = t.elapsed().as_secs_f64();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{} run: {err}", hull.display());
+    let ready = err.split("microVM ready in ").nth(1).and_then(|r| r.split(' ').next()).and_then(|v| v.parse().ok());
+    (ready.unwrap_or_else(|| panic!("{} run said no ready time: {err}", hull.display())), took)
+}
+
+/// This build (`hull`, its guest) against the earlier one built in the checkout `baseline`,
+/// alternating, p50 of 5 each: [ready, whole run] for this build, then for the baseline.
+fn stack_vs_baseline(dir: &std::path::Path, baseline: &std::path::Path) -> [[f64; 2]; 2] {
+    let rootfs = dir.join("stack-rootfs");
+    busybox_rootfs(&rootfs).expect("rootfs");
+    // Neither build reads a config of the host's: defaults, each with its own guest.
+    let config = dir.join("stack.toml");
+    std::fs::write(&config, "").expect("config");
+    // Earlier builds put their binaries in target/release, later ones under the target triple.
+    let old = ["target/x86_64-unknown-linux-gnu/release/hull", "target/release/hull"].map(|p| baseline.join(p)).into_iter().find(|p| p.exists()).expect("the baseline checkout has a release hull");
+    let builds = [(binary("hull"), guest_image_dir()), (old, baseline.join("target/guest"))];
+    let mut runs = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    for round in 0..10 {
+        let k = round % 2;
+        let (ready, took) = hull_run(&builds[k].0, &builds[k].1, &rootfs, &config);
+        runs[k][0].push(ready);
+        runs[k][1].push(took);
+    }
+    runs.map(|r| {
+        r.map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        })
+    })
+}
+
 /// This build's guest image (kernel and root) against another build's, from the
 /// directory `HULL_BENCH_BASELINE_GUEST` names (a copy of an earlier build's target/guest).
 async fn guest_vs_baseline(dir: &std::path::Path, baseline: &std::path::Path) -> [Boots; 2] {
@@ -306,7 +356,7 @@ async fn main() {
         return;
     }
     // `cargo bench --bench vmm -- jail rss` runs only the rows named (start, jail, kernel, root,
-    // guest, vsock, rss).
+    // guest, stack, vsock, rss).
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let row = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -351,6 +401,23 @@ async fn main() {
                     new.versus(&old, "this guest image", &baseline.display().to_string(), "this/baseline"),
                     size(guest_image_dir().join("initramfs.cpio")),
                     size(baseline.join("initramfs.cpio")),
+                );
+            }
+        }
+    }
+
+    if row("stack") {
+        match std::env::var_os("HULL_BENCH_BASELINE_HULL") {
+            None => println!("SKIP stack row: HULL_BENCH_BASELINE_HULL names no earlier build's checkout to compare with"),
+            Some(baseline) => {
+                let baseline = std::path::PathBuf::from(baseline);
+                let [[ready, run], [old_ready, old_run]] = stack_vs_baseline(dir.path(), &baseline);
+                println!(
+                    "hull run --verbose /bin/true (QEMU/{:?}, 256 MiB), p50 of 5: microVM ready this build {ready:.2} s, {} {old_ready:.2} s, this/baseline = {:.2}; whole run {run:.2} s vs {old_run:.2} s, this/baseline = {:.2}",
+                    Host::probe().qemu_accel().0,
+                    baseline.display(),
+                    ready / old_ready,
+                    run / old_run
                 );
             }
         }

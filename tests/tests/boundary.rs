@@ -445,6 +445,7 @@ fn a_guest_reporting_oom_kills_of_containers_not_in_its_pod_is_neither_believed_
     assert!(!seen.contains("/tasks/oom"), "containerd was told of an OOM kill the guest made up: {seen}");
     let (log, told) = (c.log(), counted(&pod.kept_console()));
     let _ = std::fs::remove_file(pod.kept_console());
+    let _ = std::fs::remove_file(pod.kept_vmm_log());
     assert!(told >= first, "the kept console counts every answer ({told}, {first} before)");
     let warned = log.lines().filter(|l| l.contains("OOM event for a container not in this pod dropped") && l.contains("not-in-this-pod")).count();
     assert!(warned >= 1, "the shim says what it dropped: {log}");

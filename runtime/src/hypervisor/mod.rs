@@ -420,6 +420,11 @@ impl Vm {
         &self.dir
     }
 
+    /// The VMM's own log (QEMU's or hull-vmm's stderr).
+    pub fn vmm_log(&self) -> PathBuf {
+        self.dir.file(self.vmm_log)
+    }
+
     /// The last lines of the guest console: they say why a boot failed.
     pub fn console_tail(&self) -> String {
         let text = std::fs::read_to_string(self.dir.console()).unwrap_or_default();

@@ -306,9 +306,10 @@ impl Pod {
             c.leave();
         }
         if self.keep_console {
-            let kept = self.dir.kept_console();
+            let (kept, vmm_log) = (self.dir.kept_console(), self.dir.kept_vmm_log());
             let _ = std::fs::copy(self.dir.vm().console(), &kept);
-            tracing::info!(sandbox_id = %self.id, console = ?kept, "guest console kept");
+            let _ = std::fs::copy(self.vm.vmm_log(), &vmm_log);
+            tracing::info!(sandbox_id = %self.id, console = ?kept, vmm_log = ?vmm_log, "guest console and VMM log kept");
         }
         remove_state(&self.dir);
         tracing::info!(sandbox_id = %self.id, took_ms = started.elapsed().as_millis() as u64, answered, "pod VM destroyed");

@@ -129,6 +129,11 @@ impl PodDir {
         self.path.with_extension("console.log")
     }
 
+    /// Where the VMM's log is kept with the console.
+    pub fn kept_vmm_log(&self) -> PathBuf {
+        self.path.with_extension("vmm.log")
+    }
+
     pub fn write_pids(&self, pids: &[u32]) -> Result<(), StateError> {
         let text: Vec<String> = pids.iter().map(u32::to_string).collect();
         write(self.path.join(PIDS), text.join("\n").as_bytes())
