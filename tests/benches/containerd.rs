@@ -104,10 +104,8 @@ fn timeline(c: &Containerd) {
     let took = run_with(c, "io.containerd.hull.v2", &snap, "timeline-restored");
     let log = hull_tests::strip_ansi(&c.log()[before..]);
     println!("restored, ctr run --rm took {took:?}:\n{log}");
-    for file in ["console", "vmm_log"] {
-        if let Some(path) = log.split(&format!("{file}=\"")).nth(1).and_then(|r| r.split('"').next()) {
-            println!("--- the restored pod's {file} ---\n{}", std::fs::read_to_string(path).map(|t| hull_tests::strip_ansi(&t)).unwrap_or_default());
-        }
+    for (file, text) in hull_tests::containerd::kept_pod_logs(&log) {
+        println!("--- the restored pod's {file} ---\n{text}");
     }
     let before = c.log().len();
     let took = run(c, "io.containerd.hull.v2", "timeline-booted");

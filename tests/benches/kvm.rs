@@ -173,8 +173,10 @@ async fn bench() {
     assert!(matches!(accel, Accel::Kvm), "QEMU must use KVM here, not {accel:?}");
     let dir = tempfile::tempdir().expect("tempdir");
 
-    let only_builtin = std::env::var("HULL_BENCH_KVM").is_ok_and(|v| v == "builtin");
-    if std::env::var_os("HULL_BENCH_KVM").is_none() {
+    // Unset: every row; `builtin`: the ctr rows of runc and the builtin engine; `timeline`.
+    let only = std::env::var("HULL_BENCH_KVM").ok();
+    let only_builtin = only.as_deref() == Some("builtin");
+    if only.is_none() {
         vm_rows(dir.path(), accel).await;
     }
     let c = Containerd::start("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]").expect("containerd starts");
@@ -190,7 +192,7 @@ async fn bench() {
         })
         .collect();
     let hull = "io.containerd.hull.v2";
-    if std::env::var("HULL_BENCH_KVM").is_ok_and(|v| v == "timeline") {
+    if only.as_deref() == Some("timeline") {
         // Where a builtin pod's time goes, restored and booted: the shims' log lines, and the
         // restored pod's console and hull-vmm log (kept by debug_console).
         let kept = dir.path().join("timeline.toml");
@@ -201,10 +203,8 @@ async fn bench() {
             let took = ctr_run(&c, hull, Some(config.as_path()), &format!("timeline-{name}"));
             let log = strip_ansi(&c.log()[before..]);
             println!("builtin {name}, ctr run --rm took {took:?}:\n{log}");
-            for file in ["console", "vmm_log"] {
-                if let Some(path) = log.split(&format!("{file}=\"")).nth(1).and_then(|r| r.split('"').next()) {
-                    println!("--- {file} ---\n{}", std::fs::read_to_string(path).map(|t| strip_ansi(&t)).unwrap_or_default());
-                }
+            for (file, text) in hull_tests::containerd::kept_pod_logs(&log) {
+                println!("--- {file} ---\n{text}");
             }
         }
         return;

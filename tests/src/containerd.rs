@@ -305,3 +305,15 @@ pub fn oci_image_tar(work: &Path, name: &str, cmd: &[&str], out: &Path) -> Resul
     }
     Ok(())
 }
+
+/// The files a pod with `debug_console` kept when it ended (its guest console, its VMM's log),
+/// read from the paths its shim's "kept" line names in `shim_log`, as (which, text) pairs.
+pub fn kept_pod_logs(shim_log: &str) -> Vec<(&'static str, String)> {
+    ["console", "vmm_log"]
+        .into_iter()
+        .filter_map(|file| {
+            let path = shim_log.split(&format!("{file}=\"")).nth(1)?.split('"').next()?;
+            Some((file, std::fs::read_to_string(path).map(|t| crate::strip_ansi(&t)).unwrap_or_default()))
+        })
+        .collect()
+}
