@@ -130,9 +130,9 @@ pub fn start(config: VmConfig) -> Result<RunningVm, BootError> {
     };
     // Where setup time goes, in the "VM running" line: state read, memory, devices attached.
     let state_ms = started.elapsed().as_millis() as u64;
-    let memory = match &config.restore {
+    let (memory, copied) = match &config.restore {
         Some(dir) => snapshot::restore_memory(dir, config.memory_mib)?,
-        None => crate::vstate::memory::create(config.memory_mib)?,
+        None => (crate::vstate::memory::create(config.memory_mib)?, snapshot::Copied::default()),
     };
     let memory_ms = started.elapsed().as_millis() as u64 - state_ms;
     let vm = Vm::new(memory)?;
@@ -210,6 +210,19 @@ pub fn start(config: VmConfig) -> Result<RunningVm, BootError> {
     let machine = Machine { vm: Arc::downgrade(&vm), mmio: mmio.clone(), serial, memory_mib: config.memory_mib, vcpus: usize::from(config.vcpus) };
     let setup_ms = started.elapsed().as_millis() as u64;
     let devices = machine.mmio.devices().count();
-    tracing::info!(vcpus = config.vcpus, memory_mib = config.memory_mib, virtio_devices = devices, seccomp = config.seccomp, restored = saved.is_some(), setup_ms, state_ms, memory_ms, devices_ms, "VM running");
+    tracing::info!(
+        vcpus = config.vcpus,
+        memory_mib = config.memory_mib,
+        virtio_devices = devices,
+        seccomp = config.seccomp,
+        restored = saved.is_some(),
+        setup_ms,
+        state_ms,
+        memory_ms,
+        memory_read_ms = copied.read.as_millis() as u64,
+        memory_write_ms = copied.write.as_millis() as u64,
+        devices_ms,
+        "VM running"
+    );
     Ok(RunningVm::new(started, control, threads, (tx, rx), vm, machine))
 }

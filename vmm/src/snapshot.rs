@@ -22,7 +22,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
@@ -201,7 +201,7 @@ impl Machine {
 fn write_snapshot(dir: &Path, state: &MachineState, memory: &GuestMemoryMmap) -> Result<Saved, SnapshotError> {
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     let memory_path = dir.join(MEMORY_FILE);
-    let memory_bytes = save_memory(memory, &memory_path).map_err(io("write", &memory_path))?;
+    let memory_bytes = save_memory(memory, &memory_path).map_err(io("write", &memory_path))?.bytes;
     let json = serde_json::to_vec(state).map_err(|source| SnapshotError::Format { path: dir.join(STATE_FILE), source })?;
     // The state last, and whole: a directory with a vm.json holds a complete snapshot.
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
@@ -254,16 +254,27 @@ fn data_extents(file: &File, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
     Ok(extents)
 }
 
+/// What a copy of data pages did: bytes written, and the time spent reading the source and
+/// writing the pages (the write backs new pages: where a restore's memory time goes).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Copied {
+    pub bytes: u64,
+    pub read: Duration,
+    pub write: Duration,
+}
+
 /// Copies the pages of `from` (below `end`) that hold anything but zeros into `to` at the
-/// same offsets; returns the bytes written.
-fn copy_data_pages(from: &File, to: &File, end: u64) -> std::io::Result<u64> {
+/// same offsets.
+fn copy_data_pages(from: &File, to: &File, end: u64) -> std::io::Result<Copied> {
     let mut buf = vec![0u8; 1 << 20];
-    let mut written = 0;
+    let mut copied = Copied::default();
     for (start, stop) in data_extents(from, end)? {
         let mut at = start;
         while at < stop {
             let n = (buf.len() as u64).min(stop - at) as usize;
+            let reading = Instant::now();
             from.read_exact_at(&mut buf[..n], at)?;
+            copied.read += reading.elapsed();
             // Each run of pages with data is one write: a write per page cost a restore in L1
             // (every system call emulated) most of its setup time.
             let data: Vec<bool> = buf[..n].chunks(PAGE).map(|page| page.iter().any(|&b| b != 0)).collect();
@@ -275,18 +286,20 @@ fn copy_data_pages(from: &File, to: &File, end: u64) -> std::io::Result<u64> {
                 }
                 let run = data[page..].iter().take_while(|&&d| d).count();
                 let (lo, hi) = (page * PAGE, ((page + run) * PAGE).min(n));
+                let writing = Instant::now();
                 to.write_all_at(&buf[lo..hi], at + lo as u64)?;
-                written += (hi - lo) as u64;
+                copied.write += writing.elapsed();
+                copied.bytes += (hi - lo) as u64;
                 page += run;
             }
             at += n as u64;
         }
     }
-    Ok(written)
+    Ok(copied)
 }
 
 /// Writes the guest's memory to a new sparse file at `path`: only the pages with data.
-fn save_memory(memory: &GuestMemoryMmap, path: &Path) -> std::io::Result<u64> {
+fn save_memory(memory: &GuestMemoryMmap, path: &Path) -> std::io::Result<Copied> {
     let (from, len) = memory_file(memory)?;
     let _ = std::fs::remove_file(path);
     let to = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
@@ -294,8 +307,9 @@ fn save_memory(memory: &GuestMemoryMmap, path: &Path) -> std::io::Result<u64> {
     copy_data_pages(from, &to, len)
 }
 
-/// New guest memory of `mib` MiB holding a copy of the snapshot's memory in `dir`.
-pub fn restore_memory(dir: &Path, mib: u64) -> Result<GuestMemoryMmap, SnapshotError> {
+/// New guest memory of `mib` MiB holding a copy of the snapshot's memory in `dir`, and what the
+/// copy did.
+pub fn restore_memory(dir: &Path, mib: u64) -> Result<(GuestMemoryMmap, Copied), SnapshotError> {
     let path = dir.join(MEMORY_FILE);
     let from = File::open(&path).map_err(io("open", &path))?;
     let len = from.metadata().map_err(io("read", &path))?.len();
@@ -306,8 +320,8 @@ pub fn restore_memory(dir: &Path, mib: u64) -> Result<GuestMemoryMmap, SnapshotE
     let (to, _) = memory_file(&memory).map_err(io("set up guest memory for", &path))?;
     // Zero pages are checked for here too: a file system without SEEK_DATA reports the whole
     // file as data, and writing its zeros would back every page of the new VM's memory.
-    copy_data_pages(&from, to, len).map_err(io("read", &path))?;
-    Ok(memory)
+    let copied = copy_data_pages(&from, to, len).map_err(io("read", &path))?;
+    Ok((memory, copied))
 }
 
 #[cfg(test)]
@@ -369,9 +383,10 @@ mod tests {
         mem.write_slice(&[0xbb; 2 * PAGE], GuestAddress((1 << 20) - PAGE as u64)).expect("write");
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(MEMORY_FILE);
-        let written = save_memory(&mem, &path).expect("save");
+        let written = save_memory(&mem, &path).expect("save").bytes;
         assert_eq!(written, 6 * PAGE as u64, "three pages of 0xaa, two of 0xbb and one with the word");
-        let restored = restore_memory(dir.path(), 4).expect("restore");
+        let (restored, copied) = restore_memory(dir.path(), 4).expect("restore");
+        assert_eq!(copied.bytes, written, "the restore writes the saved pages back, no more");
         let (file, _) = memory_file(&restored).expect("memory file");
         let backed = std::os::unix::fs::MetadataExt::blocks(&file.metadata().expect("stat")) * 512;
         assert_eq!(backed, 6 * PAGE as u64, "only the data pages are written into the new memory");
