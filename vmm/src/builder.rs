@@ -128,7 +128,8 @@ pub fn start(config: VmConfig) -> Result<RunningVm, BootError> {
         }
         None => None,
     };
-    // Where setup time goes, in the "VM running" line: state read, memory, devices attached.
+    // Where setup time goes, in the "VM running" line: state read, memory (a restore: the
+    // snapshot read, and the new guest memory written), devices attached.
     let state_ms = started.elapsed().as_millis() as u64;
     let (memory, copied) = match &config.restore {
         Some(dir) => snapshot::restore_memory(dir, config.memory_mib)?,
