@@ -87,6 +87,12 @@ fn start_to_first_run(dir: &std::path::Path) -> f64 {
     times[times.len() / 2].as_secs_f64() * 1000.0
 }
 
+/// The median of `v` (sorted in place), the upper one of an even count.
+fn p50(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS:")
 }
@@ -206,10 +212,6 @@ async fn jailed_vs_unjailed(dir: &std::path::Path) -> (f64, f64) {
         vm.kill().await;
         if jail { jailed.push(took) } else { direct.push(took) }
     }
-    let p50 = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     (p50(&mut jailed), p50(&mut direct))
 }
 
@@ -270,10 +272,6 @@ async fn alternating(dir: &std::path::Path, name: &str, configs: [VmSpec; 2]) ->
         }
         vm.kill().await;
     }
-    let p50 = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let [mut a, mut b] = times;
     [Boots { p50: p50(&mut a), touched_kib: touched[0].0, idle_kib: touched[0].1 }, Boots { p50: p50(&mut b), touched_kib: touched[1].0, idle_kib: touched[1].1 }]
 }
@@ -331,12 +329,7 @@ fn stack_vs_baseline(dir: &std::path::Path, baseline: &std::path::Path) -> [[f64
         runs[k][0].push(ready);
         runs[k][1].push(took);
     }
-    runs.map(|r| {
-        r.map(|mut v| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        })
-    })
+    runs.map(|r| r.map(|mut v| p50(&mut v)))
 }
 
 /// This build's guest image (kernel and root) against another build's, from the
